@@ -1,0 +1,221 @@
+"""The `dittune` command. Each command parses, calls one library function, prints. Expected
+failures (DittuneError) end with one line on stderr and exit code 1; tracebacks are for bugs."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dittune.errors import DittuneError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Measure the fastest flags for a diffusion model on your GPU, within your VRAM budget.",
+)
+out = Console(highlight=False)
+DB_HELP = "Database URL (default: $DITTUNE_DB or sqlite:///<XDG data dir>/dittune/dittune.db)."
+
+
+def expected_failures(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DittuneError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command()
+@expected_failures
+def models() -> None:
+    """List the models the engine knows (exact names)."""
+    from dittune.engine.models import get_spec, model_names
+
+    t = Table("model", "family", "Hugging Face repo", "default workload", "notes")
+    for name in model_names():
+        s = get_spec(name)
+        t.add_row(name, s.family, s.hf_repo or "-", f"{s.width}x{s.height}, {s.steps} steps, guidance {s.guidance:g}",
+                  "tiny CPU variant" if s.tiny else s.notes)
+    out.print(t)
+
+
+@app.command()
+@expected_failures
+def gpus() -> None:
+    """Show the NVIDIA GPUs NVML sees (name, memory, driver, compute capability)."""
+    from dittune.engine.gpu import detect
+    from dittune.tuner.budget import format_bytes
+
+    d = detect()
+    if not d:
+        out.print(d.reason)
+        return
+    t = Table("index", "name", "total", "free", "driver", "compute capability")
+    for g in d.gpus:
+        t.add_row(str(g.index), g.name, format_bytes(g.total_bytes), format_bytes(g.free_bytes), g.driver,
+                  f"{g.compute_capability[0]}.{g.compute_capability[1]}")
+    out.print(t)
+
+
+@app.command()
+@expected_failures
+def studies(db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)) -> None:
+    """List stored studies."""
+    from dittune import db as D
+    from dittune.tuner.budget import format_bytes
+    from dittune.tuner.versions import staleness_keys
+
+    rows = D.studies(D.open_db(db), staleness_keys())
+    t = Table("study", "model", "workload", "GPU", "budget", "objective", "trials", "measured", "best (s)", "created")
+    for r in rows:
+        t.add_row(r.name + (" (stale)" if r.stale else ""), r.model, f"{r.width}x{r.height}, {r.steps} steps", r.gpu,
+                  format_bytes(r.budget_bytes), r.objective, str(r.trials), str(r.measured),
+                  f"{r.best_latency_s:.3f}" if r.best_latency_s is not None else "-", f"{r.created_at:%Y-%m-%d %H:%M}")
+    out.print(t)
+
+
+def _budget_fn(vram_budget: Optional[str]):
+    from dittune.tuner.budget import parse_budget
+
+    if vram_budget is None:
+        return None
+    b = parse_budget(vram_budget)
+    return b.resolve
+
+
+@app.command()
+@expected_failures
+def recommend(
+    model: str = typer.Argument(..., help="Model name (see `dittune models`)."),
+    gpu: Optional[str] = typer.Option(None, help="GPU name or part of it, e.g. H100."),
+    vram_budget: Optional[str] = typer.Option(None, help="24GiB, 24G, 24000MiB, 0.5 (of the card) or 80%."),
+    format: str = typer.Option("text", "--format", help="text or json."),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """The fastest stored configuration for MODEL whose measured peak VRAM fits the budget."""
+    from dittune import db as D
+    from dittune.engine.models import get_spec
+    from dittune.tuner import emit
+    from dittune.tuner.versions import staleness_keys
+
+    get_spec(model)
+    if format not in ("text", "json"):
+        raise DittuneError(f"--format {format!r}: choose text or json")
+    budget = _budget_fn(vram_budget)
+    results = D.best(D.open_db(db), model, gpu, budget, staleness_keys())
+    if not results:
+        where = f" on a GPU matching {gpu!r}" if gpu else ""
+        fits = f" within {vram_budget}" if vram_budget else ""
+        raise DittuneError(f"no measured configuration of {model}{where}{fits}; run `dittune tune {model}`")
+    if format == "json":
+        print(json.dumps([emit.to_dict(r) for r in results], indent=2))
+    else:
+        for r in results:
+            out.print(emit.render_text(r))
+
+
+@app.command()
+@expected_failures
+def export(
+    model: Optional[str] = typer.Option(None, help="Only this model."),
+    gpu: Optional[str] = typer.Option(None, help="Only GPUs whose name contains this."),
+    vram_budget: Optional[str] = typer.Option(None, help="Only configurations that fit this budget."),
+    format: str = typer.Option("sh", "--format", help="sh, json, md or sglang."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of stdout."),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """Export the measured latency/VRAM frontier as command lines (fastest first)."""
+    from dittune import db as D
+    from dittune.engine.models import get_spec
+    from dittune.tuner import emit
+    from dittune.tuner.versions import staleness_keys
+
+    if model:
+        get_spec(model)
+    if format not in emit.FORMATS:
+        raise DittuneError(f"--format {format!r}: choose one of {', '.join(emit.FORMATS)}")
+    rows = D.frontier(D.open_db(db), model, gpu, _budget_fn(vram_budget), staleness_keys())
+    if not rows:
+        raise DittuneError("no measured configurations match; run `dittune tune MODEL` first")
+    text = emit.render(rows, format)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        try:
+            output.write_text(text)
+        except OSError as e:
+            raise DittuneError(f"cannot write {output}: {e.strerror}") from None
+        out.print(f"wrote {len(rows)} configurations to {output}")
+
+
+def _with_engine_flags(fn):
+    """Append one typer option per registry flag to `fn`'s signature; `fn` receives them in
+    **flags and turns them into an EngineConfig with engine.flags.config_from_dict."""
+    from dittune.engine.flags import FLAGS
+
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+    for f in FLAGS:
+        help_ = f.help + (f" [{' | '.join(map(str, f.choices))}]" if f.choices else "")
+        if f.requires:
+            help_ += f" (needs --{f.requires})"
+        decl = f"--{f.name}/--no-{f.name}" if f.type is bool else f.option
+        params.append(inspect.Parameter(
+            f.attr, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
+            default=typer.Option(f.default, decl, help=help_, rich_help_panel="Engine flags"),
+        ))
+    fn.__signature__ = inspect.Signature(params)
+    return fn
+
+
+@app.command()
+@expected_failures
+@_with_engine_flags
+def generate(
+    model: str = typer.Option(..., "--model", help="Model name (see `dittune models`)."),
+    prompt: str = typer.Option("A photo of a cat sitting on a windowsill", "--prompt"),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="For true-CFG models."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help="Diffusers-format checkpoint dir; without it, synthetic weights at real shapes."),
+    width: Optional[int] = typer.Option(None, "--width"),
+    height: Optional[int] = typer.Option(None, "--height"),
+    steps: Optional[int] = typer.Option(None, "--steps"),
+    guidance: Optional[float] = typer.Option(None, "--guidance"),
+    seed: int = typer.Option(0, "--seed"),
+    output: Optional[Path] = typer.Option(Path("out.png"), "--output", help="PNG to write."),
+    perf_dump_path: Optional[Path] = typer.Option(None, "--perf-dump-path", help="Write stage/step times, peak VRAM and the manifest as JSON."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)."),
+    warmup: int = typer.Option(0, "--warmup", help="Requests to run before the measured one."),
+    vram_budget: Optional[str] = typer.Option(None, "--vram-budget", help="Cap this process's VRAM (fails with OOM beyond it)."),
+    **flags,
+) -> None:
+    """Run the engine: encode -> denoise -> decode -> PNG, with the given engine flags."""
+    from dittune.engine import flags as F
+    from dittune.engine.run import GenerateRequest, generate as run_generate
+
+    cfg = F.config_from_dict({name: value for name, value in flags.items()})
+    req = GenerateRequest(
+        model=model, prompt=prompt, negative_prompt=negative_prompt, model_path=model_path, width=width,
+        height=height, steps=steps, guidance=guidance, seed=seed, output=output, perf_dump_path=perf_dump_path,
+        device=device, dtype=dtype, warmup=warmup, vram_budget=vram_budget, flags=cfg,
+    )
+    result = run_generate(req, progress=True)
+    out.print(result.summary())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

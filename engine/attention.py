@@ -1,0 +1,144 @@
+"""The one attention layer. Every DiT calls attention through `Attention`; backends plug in here
+(and later sequence parallelism). A backend either runs as asked or raises: forced SDPA
+backends use `sdpa_kernel` with a single backend, so PyTorch cannot fall back silently.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .errors import EngineError
+
+_FORCED = {
+    "torch_cudnn_sdpa": SDPBackend.CUDNN_ATTENTION,
+    "torch_flash_sdpa": SDPBackend.FLASH_ATTENTION,
+    "torch_efficient_sdpa": SDPBackend.EFFICIENT_ATTENTION,
+}
+
+BACKENDS = ("torch_sdpa", *_FORCED, "fa", "sage_attn")
+LOSSY_BACKENDS = frozenset({"sage_attn"})
+
+
+def _sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _forced_sdpa(backend: SDPBackend) -> Callable:
+    def run(q, k, v, mask):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    return run
+
+
+def _fa(q, k, v, mask):
+    if mask is not None:
+        raise EngineError("attention backend 'fa' does not take an attention mask")
+    fn = _flash_attn_func()
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, L, H, D]
+    out = out[0] if isinstance(out, tuple) else out
+    return out.transpose(1, 2)
+
+
+def _sage(q, k, v, mask):
+    if mask is not None:
+        raise EngineError("attention backend 'sage_attn' does not take an attention mask")
+    from sageattention import sageattn
+
+    # sageattn 1.x subtracts the mean of K in place by default (smooth_k): give it a copy.
+    return sageattn(q, k.clone(), v, tensor_layout="HND", is_causal=False)
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn.cute import flash_attn_func  # FA4
+
+        return flash_attn_func
+    except ImportError:
+        pass
+    try:
+        from flash_attn_interface import flash_attn_func  # FA3
+
+        return flash_attn_func
+    except ImportError as e:
+        raise EngineError("attention backend 'fa' needs flash-attn 3 or 4 installed") from e
+
+
+_IMPLS: dict[str, Callable] = {
+    "torch_sdpa": _sdpa,
+    **{name: _forced_sdpa(b) for name, b in _FORCED.items()},
+    "fa": _fa,
+    "sage_attn": _sage,
+}
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on this machine and device (only these enter the tuner's space)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return ["torch_sdpa"]
+    out = ["torch_sdpa"]
+    major, _ = torch.cuda.get_device_capability(device)
+    if torch.backends.cudnn.is_available() and major >= 8:
+        out.append("torch_cudnn_sdpa")
+    if major >= 8:
+        out += ["torch_flash_sdpa", "torch_efficient_sdpa"]
+    else:
+        out.append("torch_efficient_sdpa")
+    try:
+        _flash_attn_func()
+        if major >= 9:
+            out.append("fa")
+    except EngineError:
+        pass
+    try:
+        import sageattention  # noqa: F401
+
+        out.append("sage_attn")
+    except ImportError:
+        pass
+    return out
+
+
+class Attention(nn.Module):
+    """q, k, v: [B, H, L, D] -> [B, L, H*D]. `backend` is set by the engine, never by a model."""
+
+    def __init__(self):
+        super().__init__()
+        self.backend = "torch_sdpa"
+        self.calls: Counter[str] = Counter()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self.calls[self.backend] += 1
+        out = _IMPLS[self.backend](q, k, v, mask)  # [B, H, L, D]
+        b, h, l, d = out.shape
+        return out.transpose(1, 2).reshape(b, l, h * d)
+
+
+def set_backend(model: nn.Module, backend: str) -> int:
+    """Point every Attention module of `model` at `backend`; returns how many were set."""
+    if backend not in _IMPLS:
+        raise EngineError(f"unknown attention backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
+            n += 1
+    if n == 0:
+        raise EngineError(f"{type(model).__name__} has no dittune Attention modules")
+    return n
+
+
+def calls(model: nn.Module) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for m in model.modules():
+        if isinstance(m, Attention):
+            total.update(m.calls)
+    return dict(total)

@@ -1,0 +1,87 @@
+"""GPU detection through NVML. Without an NVIDIA driver the answer is an empty list and a reason,
+never a traceback: the CPU paths run on that answer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    driver: str
+    compute_capability: tuple[int, int]
+    count: int  # GPUs of this host
+
+
+@dataclass(frozen=True)
+class Detection:
+    gpus: tuple[GpuInfo, ...]
+    reason: str = ""  # why there are none
+
+    def __bool__(self) -> bool:
+        return bool(self.gpus)
+
+
+def _nvml():
+    if os.environ.get("DITTUNE_NO_NVML"):
+        raise RuntimeError("NVML disabled by DITTUNE_NO_NVML")
+    import pynvml
+
+    pynvml.nvmlInit()
+    return pynvml
+
+
+def detect() -> Detection:
+    try:
+        nv = _nvml()
+    except Exception as e:  # no driver, no library, NVML error: all mean "no NVIDIA GPU here"
+        return Detection((), f"no NVIDIA GPU: NVML unavailable ({type(e).__name__}: {e})".rstrip())
+    try:
+        driver = nv.nvmlSystemGetDriverVersion()
+        driver = driver.decode() if isinstance(driver, bytes) else driver
+        count = nv.nvmlDeviceGetCount()
+        gpus = []
+        for i in range(count):
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            name = nv.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else name
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            cc = nv.nvmlDeviceGetCudaComputeCapability(h)
+            gpus.append(GpuInfo(i, name, int(mem.total), int(mem.free), driver, (int(cc[0]), int(cc[1])), count))
+        if not gpus:
+            return Detection((), "no NVIDIA GPU: the driver reports 0 devices")
+        return Detection(tuple(gpus))
+    except Exception as e:
+        return Detection((), f"no NVIDIA GPU: NVML query failed ({type(e).__name__}: {e})")
+    finally:
+        try:
+            nv.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def process_used_bytes(index: int) -> int | None:
+    """VRAM NVML charges to this process on GPU `index` (includes the CUDA context), or None."""
+    try:
+        nv = _nvml()
+    except Exception:
+        return None
+    try:
+        h = nv.nvmlDeviceGetHandleByIndex(index)
+        pid = os.getpid()
+        for p in nv.nvmlDeviceGetComputeRunningProcesses(h):
+            if p.pid == pid and p.usedGpuMemory is not None:
+                return int(p.usedGpuMemory)
+        return None
+    except Exception:
+        return None
+    finally:
+        try:
+            nv.nvmlShutdown()
+        except Exception:
+            pass

@@ -1,0 +1,131 @@
+"""What every model family provides to the engine.
+
+A family file (flux.py, qwen_image.py, zimage.py) holds its DiT, its architecture config with
+the real sizes, the configs of its other components as data, and a `Family` subclass that
+knows how to turn text-encoder outputs and latents into one DiT call. The pipeline
+(engine/pipeline.py) is generic and calls only what is declared here.
+
+Conventions shared by all families:
+- the pipeline works in flow-matching sigma in [0, 1] (1 = pure noise); a family converts
+  sigma to whatever timestep its DiT expects;
+- latents travel packed as tokens, [B, L, C], from `prepare_latents` to `unpack_latents`;
+- `predict` returns the velocity in the direction the Euler step uses:
+  x_{next} = x + (sigma_next - sigma) * predict(...).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    name: str  # component folder in a diffusers checkpoint: "text_encoder", "text_encoder_2"
+    arch: str  # "clip", "t5", "qwen2_5_vl", "qwen3"
+    config: Mapping[str, Any]  # transformers config.json contents (real numbers)
+    max_length: int  # tokens fed to the encoder for one prompt
+    tokenizer: str  # tokenizer folder in the checkpoint: "tokenizer", "tokenizer_2"
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    cls: str  # diffusers class name: "AutoencoderKL", "AutoencoderKLQwenImage"
+    config: Mapping[str, Any]  # diffusers config.json contents
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """FlowMatchEulerDiscreteScheduler settings of the family's scheduler_config.json."""
+
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # exact CLI name: "flux-dev", "flux-dev-tiny"
+    family: str  # "flux", "qwen_image", "zimage"
+    hf_repo: str | None  # the Hugging Face repo this corresponds to
+    dit_config: Any  # the family's architecture config dataclass
+    text_encoders: tuple[TextEncoderSpec, ...]
+    vae: VaeSpec
+    scheduler: SchedulerSpec
+    width: int = 1024
+    height: int = 1024
+    steps: int = 28
+    guidance: float = 3.5
+    # True classifier-free guidance (two DiT passes per step) when guidance > 1.
+    true_cfg: bool = False
+    # Qwen-Image style: rescale the CFG prediction to the norm of the conditional one.
+    cfg_renorm: bool = False
+    vae_scale: int = 8  # pixels per latent pixel
+    patch: int = 2  # latent pixels per token side
+    tiny: bool = False
+    notes: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale * self.patch
+
+
+class Family(abc.ABC):
+    """Family-specific glue around a DiT; one subclass per model file."""
+
+    transformer_cls: type[nn.Module]
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+
+    @staticmethod
+    @abc.abstractmethod
+    def convert_diffusers_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Diffusers transformer key names -> ours (identity if they already agree)."""
+
+    @abc.abstractmethod
+    def encode_prompt(
+        self, encoders: Mapping[str, nn.Module], tokens: Mapping[str, "TokenBatch"]
+    ) -> dict[str, torch.Tensor]:
+        """Run the text encoders (keyed by TextEncoderSpec.name) -> conditioning tensors."""
+
+    @abc.abstractmethod
+    def prepare_latents(
+        self, batch: int, height: int, width: int, generator: torch.Generator, device, dtype
+    ) -> torch.Tensor:
+        """Initial noise, packed: [B, L, C]."""
+
+    @abc.abstractmethod
+    def predict(
+        self,
+        dit: nn.Module,
+        latents: torch.Tensor,  # [B, L, C]
+        sigma: torch.Tensor,  # [B] in [0, 1]
+        cond: Mapping[str, torch.Tensor],
+        guidance: float,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """One DiT forward -> velocity [B, L, C] (see module docstring for the sign)."""
+
+    @abc.abstractmethod
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """[B, L, C] -> VAE input [B, C, (T,) h, w], scaling/shift factors undone."""
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        p = self.spec.size_multiple
+        return (height // p) * (width // p)
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor  # [B, L] int64
+    attention_mask: torch.Tensor  # [B, L] int64, 1 = real token
