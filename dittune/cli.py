@@ -20,7 +20,17 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Measure the fastest flags for a diffusion model on your GPU, within your VRAM budget.",
 )
-out = Console(highlight=False)
+
+
+class _Out:
+    """Rich console bound to the current stdout; wide when piped so tables stay whole."""
+
+    def print(self, *args, **kwargs):
+        width = None if sys.stdout.isatty() else 240
+        Console(file=sys.stdout, highlight=False, width=width).print(*args, **kwargs)
+
+
+out = _Out()
 DB_HELP = "Database URL (default: $DITTUNE_DB or sqlite:///<XDG data dir>/dittune/dittune.db)."
 
 
@@ -55,7 +65,7 @@ def models() -> None:
 def gpus() -> None:
     """Show the NVIDIA GPUs NVML sees (name, memory, driver, compute capability)."""
     from dittune.engine.gpu import detect
-    from dittune.tuner.budget import format_bytes
+    from dittune.engine.budget import format_bytes
 
     d = detect()
     if not d:
@@ -73,7 +83,7 @@ def gpus() -> None:
 def studies(db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)) -> None:
     """List stored studies."""
     from dittune import db as D
-    from dittune.tuner.budget import format_bytes
+    from dittune.engine.budget import format_bytes
     from dittune.tuner.versions import staleness_keys
 
     rows = D.studies(D.open_db(db), staleness_keys())
@@ -86,7 +96,7 @@ def studies(db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)) -> Non
 
 
 def _budget_fn(vram_budget: Optional[str]):
-    from dittune.tuner.budget import parse_budget
+    from dittune.engine.budget import parse_budget
 
     if vram_budget is None:
         return None
@@ -122,7 +132,7 @@ def recommend(
         print(json.dumps([emit.to_dict(r) for r in results], indent=2))
     else:
         for r in results:
-            out.print(emit.render_text(r))
+            print(emit.render_text(r))
 
 
 @app.command()

@@ -145,6 +145,11 @@ CONSTRAINTS: tuple[Constraint, ...] = (
     Constraint("full-compile-excludes-layerwise",
                lambda c: c.enable_torch_compile and c.compile_scope == "full" and c.dit_layerwise_offload,
                "--compile-scope full cannot trace through layerwise offload hooks; use --compile-scope regional"),
+    Constraint("unpinned-needs-offload",
+               lambda c: not c.pin_cpu_memory and not (c.dit_cpu_offload or c.text_encoder_cpu_offload
+                                                       or c.vae_cpu_offload or c.dit_layerwise_offload),
+               "--no-pin-cpu-memory has no effect without an offload flag (--dit-cpu-offload, "
+               "--text-encoder-cpu-offload, --vae-cpu-offload or --dit-layerwise-offload)"),
 )
 
 

@@ -11,7 +11,7 @@ from dittune.engine import flags as F
 from dittune.engine.errors import EngineError
 from dittune.engine.models import get_spec
 
-from .budget import format_bytes
+from dittune.engine.budget import format_bytes
 
 FORMATS = ("sh", "json", "md", "sglang")
 

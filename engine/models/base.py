@@ -48,6 +48,10 @@ class SchedulerSpec:
     max_shift: float = 1.15
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"  # or "linear"
+    # Z-Image's pipeline sets sigma_min = 0: the unshifted schedule is linspace(1, 0, steps)
+    # instead of FLUX's linspace(1, 1/steps, steps).
+    sigmas_to_zero: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,10 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """[B, L, C] -> VAE input [B, C, (T,) h, w], scaling/shift factors undone."""
+
+    def prompt_text(self, encoder: str, prompt: str) -> str:
+        """The text the tokenizer of `encoder` sees (a family with a chat template applies it here)."""
+        return prompt
 
     def image_seq_len(self, height: int, width: int) -> int:
         p = self.spec.size_multiple

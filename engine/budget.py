@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from dittune.errors import DittuneError
+from .errors import EngineError
 
 _UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -15,7 +15,7 @@ _UNITS = {
 _RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-zA-Z%]*)\s*$")
 
 
-class BudgetError(DittuneError):
+class BudgetError(EngineError):
     pass
 
 

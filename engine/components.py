@@ -1,0 +1,241 @@
+"""Building components: the native DiT, text encoders (transformers), VAE (diffusers), tokenizers.
+
+Synthetic mode builds every component at its real shapes with random weights straight on the
+target device in the target dtype (no fp32 detour, no CPU init of a 12B model). Checkpoint mode
+reads a diffusers-format directory; the DiT's safetensors are opened directly on the target
+device and assigned to the module without another full copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .errors import EngineError
+from .models.base import Family, TextEncoderSpec, TokenBatch, VaeSpec
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, seed: int = 0) -> None:
+    """Synthetic weights: N(0, 0.5/sqrt(fan_in)) matrices, zero biases, unit norm scales. Values are
+    irrelevant to latency; this scale keeps activations finite through deep stacks in bf16. Large
+    tensors repeat a random tile (memcpy speed), so a 12B model fills in seconds even on the CPU."""
+    for i, (name, p) in enumerate(module.named_parameters()):
+        if p.ndim >= 2:
+            _tile_normal_(p, 0.5 / math.sqrt(math.prod(p.shape[1:])), seed + i)
+        elif name.endswith("bias"):
+            p.zero_()
+        elif "norm" in name or name.endswith("scale") or name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            _tile_normal_(p, 0.02, seed + i)
+
+
+def _tile_normal_(p: torch.Tensor, std: float, seed: int, tile: int = 1 << 20) -> None:
+    flat = p.view(-1)
+    n = flat.numel()
+    k = min(n, tile)
+    gen = torch.Generator(p.device).manual_seed(seed)
+    flat[:k].normal_(0.0, std, generator=gen)
+    while k < n:  # doubling copies: O(log n) launches
+        m = min(k, n - k)
+        flat[k : k + m].copy_(flat[:m])
+        k += m
+
+
+# --- DiT ------------------------------------------------------------------------------------------
+
+
+def build_dit(family: Family, device: torch.device, dtype: torch.dtype, model_path: Path | None, seed: int = 0) -> nn.Module:
+    with torch.device("meta"), default_dtype(dtype):
+        model = family.transformer_cls(family.spec.dit_config)
+    if model_path is None:
+        model.to_empty(device=device)
+        randomize_(model, seed)
+    else:
+        sd = family.convert_diffusers_state_dict(_read_safetensors(model_path / "transformer", device, dtype))
+        try:
+            model.load_state_dict(sd, strict=True, assign=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise EngineError(
+                f"{model_path / 'transformer'} does not match model {family.spec.name}: {' '.join(first[:3])[:400]}"
+            ) from None
+    return model.eval().requires_grad_(False)
+
+
+def _read_safetensors(folder: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    if not folder.is_dir():
+        raise EngineError(f"checkpoint has no {folder.name}/ folder: {folder}")
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        try:
+            weight_map = json.loads(index[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise EngineError(f"malformed shard index {index[0]}: {e}") from None
+        files = sorted({folder / f for f in weight_map.values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise EngineError(f"no .safetensors weights in {folder}")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.exists():
+            raise EngineError(f"shard {f.name} named in the index is missing from {folder}")
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                for k in sf.keys():
+                    out[k] = sf.get_tensor(k).to(dtype)
+        except (OSError, RuntimeError, ValueError) as e:  # safetensors raises SafetensorError(Exception)
+            raise EngineError(f"cannot read {f}: {e}") from None
+        except Exception as e:
+            if type(e).__name__ == "SafetensorError":
+                raise EngineError(f"cannot read {f}: {e}") from None
+            raise
+    return out
+
+
+def check_checkpoint_dir(path: Path, family: Family) -> None:
+    if not path.is_dir():
+        raise EngineError(f"--model-path {path} is not a directory")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise EngineError(f"--model-path {path} has no model_index.json (not a diffusers-format checkpoint)")
+    try:
+        components = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise EngineError(f"malformed {index}: {e}") from None
+    needed = ["transformer", "vae", *(te.name for te in family.spec.text_encoders), *(te.tokenizer for te in family.spec.text_encoders)]
+    missing = [c for c in needed if c not in components or not (path / c).is_dir()]
+    if missing:
+        raise EngineError(f"checkpoint {path} lacks component folder(s) {', '.join(missing)} needed by {family.spec.name}")
+
+
+# --- text encoders --------------------------------------------------------------------------------
+
+
+def _text_classes(arch: str):
+    import transformers as T
+
+    table = {
+        "clip": (T.CLIPTextConfig, T.CLIPTextModel),
+        "t5": (T.T5Config, T.T5EncoderModel),
+        "qwen2_5_vl": (T.Qwen2_5_VLTextConfig, T.Qwen2_5_VLTextModel),
+        "qwen3": (T.Qwen3Config, T.Qwen3Model),
+    }
+    if arch not in table:
+        raise EngineError(f"unknown text encoder architecture {arch!r}")
+    return table[arch]
+
+
+def build_text_encoder(spec: TextEncoderSpec, device: torch.device, dtype: torch.dtype, model_path: Path | None, seed: int = 0) -> nn.Module:
+    config_cls, model_cls = _text_classes(spec.arch)
+    if model_path is None:
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:
+            from transformers.modeling_utils import no_init_weights
+
+        config = config_cls(**spec.config)
+        config._attn_implementation = "sdpa"
+        # Buffers (position ids, rotary tables) are computed in __init__; weights are filled below.
+        with torch.device(device), default_dtype(dtype), no_init_weights():
+            model = model_cls(config)
+        randomize_(model, seed)
+    else:
+        folder = model_path / spec.name
+        try:
+            if spec.arch == "qwen2_5_vl":
+                import transformers as T
+
+                full = T.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+                model = full.model.language_model
+                del full
+            else:
+                model = model_cls.from_pretrained(folder, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise EngineError(f"cannot load text encoder from {folder}: {str(e).splitlines()[0]}") from None
+        model = model.to(device)
+    return model.eval().requires_grad_(False)
+
+
+class SyntheticTokenizer:
+    """Deterministic stand-in for synthetic runs (no tokenizer download): one id per word piece of
+    up to 4 characters, hashed into the vocabulary, padded to max_length. Token counts are close to
+    what a real BPE tokenizer gives English prompts, so text lengths (and latency) are realistic."""
+
+    def __init__(self, vocab_size: int, max_length: int, pad_id: int = 0):
+        self.vocab_size, self.max_length, self.pad_id = vocab_size, max_length, pad_id
+
+    def __call__(self, text: str) -> TokenBatch:
+        pieces = [w[i : i + 4] for w in text.split() for i in range(0, len(w), 4)]
+        ids = [1 + int.from_bytes(hashlib.blake2b(p.encode(), digest_size=4).digest(), "little") % (self.vocab_size - 1) for p in pieces]
+        ids = ids[: self.max_length]
+        n = len(ids)
+        input_ids = torch.full((1, self.max_length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((1, self.max_length), dtype=torch.long)
+        input_ids[0, :n] = torch.tensor(ids, dtype=torch.long)
+        mask[0, :n] = 1
+        return TokenBatch(input_ids, mask)
+
+
+class HFTokenizer:
+    def __init__(self, folder: Path, max_length: int):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tok = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            raise EngineError(f"cannot load tokenizer from {folder}: {str(e).splitlines()[0]}") from None
+        self.max_length = max_length
+
+    def __call__(self, text: str) -> TokenBatch:
+        enc = self.tok(text, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
+        return TokenBatch(enc["input_ids"], enc["attention_mask"])
+
+
+def build_tokenizer(spec: TextEncoderSpec, model_path: Path | None):
+    if model_path is None:
+        return SyntheticTokenizer(int(spec.config["vocab_size"]), spec.max_length)
+    return HFTokenizer(model_path / spec.tokenizer, spec.max_length)
+
+
+# --- VAE ------------------------------------------------------------------------------------------
+
+
+def build_vae(spec: VaeSpec, device: torch.device, dtype: torch.dtype, model_path: Path | None, seed: int = 0) -> nn.Module:
+    import diffusers
+
+    cls = getattr(diffusers, spec.cls, None)
+    if cls is None:
+        raise EngineError(f"diffusers has no VAE class {spec.cls!r}")
+    if model_path is None:
+        config = {k: v for k, v in spec.config.items() if not k.startswith("_")}
+        with torch.device(device), default_dtype(dtype):
+            vae = cls(**config)
+        randomize_(vae, seed)
+    else:
+        try:
+            vae = cls.from_pretrained(model_path / "vae", torch_dtype=dtype).to(device)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise EngineError(f"cannot load VAE from {model_path / 'vae'}: {str(e).splitlines()[0]}") from None
+    return vae.eval().requires_grad_(False)

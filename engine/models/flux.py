@@ -1,0 +1,604 @@
+"""FLUX.1-dev and FLUX.1-schnell (Black Forest Labs): MMDiT with 19 double-stream blocks (text and
+image keep their own weights, attend jointly) and 38 single-stream blocks (one fused
+QKV+MLP projection over the concatenated sequence), 2D RoPE over (t, h, w) ids.
+
+Weights load from diffusers' FluxTransformer2DModel through `FluxFamily.convert_diffusers_state_dict`,
+which fuses Q/K/V (and the single blocks' MLP input) into one Linear each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import Attention
+from ..errors import EngineError
+from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec
+
+_CONFIGS = Path(__file__).parent.parent / "configs" / "flux"
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """FluxTransformer2DModel config (field names as in diffusers' config.json); real FLUX.1-dev sizes."""
+
+    in_channels: int = 64  # 16 latent channels x 2x2 packing
+    num_layers: int = 19  # double-stream blocks
+    num_single_layers: int = 38
+    num_attention_heads: int = 24
+    attention_head_dim: int = 128
+    joint_attention_dim: int = 4096  # T5-XXL hidden size
+    pooled_projection_dim: int = 768  # CLIP-L pooled output
+    guidance_embeds: bool = True  # dev: guidance-distilled; schnell: False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)  # RoPE dims for the (t, h, w) id axes
+    rope_theta: int = 10000
+    mlp_ratio: float = 4.0
+    patch_size: int = 1  # packing happens in the Family, the DiT sees tokens
+    out_channels: int | None = None
+
+    def __post_init__(self):
+        if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
+            raise EngineError(
+                f"flux axes_dims_rope {tuple(self.axes_dims_rope)} must be even and sum to "
+                f"attention_head_dim={self.attention_head_dim}"
+            )
+        if self.patch_size != 1:
+            raise EngineError(f"flux patch_size={self.patch_size} is not supported (only 1)")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_channels or self.in_channels
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> FluxConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+        if unknown:
+            raise EngineError(f"flux transformer config has keys this engine does not know: {unknown}")
+        kw = {k: v for k, v in config.items() if k in known}
+        if "axes_dims_rope" in kw:
+            kw["axes_dims_rope"] = tuple(kw["axes_dims_rope"])
+        return cls(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise pieces: small functions so fused kernels can replace them one by one.
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """adaLN: LayerNorm(x) * (1 + scale) + shift.  x [B, L, C]; shift, scale [B, C]."""
+    x = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate * y.  x, y [B, L, C]; gate [B, C]."""
+    return torch.addcmul(x, gate[:, None], y)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1) of x [B, H, L, D] by rope [L, D/2, 2, 2] (fp32 rotation matrices)."""
+    xp = x.unflatten(-1, (-1, 1, 2))  # [B, H, L, D/2, 1, 2]
+    # Mixed-dtype ops compute in fp32 without materialising an fp32 copy of x.
+    out = torch.addcmul(rope[..., 1] * xp[..., 1], rope[..., 0], xp[..., 0])  # [B, H, L, D/2, 2]
+    return out.flatten(-2).to(x.dtype)
+
+
+def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Single stream: x [B, H, L, D] (strided view of the fused projection) -> contiguous [B, H, L, D]."""
+    return apply_rope(rms_norm(x, weight, eps), rope).contiguous()
+
+
+def joint_qk_norm_rope(
+    x_txt: torch.Tensor,
+    x_img: torch.Tensor,
+    w_txt: torch.Tensor,
+    w_img: torch.Tensor,
+    rope: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Double stream: per-stream RMSNorm weights, then RoPE over the joint [txt, img] sequence.
+
+    x_txt [B, H, Lt, D], x_img [B, H, Li, D] (strided views) -> contiguous [B, H, Lt + Li, D].
+    """
+    x = torch.cat([rms_norm(x_txt, w_txt, eps), rms_norm(x_img, w_img, eps)], dim=2)
+    return apply_rope(x, rope).contiguous()
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, [cos | sin] halves (diffusers' flip_sin_to_cos=True).  t [B] -> [B, dim] fp32."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t[:, None].float() * torch.exp(exponent)[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_table(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> torch.Tensor:
+    """Position ids [L, n_axes] -> rotation matrices [L, sum(axes_dims) / 2, 2, 2] fp32.
+
+    Angles in float64 as in the reference: positions reach ~256 and fp32 phases drift there."""
+    angles = []
+    for i, dim in enumerate(axes_dims):
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
+        angles.append(ids[:, i].to(torch.float64)[:, None] * freqs[None])
+    a = torch.cat(angles, dim=-1)  # [L, D/2]
+    cos, sin = a.cos(), a.sin()
+    return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).float()
+
+
+def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, L, 3 * H * D] -> q, k, v views [B, H, L, D]."""
+    return qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (timestep, guidance and pooled-text embedders)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class DoubleStreamBlock(nn.Module):
+    """Text and image streams with separate weights, one joint attention over [txt, img]."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        d, hd, m = cfg.hidden_size, cfg.attention_head_dim, cfg.mlp_hidden_dim
+        self.heads = cfg.num_attention_heads
+        self.img_mod = nn.Linear(d, 6 * d)
+        self.txt_mod = nn.Linear(d, 6 * d)
+        self.img_qkv = nn.Linear(d, 3 * d)
+        self.txt_qkv = nn.Linear(d, 3 * d)
+        self.img_norm_q = nn.Parameter(torch.empty(hd))
+        self.img_norm_k = nn.Parameter(torch.empty(hd))
+        self.txt_norm_q = nn.Parameter(torch.empty(hd))
+        self.txt_norm_k = nn.Parameter(torch.empty(hd))
+        self.attn = Attention()
+        self.img_proj = nn.Linear(d, d)
+        self.txt_proj = nn.Linear(d, d)
+        self.img_mlp_in = nn.Linear(d, m)
+        self.img_mlp_out = nn.Linear(m, d)
+        self.txt_mlp_in = nn.Linear(d, m)
+        self.txt_mlp_out = nn.Linear(m, d)
+
+    def forward(
+        self,
+        img: torch.Tensor,  # [B, Li, D]
+        txt: torch.Tensor,  # [B, Lt, D]
+        vec: torch.Tensor,  # [B, D], silu(temb)
+        rope: torch.Tensor,  # [Lt + Li, hd/2, 2, 2]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lt = txt.shape[1]
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec).chunk(6, dim=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec).chunk(6, dim=-1)
+
+        iq, ik, iv = split_heads(self.img_qkv(modulate(img, i_shift1, i_scale1)), self.heads)
+        tq, tk, tv = split_heads(self.txt_qkv(modulate(txt, t_shift1, t_scale1)), self.heads)
+        q = joint_qk_norm_rope(tq, iq, self.txt_norm_q, self.img_norm_q, rope)  # [B, H, L, hd]
+        k = joint_qk_norm_rope(tk, ik, self.txt_norm_k, self.img_norm_k, rope)
+        v = torch.cat([tv, iv], dim=2)
+        out = self.attn(q, k, v)  # [B, L, D]
+
+        img = gated_residual(img, i_gate1, self.img_proj(out[:, lt:]))
+        h = F.gelu(self.img_mlp_in(modulate(img, i_shift2, i_scale2)), approximate="tanh")
+        img = gated_residual(img, i_gate2, self.img_mlp_out(h))
+
+        txt = gated_residual(txt, t_gate1, self.txt_proj(out[:, :lt]))
+        h = F.gelu(self.txt_mlp_in(modulate(txt, t_shift2, t_scale2)), approximate="tanh")
+        txt = gated_residual(txt, t_gate2, self.txt_mlp_out(h))
+        if txt.dtype == torch.float16:  # as diffusers: the text stream overflows fp16
+            txt = txt.clip(-65504, 65504)
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP over the joint sequence; Q/K/V and MLP-in share one Linear."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        d, hd, m = cfg.hidden_size, cfg.attention_head_dim, cfg.mlp_hidden_dim
+        self.heads = cfg.num_attention_heads
+        self.hidden = d
+        self.mod = nn.Linear(d, 3 * d)
+        self.linear_in = nn.Linear(d, 3 * d + m)  # [q | k | v | mlp]
+        self.norm_q = nn.Parameter(torch.empty(hd))
+        self.norm_k = nn.Parameter(torch.empty(hd))
+        self.attn = Attention()
+        self.linear_out = nn.Linear(d + m, d)  # input [attn | mlp]
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, L, D], L = Lt + Li
+        vec: torch.Tensor,  # [B, D]
+        rope: torch.Tensor,  # [L, hd/2, 2, 2]
+    ) -> torch.Tensor:
+        shift, scale, gate = self.mod(vec).chunk(3, dim=-1)
+        h = self.linear_in(modulate(x, shift, scale))  # [B, L, 3D + M]
+        q, k, v = split_heads(h[..., : 3 * self.hidden], self.heads)
+        q = qk_norm_rope(q, self.norm_q, rope)
+        k = qk_norm_rope(k, self.norm_k, rope)
+        out = self.attn(q, k, v.contiguous())  # [B, L, D]
+        mlp = F.gelu(h[..., 3 * self.hidden :], approximate="tanh")  # [B, L, M]
+        x = gated_residual(x, gate, self.linear_out(torch.cat([out, mlp], dim=-1)))
+        if x.dtype == torch.float16:
+            x = x.clip(-65504, 65504)
+        return x
+
+
+class FluxTransformer(nn.Module):
+    """Denoiser: packed latent tokens + T5 tokens + CLIP pooled vector -> velocity tokens."""
+
+    repeated_blocks: tuple[str, ...] = ("double_blocks", "single_blocks")
+
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.x_embedder = nn.Linear(config.in_channels, d)
+        self.context_embedder = nn.Linear(config.joint_attention_dim, d)
+        self.time_in = MLPEmbedder(256, d)
+        self.guidance_in = MLPEmbedder(256, d) if config.guidance_embeds else None
+        self.pooled_in = MLPEmbedder(config.pooled_projection_dim, d)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.num_layers))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.num_single_layers))
+        self.norm_out = nn.Linear(d, 2 * d)  # final adaLN: [scale | shift]
+        self.proj_out = nn.Linear(d, config.out_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, Li, in_channels] packed latents
+        encoder_hidden_states: torch.Tensor,  # [B, Lt, joint_attention_dim]
+        pooled_projections: torch.Tensor,  # [B, pooled_projection_dim]
+        timestep: torch.Tensor,  # [B] sigma in [0, 1]
+        img_ids: torch.Tensor,  # [Li, 3] (0, row, col)
+        txt_ids: torch.Tensor,  # [Lt, 3] zeros
+        guidance: torch.Tensor | None = None,  # [B] guidance scale; dev only
+    ) -> torch.Tensor:
+        img = self.x_embedder(hidden_states)  # [B, Li, D]
+        dtype = img.dtype
+        # Same casts as diffusers: timestep rounds to the model dtype before the x1000.
+        t_emb = timestep_embedding(timestep.to(dtype) * 1000).to(pooled_projections.dtype)
+        temb = self.time_in(t_emb)
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise EngineError("this FLUX transformer embeds guidance (FLUX.1-dev): pass `guidance`")
+            g_emb = timestep_embedding(guidance.to(dtype) * 1000).to(pooled_projections.dtype)
+            temb = temb + self.guidance_in(g_emb)
+        elif guidance is not None:
+            raise EngineError("this FLUX transformer has no guidance embedding (FLUX.1-schnell): pass guidance=None")
+        temb = temb + self.pooled_in(pooled_projections)
+        vec = F.silu(temb).to(dtype)  # [B, D], shared by every modulation
+        txt = self.context_embedder(encoder_hidden_states)  # [B, Lt, D]
+        lt = txt.shape[1]
+
+        rope = rope_table(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope, self.config.rope_theta)
+
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, rope)
+        x = torch.cat([txt, img], dim=1)  # [B, Lt + Li, D]
+        for block in self.single_blocks:
+            x = block(x, vec, rope)
+        img = x[:, lt:]
+
+        scale, shift = self.norm_out(vec).chunk(2, dim=-1)
+        return self.proj_out(modulate(img, shift, scale))  # [B, Li, out_channels]
+
+
+# ---------------------------------------------------------------------------------------------
+# Family glue
+
+
+def _linear(ours: str, *theirs: str) -> list[tuple[str, tuple[str, ...]]]:
+    return [(f"{ours}.{p}", tuple(f"{t}.{p}" for t in theirs)) for p in ("weight", "bias")]
+
+
+# ours -> diffusers names, concatenated along dim 0 when several (fused projections).
+_TOP_KEYS = [
+    *_linear("x_embedder", "x_embedder"),
+    *_linear("context_embedder", "context_embedder"),
+    *_linear("time_in.linear_1", "time_text_embed.timestep_embedder.linear_1"),
+    *_linear("time_in.linear_2", "time_text_embed.timestep_embedder.linear_2"),
+    *_linear("guidance_in.linear_1", "time_text_embed.guidance_embedder.linear_1"),
+    *_linear("guidance_in.linear_2", "time_text_embed.guidance_embedder.linear_2"),
+    *_linear("pooled_in.linear_1", "time_text_embed.text_embedder.linear_1"),
+    *_linear("pooled_in.linear_2", "time_text_embed.text_embedder.linear_2"),
+    *_linear("norm_out", "norm_out.linear"),
+    *_linear("proj_out", "proj_out"),
+]
+_DOUBLE_KEYS = [
+    *_linear("img_mod", "norm1.linear"),
+    *_linear("txt_mod", "norm1_context.linear"),
+    *_linear("img_qkv", "attn.to_q", "attn.to_k", "attn.to_v"),
+    *_linear("txt_qkv", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    ("img_norm_q", ("attn.norm_q.weight",)),
+    ("img_norm_k", ("attn.norm_k.weight",)),
+    ("txt_norm_q", ("attn.norm_added_q.weight",)),
+    ("txt_norm_k", ("attn.norm_added_k.weight",)),
+    *_linear("img_proj", "attn.to_out.0"),
+    *_linear("txt_proj", "attn.to_add_out"),
+    *_linear("img_mlp_in", "ff.net.0.proj"),
+    *_linear("img_mlp_out", "ff.net.2"),
+    *_linear("txt_mlp_in", "ff_context.net.0.proj"),
+    *_linear("txt_mlp_out", "ff_context.net.2"),
+]
+_SINGLE_KEYS = [
+    *_linear("mod", "norm.linear"),
+    *_linear("linear_in", "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    ("norm_q", ("attn.norm_q.weight",)),
+    ("norm_k", ("attn.norm_k.weight",)),
+    *_linear("linear_out", "proj_out"),
+]
+
+
+def _block_count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+    idx = {int(k[len(prefix) :].split(".", 1)[0]) for k in sd if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+class FluxFamily(Family):
+    transformer_cls = FluxTransformer
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec)
+        self._img_ids: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def convert_diffusers_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        plan = [(o, t) for o, t in _TOP_KEYS if t[0] in sd or not o.startswith("guidance_in.")]
+        for i in range(_block_count(sd, "transformer_blocks.")):
+            plan += [(f"double_blocks.{i}.{o}", tuple(f"transformer_blocks.{i}.{x}" for x in t)) for o, t in _DOUBLE_KEYS]
+        for i in range(_block_count(sd, "single_transformer_blocks.")):
+            plan += [
+                (f"single_blocks.{i}.{o}", tuple(f"single_transformer_blocks.{i}.{x}" for x in t)) for o, t in _SINGLE_KEYS
+            ]
+        missing = sorted(t for _, ts in plan for t in ts if t not in sd)
+        if missing:
+            raise EngineError(f"not a diffusers FluxTransformer2DModel state dict: missing {missing[:8]}")
+        used = {t for _, ts in plan for t in ts}
+        unexpected = sorted(k for k in sd if k not in used)
+        if unexpected:
+            raise EngineError(f"FLUX state dict has keys this engine does not know: {unexpected[:8]}")
+        return {o: sd[t[0]] if len(t) == 1 else torch.cat([sd[x] for x in t]) for o, t in plan}
+
+    def encode_prompt(
+        self, encoders: Mapping[str, nn.Module], tokens: Mapping[str, TokenBatch]
+    ) -> dict[str, torch.Tensor]:
+        # As FluxPipeline: CLIP pooled output + T5 last hidden state, no attention masks (FLUX was
+        # trained attending to T5 padding).
+        clip, t5 = encoders["text_encoder"], encoders["text_encoder_2"]
+        clip_ids = tokens["text_encoder"].input_ids
+        t5_ids = tokens["text_encoder_2"].input_ids
+        pooled = clip(clip_ids.to(_input_device(clip)), output_hidden_states=False).pooler_output  # [B, 768]
+        embeds = t5(t5_ids.to(_input_device(t5)), output_hidden_states=False)[0]  # [B, Lt, 4096]
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=embeds.device)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "txt_ids": txt_ids}
+
+    def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        m = self.spec.size_multiple
+        if height % m or width % m or height <= 0 or width <= 0:
+            raise EngineError(f"{self.spec.name}: height and width must be positive multiples of {m}, got {height}x{width}")
+        return height // self.spec.vae_scale, width // self.spec.vae_scale
+
+    def prepare_latents(
+        self, batch: int, height: int, width: int, generator: torch.Generator, device, dtype
+    ) -> torch.Tensor:
+        h, w = self._latent_hw(height, width)
+        c = self.spec.dit_config.in_channels // (self.spec.patch**2)
+        # Drawn on the generator's device like diffusers' randn_tensor, so seeds match the pipeline.
+        noise = torch.randn((batch, c, h, w), generator=generator, device=generator.device, dtype=dtype)
+        return _pack(noise.to(device))
+
+    def predict(
+        self,
+        dit: nn.Module,
+        latents: torch.Tensor,  # [B, L, C]
+        sigma: torch.Tensor,  # [B] in [0, 1]
+        cond: Mapping[str, torch.Tensor],
+        guidance: float,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        b, dtype, device = latents.shape[0], latents.dtype, latents.device
+        img_ids = self._image_ids(height, width, device)
+        if img_ids.shape[0] != latents.shape[1]:
+            raise EngineError(f"{latents.shape[1]} latent tokens do not match a {height}x{width} image")
+        # FluxPipeline passes t = 1000 * sigma in the latent dtype, divided by 1000 again.
+        timestep = (sigma.reshape(-1).expand(b) * 1000).to(dtype) / 1000
+        g = torch.full((b,), guidance, device=device, dtype=torch.float32) if dit.config.guidance_embeds else None
+        return dit(
+            latents,
+            cond["prompt_embeds"].to(device, dtype),
+            cond["pooled_prompt_embeds"].to(device, dtype),
+            timestep,
+            img_ids,
+            cond["txt_ids"].to(device),
+            g,
+        )
+
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        h, w = self._latent_hw(height, width)
+        vae = self.spec.vae.config
+        return _unpack(latents, h, w) / vae["scaling_factor"] + vae["shift_factor"]  # [B, 16, h, w]
+
+    def _image_ids(self, height: int, width: int, device) -> torch.Tensor:
+        key = (height, width, str(device))
+        if key not in self._img_ids:
+            h, w = self._latent_hw(height, width)
+            rows = torch.arange(h // 2, device=device).repeat_interleave(w // 2)
+            cols = torch.arange(w // 2, device=device).repeat(h // 2)
+            self._img_ids[key] = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).float()  # [L, 3]
+        return self._img_ids[key]
+
+
+def _pack(z: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, (h/2)(w/2), 4C], 2x2 patches flattened as (c, dy, dx)."""
+    b, c, h, w = z.shape
+    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return z.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, c4 = x.shape
+    x = x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+def _input_device(encoder: nn.Module) -> torch.device:
+    return encoder.get_input_embeddings().weight.device
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs
+
+
+def _load(name: str) -> dict[str, Any]:
+    return json.loads((_CONFIGS / name).read_text())
+
+
+def _scheduler(config: Mapping[str, Any]) -> SchedulerSpec:
+    return SchedulerSpec(**{f.name: config[f.name] for f in fields(SchedulerSpec) if f.name in config})
+
+
+def _text_encoders(clip: Mapping, t5: Mapping, t5_length: int) -> tuple[TextEncoderSpec, ...]:
+    return (
+        TextEncoderSpec(name="text_encoder", arch="clip", config=clip, max_length=77, tokenizer="tokenizer"),
+        TextEncoderSpec(name="text_encoder_2", arch="t5", config=t5, max_length=t5_length, tokenizer="tokenizer_2"),
+    )
+
+
+_TINY_CLIP = {
+    "model_type": "clip_text_model",
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 77,
+    "vocab_size": 1000,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 32,
+    "bos_token_id": 0,
+    "eos_token_id": 2,  # as the real config: pooling takes the argmax token (EOT has the highest id)
+    "pad_token_id": 1,
+}
+_TINY_T5 = {
+    "model_type": "t5",
+    "d_model": 32,
+    "d_kv": 16,
+    "d_ff": 37,
+    "num_heads": 2,
+    "num_layers": 2,
+    "num_decoder_layers": 2,
+    "vocab_size": 1000,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "is_gated_act": True,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 16,
+    "layer_norm_epsilon": 1e-6,
+    "dropout_rate": 0.0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+    "tie_word_embeddings": False,
+}
+_TINY_VAE = {  # 4 levels like the real VAE so the 8x stride and 16 latent channels are real
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [8, 8, 16, 16],
+    "layers_per_block": 1,
+    "latent_channels": 16,
+    "norm_num_groups": 4,
+    "sample_size": 128,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+_TINY_DIT = FluxConfig(
+    num_layers=1,
+    num_single_layers=1,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    joint_attention_dim=_TINY_T5["d_model"],
+    pooled_projection_dim=_TINY_CLIP["hidden_size"],
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+
+_CLIP, _T5, _VAE = _load("text_encoder.json"), _load("text_encoder_2.json"), _load("vae.json")
+_DEV_SCHEDULER = _scheduler(_load("scheduler_dev.json"))
+
+SPECS: dict[str, ModelSpec] = {
+    "flux-dev": ModelSpec(
+        name="flux-dev",
+        family="flux",
+        hf_repo="black-forest-labs/FLUX.1-dev",
+        dit_config=FluxConfig.from_diffusers(_load("transformer_dev.json")),
+        text_encoders=_text_encoders(_CLIP, _T5, 512),
+        vae=VaeSpec(cls="AutoencoderKL", config=_VAE),
+        scheduler=_DEV_SCHEDULER,
+        steps=28,
+        guidance=3.5,
+        notes="guidance-distilled: guidance is an embedding input, one DiT pass per step",
+    ),
+    "flux-schnell": ModelSpec(
+        name="flux-schnell",
+        family="flux",
+        hf_repo="black-forest-labs/FLUX.1-schnell",
+        dit_config=FluxConfig.from_diffusers(_load("transformer_schnell.json")),
+        text_encoders=_text_encoders(_CLIP, _T5, 256),
+        vae=VaeSpec(cls="AutoencoderKL", config=_VAE),
+        scheduler=_scheduler(_load("scheduler_schnell.json")),
+        steps=4,
+        guidance=0.0,
+        notes="timestep-distilled, no guidance input",
+    ),
+    "flux-dev-tiny": ModelSpec(
+        name="flux-dev-tiny",
+        family="flux",
+        hf_repo=None,
+        dit_config=_TINY_DIT,
+        text_encoders=_text_encoders(_TINY_CLIP, _TINY_T5, 32),
+        vae=VaeSpec(cls="AutoencoderKL", config=_TINY_VAE),
+        scheduler=_DEV_SCHEDULER,
+        width=128,
+        height=128,
+        steps=4,
+        guidance=3.5,
+        tiny=True,
+        notes="random-weight CPU test variant of flux-dev",
+    ),
+}
+
+FAMILY = FluxFamily

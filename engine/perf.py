@@ -1,0 +1,83 @@
+"""Timing and memory measurement: device-synchronised stage times, CUDA-event step times (wall
+clock on the CPU), peak VRAM from torch and NVML, and the software versions for the manifest."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from importlib import metadata
+
+import torch
+
+from . import gpu as gpu_mod
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Per-step durations: CUDA events on the GPU (no sync inside the loop), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._marks: list = []
+
+    def start(self):
+        self._mark()
+
+    def stop(self):
+        self._mark()
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self._marks.append(e)
+        else:
+            self._marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        marks = self._marks
+        if self.device.type == "cuda":
+            sync(self.device)
+            return [marks[i].elapsed_time(marks[i + 1]) / 1e3 for i in range(0, len(marks), 2)]
+        return [marks[i + 1] - marks[i] for i in range(0, len(marks), 2)]
+
+
+def summarize_steps(steps: list[float]) -> dict[str, float | None]:
+    if not steps:
+        return {"step_median_s": None, "step_p10_s": None, "step_p90_s": None, "step_spread": None}
+    q = sorted(steps)
+    p10 = q[int(0.1 * (len(q) - 1))]
+    p90 = q[round(0.9 * (len(q) - 1))]
+    med = statistics.median(q)
+    return {"step_median_s": med, "step_p10_s": p10, "step_p90_s": p90, "step_spread": (p90 - p10) / med if med else None}
+
+
+def memory(device: torch.device) -> dict[str, int | None]:
+    if device.type != "cuda":
+        return {"torch_max_reserved_bytes": None, "torch_max_allocated_bytes": None, "nvml_process_bytes": None}
+    return {
+        "torch_max_reserved_bytes": torch.cuda.max_memory_reserved(device),
+        "torch_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        "nvml_process_bytes": gpu_mod.process_used_bytes(device.index or 0),
+    }
+
+
+def versions() -> dict[str, str | None]:
+    def v(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    driver = None
+    det = gpu_mod.detect()
+    if det:
+        driver = det.gpus[0].driver
+    return {
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": v("triton"), "driver": driver,
+        "diffusers": v("diffusers"), "transformers": v("transformers"), "dittune": v("dittune"),
+    }

@@ -1,0 +1,237 @@
+"""The pipeline: load components with the placement the flags ask for, then run requests:
+encode text -> prepare latents -> denoise loop (CFG in one place) -> decode.
+
+Every flag either applies here or raises; `manifest()` reports what actually ran."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import attention, components, scheduler
+from .errors import EngineError
+from .flags import config_to_dict
+from .models.base import Family
+from .offload import ComponentOffload
+from .perf import StepTimer, sync
+
+CUDA_ONLY_FLAGS = ("dit_cpu_offload", "text_encoder_cpu_offload", "vae_cpu_offload", "dit_layerwise_offload")
+
+
+@dataclass
+class RequestTimes:
+    stages: dict[str, float] = field(default_factory=dict)  # seconds, device-synchronised
+    steps: list[float] = field(default_factory=list)  # seconds per denoise step (all DiT passes of it)
+
+
+class Pipeline:
+    def __init__(self, family: Family, flags: Any, device: torch.device, dtype: torch.dtype, model_path: Path | None = None):
+        self.family, self.spec, self.flags = family, family.spec, flags
+        self.device, self.dtype, self.model_path = device, dtype, model_path
+        self._check_supported()
+        if model_path is not None:
+            components.check_checkpoint_dir(model_path, family)
+        self._offloads: dict[str, ComponentOffload] = {}
+        self._compiled: list[str] = []
+
+        t0 = time.perf_counter()
+        self.tokenizers = {te.name: components.build_tokenizer(te, model_path) for te in self.spec.text_encoders}
+        self.text_encoders = {
+            te.name: components.build_text_encoder(te, self._home(flags.text_encoder_cpu_offload), dtype, model_path, seed=i + 1)
+            for i, te in enumerate(self.spec.text_encoders)
+        }
+        self.vae_dtype = torch.float32 if flags.vae_precision == "fp32" else torch.bfloat16
+        self.vae = components.build_vae(self.spec.vae, self._home(flags.vae_cpu_offload), self.vae_dtype, model_path)
+        self.dit = components.build_dit(family, self._home(flags.dit_cpu_offload), dtype, model_path)
+
+        pin = flags.pin_cpu_memory
+        if flags.text_encoder_cpu_offload:
+            for name, enc in self.text_encoders.items():
+                self._offloads[name] = ComponentOffload(enc, device, pin)
+        if flags.vae_cpu_offload:
+            self._offloads["vae"] = ComponentOffload(self.vae, device, pin)
+        if flags.dit_cpu_offload:
+            self._offloads["dit"] = ComponentOffload(self.dit, device, pin)
+
+        attention.set_backend(self.dit, flags.attention_backend)
+        self._apply_compile()
+        sync(device)
+        self.load_s = time.perf_counter() - t0
+
+    # --- flags ------------------------------------------------------------------------------------
+
+    def _home(self, offloaded: bool) -> torch.device:
+        return torch.device("cpu") if offloaded else self.device
+
+    def _check_supported(self) -> None:
+        f = self.flags
+        if self.device.type != "cuda":
+            on = [name for name in CUDA_ONLY_FLAGS if getattr(f, name)]
+            if on:
+                raise EngineError(f"--{on[0].replace('_', '-')} needs a CUDA device (running on {self.device})")
+        avail = attention.available_backends(self.device)
+        if f.attention_backend not in avail:
+            raise EngineError(
+                f"attention backend {f.attention_backend!r} is not available on {self.device}; available: {', '.join(avail)}"
+            )
+        if f.fused_kernels:
+            raise EngineError("--fused-kernels: the fused Triton kernels are not wired into this engine version yet")
+        if f.dit_layerwise_offload:
+            raise EngineError("--dit-layerwise-offload is not implemented in this engine version yet")
+
+    def _apply_compile(self) -> None:
+        f = self.flags
+        if not f.enable_torch_compile:
+            return
+        mode = None if f.compile_mode == "default" else f.compile_mode
+        if f.compile_scope == "full":
+            self.dit.compile(mode=mode, fullgraph=True)
+            self._compiled.append(type(self.dit).__name__)
+            return
+        names = getattr(self.dit, "repeated_blocks", ())
+        if not names:
+            raise EngineError(f"{type(self.dit).__name__} declares no repeated blocks for regional compile")
+        for name in names:
+            for block in getattr(self.dit, name):
+                block.compile(mode=mode, fullgraph=True)
+            self._compiled.append(name)
+
+    # --- stages -----------------------------------------------------------------------------------
+
+    def _visit(self, names: list[str]):
+        """Context for a stage: onload offloaded components, offload them after."""
+        pipe = self
+
+        class _Visit:
+            def __enter__(self):
+                for n in names:
+                    if n in pipe._offloads:
+                        pipe._offloads[n].onload()
+
+            def __exit__(self, *exc):
+                for n in names:
+                    if n in pipe._offloads:
+                        pipe._offloads[n].offload()
+
+        return _Visit()
+
+    @torch.inference_mode()
+    def encode(self, prompt: str) -> dict[str, torch.Tensor]:
+        tokens = {}
+        for te in self.spec.text_encoders:
+            batch = self.tokenizers[te.name](self.family.prompt_text(te.name, prompt))
+            batch.input_ids = batch.input_ids.to(self.device)
+            batch.attention_mask = batch.attention_mask.to(self.device)
+            tokens[te.name] = batch
+        with self._visit(list(self.text_encoders)):
+            cond = self.family.encode_prompt(self.text_encoders, tokens)
+        return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
+
+    @torch.inference_mode()
+    def __call__(
+        self, prompt: str, negative_prompt: str, width: int, height: int, steps: int, guidance: float, seed: int,
+        on_step: Callable[[int], None] | None = None,
+    ) -> tuple[torch.Tensor, RequestTimes]:
+        times = RequestTimes()
+        dev = self.device
+        do_cfg = self.spec.true_cfg and guidance > 1.0
+
+        sync(dev)
+        t = time.perf_counter()
+        cond = self.encode(prompt)
+        neg = self.encode(negative_prompt) if do_cfg else None
+        sync(dev)
+        times.stages["encode_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        gen = torch.Generator(dev if dev.type == "cuda" else "cpu").manual_seed(seed)
+        latents = self.family.prepare_latents(1, height, width, gen, dev, self.dtype)
+        sig = scheduler.sigmas(self.spec.scheduler, steps, self.family.image_seq_len(height, width)).tolist()
+        sync(dev)
+        times.stages["prepare_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        timer = StepTimer(dev)
+        with self._visit(["dit"]):
+            for i in range(steps):
+                timer.start()
+                sigma = torch.full((1,), sig[i], device=dev, dtype=torch.float32)
+                v = self.family.predict(self.dit, latents, sigma, cond, guidance, height, width)
+                if do_cfg:
+                    v_neg = self.family.predict(self.dit, latents, sigma, neg, guidance, height, width)
+                    v = cfg_combine(v, v_neg, guidance, self.spec.cfg_renorm)
+                latents = scheduler.euler_step(latents, v, sig[i], sig[i + 1])
+                timer.stop()
+                if on_step is not None:
+                    on_step(i)
+        sync(dev)
+        times.stages["denoise_s"] = time.perf_counter() - t
+        times.steps = timer.seconds()
+
+        t = time.perf_counter()
+        with self._visit(["vae"]):
+            z = self.family.unpack_latents(latents, height, width).to(self.vae_dtype)
+            image = self.vae.decode(z, return_dict=False)[0]
+        if image.ndim == 5:  # video VAE (Qwen-Image): [B, C, T, H, W], one frame
+            image = image[:, :, 0]
+        image = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # [B, 3, H, W]
+        sync(dev)
+        times.stages["decode_s"] = time.perf_counter() - t
+        return image, times
+
+    # --- manifest ---------------------------------------------------------------------------------
+
+    def manifest(self) -> dict[str, Any]:
+        f = self.flags
+
+        def place(name: str) -> str:
+            return "cpu_offload" if name in self._offloads else "resident"
+
+        return {
+            "model": self.spec.name,
+            "family": self.spec.family,
+            "weights": "synthetic" if self.model_path is None else f"checkpoint:{self.model_path}",
+            "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "flags": config_to_dict(f),
+            "attention": {"backend": f.attention_backend, "calls": attention.calls(self.dit)},
+            "compile": {
+                "enabled": f.enable_torch_compile,
+                "scope": f.compile_scope if f.enable_torch_compile else None,
+                "mode": f.compile_mode if f.enable_torch_compile else None,
+                "compiled": list(self._compiled),
+            },
+            "fused_kernels": {"enabled": False, "kernels": []},
+            "placement": {
+                "dit": place("dit"),
+                **{name: place(name) for name in self.text_encoders},
+                "vae": place("vae"),
+            },
+            "offloaded_bytes": {n: o.bytes for n, o in self._offloads.items()},
+            "pinned": bool(self._offloads) and f.pin_cpu_memory,
+            "layerwise": None,
+            "vae_dtype": str(self.vae_dtype).removeprefix("torch."),
+            "parameters": {
+                "dit": _count(self.dit),
+                **{name: _count(m) for name, m in self.text_encoders.items()},
+                "vae": _count(self.vae),
+            },
+        }
+
+
+def cfg_combine(v: torch.Tensor, v_neg: torch.Tensor, scale: float, renorm: bool) -> torch.Tensor:
+    out = v_neg + scale * (v - v_neg)
+    if renorm:  # Qwen-Image: keep the norm of the conditional prediction
+        cond_norm = torch.norm(v, dim=-1, keepdim=True)
+        out_norm = torch.norm(out, dim=-1, keepdim=True)
+        out = out * (cond_norm / out_norm)
+    return out
+
+
+def _count(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())

@@ -1,0 +1,140 @@
+"""recommend / export / studies on rows stored through the tuner's store functions, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from dittune import db as D
+from dittune.cli import app
+
+from dbrows import GiB, add_study, add_trial
+
+runner = CliRunner()
+FLAGS_FAST = {"attention-backend": "torch_cudnn_sdpa", "enable-torch-compile": True}
+FLAGS_SMALL = {"dit-layerwise-offload": True, "dit-resident-layers": 20}
+
+
+@pytest.fixture
+def filled(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'dittune.db'}"
+    d = D.open_db(url, create=True)
+    s = add_study(d)
+    add_trial(d, s, "--attention-backend torch_cudnn_sdpa --enable-torch-compile", 10.0, 40, flags=FLAGS_FAST)
+    add_trial(d, s, "--dit-layerwise-offload --dit-resident-layers 20", 20.0, 14, flags=FLAGS_SMALL)
+    add_trial(d, s, "", 15.0, 45, flags={})
+    d.dispose()
+    monkeypatch.delenv("DITTUNE_DB", raising=False)
+    return url, tmp_path / "dittune.db"
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_recommend_text_and_json(filled):
+    url, _ = filled
+    r = run("recommend", "flux-dev", "--db", url)
+    assert r.exit_code == 0, r.output
+    assert "dittune generate --model flux-dev --width 1024 --height 1024 --steps 28 --guidance 3.5 --attention-backend torch_cudnn_sdpa --enable-torch-compile" in r.output
+    r = run("recommend", "flux-dev", "--db", url, "--vram-budget", "16GiB", "--format", "json")
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)
+    assert row["flags"] == FLAGS_SMALL and row["peak_vram_bytes"] == 14 * GiB and row["latency_s"] == 20.0
+    assert row["command"].endswith("--dit-layerwise-offload --dit-resident-layers 20")
+    r = run("recommend", "flux-dev", "--db", url, "--vram-budget", "0.5", "--gpu", "H100", "--format", "json")
+    assert json.loads(r.stdout)[0]["latency_s"] == 10.0  # 40 GiB fits half of 80 GiB
+
+
+def test_recommend_env_db(filled, monkeypatch):
+    url, _ = filled
+    monkeypatch.setenv("DITTUNE_DB", url)
+    assert run("recommend", "flux-dev").exit_code == 0
+
+
+def test_recommend_nothing_fits(filled):
+    url, _ = filled
+    r = run("recommend", "flux-dev", "--db", url, "--vram-budget", "4GiB")
+    assert r.exit_code == 1 and "no measured configuration of flux-dev within 4GiB" in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["sh", "json", "md", "sglang"])
+def test_export_formats(filled, fmt, tmp_path):
+    url, _ = filled
+    out = tmp_path / f"export.{fmt}"
+    r = run("export", "--db", url, "--format", fmt, "-o", str(out))
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    if fmt == "json":
+        rows = json.loads(text)
+        assert [x["latency_s"] for x in rows] == [10.0, 20.0]  # the 15 s / 45 GiB row is dominated
+    elif fmt == "sh":
+        assert text.startswith("#!/bin/sh") and text.count("dittune generate") == 2
+    elif fmt == "md":
+        assert text.count("\n| flux-dev |") == 2
+    else:
+        assert "sglang generate --model-path black-forest-labs/FLUX.1-dev" in text
+        assert "--enable-torch-compile" in text and "# no SGLang equivalent (dropped): --attention-backend torch_cudnn_sdpa" in text
+        assert "--dit-layerwise-offload" in text and "(dropped): --dit-resident-layers 20" in text
+
+
+def test_export_stdout_and_filters(filled):
+    url, _ = filled
+    r = run("export", "--db", url, "--format", "md", "--vram-budget", "16GiB")
+    assert r.exit_code == 0 and r.stdout.count("| flux-dev |") == 1
+    r = run("export", "--db", url, "--gpu", "A100")
+    assert r.exit_code == 1 and "no measured configurations" in r.stderr
+
+
+def test_studies(filled):
+    url, _ = filled
+    r = run("studies", "--db", url)
+    assert r.exit_code == 0 and "s1" in r.stdout and "flux-dev" in r.stdout
+
+
+def test_gpus_without_driver(monkeypatch):
+    monkeypatch.setenv("DITTUNE_NO_NVML", "1")
+    r = run("gpus")
+    assert r.exit_code == 0 and "no NVIDIA GPU" in r.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["recommend", "flux-pro"], "unknown model 'flux-pro'"),
+    (["recommend", "flux-dev", "--vram-budget", "lots"], "malformed VRAM budget"),
+    (["recommend", "flux-dev", "--format", "yaml"], "--format 'yaml'"),
+    (["export", "--format", "csv"], "--format 'csv'"),
+    (["export", "--model", "sdxl"], "unknown model 'sdxl'"),
+])
+def test_bad_input_one_line_nonzero_db_unchanged(filled, args, fragment):
+    url, path = filled
+    before = path.read_bytes()
+    r = run(*args, "--db", url)
+    assert r.exit_code == 1
+    assert fragment in r.stderr and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    assert path.read_bytes() == before
+
+
+def test_bad_databases(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_text("not a database")
+    newer = tmp_path / "newer.db"
+    d = D.open_db(f"sqlite:///{newer}", create=True)
+    with d.engine.begin() as c:
+        c.exec_driver_sql("update dittune_meta set value='7' where key='schema_version'")
+    d.dispose()
+    for path, fragment in [(junk, "cannot open database"), (newer, "newer than this dittune"), (tmp_path / "missing.db", "no dittune database")]:
+        before = path.read_bytes() if path.exists() else None
+        r = run("recommend", "flux-dev", "--db", f"sqlite:///{path}")
+        assert r.exit_code == 1 and fragment in r.stderr and r.stderr.count("\n") == 1
+        assert (path.read_bytes() if path.exists() else None) == before
+
+
+def test_real_process_exit_code_and_stderr(tmp_path):
+    env = dict(os.environ, DITTUNE_DB=f"sqlite:///{tmp_path / 'none.db'}")
+    p = subprocess.run([sys.executable, "-m", "dittune", "recommend", "flux-dev", "--vram-budget", "12 bananas"],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 1 and p.stderr.strip().startswith("error: ") and p.stderr.count("\n") == 1
+    assert "Traceback" not in p.stderr

@@ -1,0 +1,153 @@
+import sqlite3
+
+import pytest
+from sqlalchemy import text
+
+from dittune import db as D
+
+from dbrows import FLUX, GiB, H100, L40, VERSIONS, add_study, add_trial
+
+
+def test_default_url_honours_env_and_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("DITTUNE_DB", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert D.default_url() == f"sqlite:///{tmp_path}/dittune/dittune.db"
+    monkeypatch.setenv("DITTUNE_DB", "sqlite:///x.db")
+    assert D.default_url() == "sqlite:///x.db"
+
+
+def test_create_records_schema_version_and_reopens(tmp_path):
+    url = f"sqlite:///{tmp_path / 'a' / 'b.db'}"
+    D.open_db(url, create=True).dispose()
+    con = sqlite3.connect(tmp_path / "a" / "b.db")
+    assert con.execute("select value from dittune_meta where key='schema_version'").fetchone() == (str(D.SCHEMA_VERSION),)
+    tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+    assert {"dittune_gpu", "dittune_workload", "dittune_study", "dittune_trial", "dittune_meta"} <= tables
+    D.open_db(url).dispose()
+
+
+def test_read_only_open_of_missing_db_creates_nothing(tmp_path):
+    p = tmp_path / "none.db"
+    with pytest.raises(D.DatabaseError, match="no dittune database"):
+        D.open_db(f"sqlite:///{p}")
+    assert not p.exists()
+
+
+def test_not_a_database_file(tmp_path):
+    p = tmp_path / "junk.db"
+    p.write_bytes(b"this is not sqlite at all" * 100)
+    before = p.read_bytes()
+    with pytest.raises(D.DatabaseError, match="cannot open database"):
+        D.open_db(f"sqlite:///{p}", create=True)
+    assert p.read_bytes() == before
+
+
+def test_foreign_sqlite_database_is_refused_untouched(tmp_path):
+    p = tmp_path / "other.db"
+    con = sqlite3.connect(p)
+    con.execute("create table customers (id integer primary key, name text)")
+    con.commit()
+    con.close()
+    before = p.read_bytes()
+    with pytest.raises(D.DatabaseError, match="not a dittune database"):
+        D.open_db(f"sqlite:///{p}", create=True)
+    assert p.read_bytes() == before
+
+
+def test_newer_schema_is_refused_untouched(database, tmp_path):
+    with database.engine.begin() as c:
+        c.execute(text("update dittune_meta set value='99' where key='schema_version'"))
+    database.dispose()
+    p = tmp_path / "dittune.db"
+    before = p.read_bytes()
+    with pytest.raises(D.DatabaseError, match="newer"):
+        D.open_db(f"sqlite:///{p}", create=True)
+    assert p.read_bytes() == before
+
+
+def test_malformed_url():
+    with pytest.raises(D.DatabaseError, match="malformed database URL"):
+        D.open_db("not a url at all")
+
+
+def test_open_study_is_idempotent_and_checks_workload(database):
+    a = add_study(database)
+    assert add_study(database) == a
+    with pytest.raises(D.DatabaseError, match="another workload"):
+        add_study(database, workload=D.WorkloadKey("flux-dev", 512, 512, 28, 3.5))
+
+
+def test_best_respects_budget_and_gpu(database):
+    s = add_study(database)
+    add_trial(database, s, "--enable-torch-compile", 10.0, 40)
+    add_trial(database, s, "--dit-cpu-offload", 20.0, 12)
+    add_trial(database, s, "", 15.0, 33)
+    add_trial(database, s, "--fused-kernels", 5.0, None, status="oom", reason="oom")
+    add_trial(database, s, "--attention-backend torch_flash_sdpa", 4.0, 70, status="pruned", reason="predicted over budget")
+    (r,) = D.best(database, "flux-dev")
+    assert r.argv == "--enable-torch-compile" and r.latency_s == 10.0
+    (r,) = D.best(database, "flux-dev", budget=lambda total: 35 * GiB)
+    assert r.argv == ""
+    (r,) = D.best(database, "flux-dev", budget=lambda total: total // 4)  # 20 GiB of an 80 GiB card
+    assert r.argv == "--dit-cpu-offload"
+    assert D.best(database, "flux-dev", budget=lambda total: 8 * GiB) == []
+    assert D.best(database, "flux-dev", gpu="l40") == []
+    assert len(D.best(database, "flux-dev", gpu="h100")) == 1
+    assert D.best(database, "qwen-image") == []
+
+
+def test_confirmation_overrides_first_measurement(database):
+    s = add_study(database)
+    add_trial(database, s, "--enable-torch-compile", 9.0, 40)
+    add_trial(database, s, "", 10.0, 33)
+    add_trial(database, s, "--enable-torch-compile", 11.0, 40, status="confirmed")
+    (r,) = D.best(database, "flux-dev")
+    assert r.argv == "" and r.latency_s == 10.0
+
+
+def test_frontier_is_pareto_and_per_gpu(database):
+    s = add_study(database)
+    for argv, lat, peak in [("a", 10, 40), ("b", 12, 30), ("c", 13, 35), ("d", 20, 12), ("e", 25, 12), ("f", 9, 60)]:
+        add_trial(database, s, argv, lat, peak)
+    other = add_study(database, name="s2", gpu=L40)
+    add_trial(database, other, "x", 30, 20)
+    rows = D.frontier(database, "flux-dev", gpu="h100")
+    assert [r.argv for r in rows] == ["f", "a", "b", "d"]
+    rows = D.frontier(database, "flux-dev")
+    assert {r.gpu for r in rows} == {H100.name, L40.name}
+    assert [r.argv for r in D.frontier(database, "flux-dev", budget=lambda t: 35 * GiB, gpu="h100")] == ["b", "d"]
+
+
+def test_stale_results_are_marked_and_hidden_behind_fresh(database):
+    old = add_study(database, name="old", versions=dict(VERSIONS, dittune="0.0.9"))
+    add_trial(database, old, "old-fast", 1.0, 10)
+    current = {"dittune": "0.1.0", "registry_hash": "r1", "torch": "2.11.0"}
+    (r,) = D.best(database, "flux-dev", current=current)
+    assert r.argv == "old-fast" and r.stale
+    new = add_study(database, name="new")
+    add_trial(database, new, "new", 5.0, 10)
+    (r,) = D.best(database, "flux-dev", current=current)
+    assert r.argv == "new" and not r.stale
+    assert [s.stale for s in D.studies(database, current)] == [True, False]
+    assert D.best(database, "flux-dev", current=dict(current, registry_hash="r2"))[0].stale
+
+
+def test_studies_summary(database):
+    s = add_study(database)
+    add_trial(database, s, "", 10.0, 30)
+    add_trial(database, s, "x", None, None, status="failed", reason="crash")
+    (st,) = D.studies(database)
+    assert (st.name, st.model, st.gpu, st.trials, st.measured, st.best_latency_s) == ("s1", "flux-dev", H100.name, 2, 1, 10.0)
+
+
+def test_unknown_status_is_rejected(database):
+    s = add_study(database)
+    with pytest.raises(ValueError):
+        add_trial(database, s, "", 1.0, 1, status="great")
+
+
+def test_any_sqlalchemy_url_in_memory():
+    d = D.open_db("sqlite://", create=True)
+    s = add_study(d)
+    add_trial(d, s, "", 1.0, 1)
+    assert len(D.best(d, "flux-dev")) == 1
