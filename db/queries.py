@@ -181,3 +181,14 @@ def studies(db: Database, current: dict[str, Any] | None = None) -> list[StudySu
                 created_at=st.created_at, stale=_is_stale(st, current),
             ))
         return out
+
+
+def trials(db: Database, study_id: int | None = None, study_name: str | None = None) -> list[Trial]:
+    """All trial rows of one study, oldest first (detached; read their columns only)."""
+    q = select(Trial).order_by(Trial.id)
+    if study_id is not None:
+        q = q.where(Trial.study_id == study_id)
+    if study_name is not None:
+        q = q.join(Study).where(Study.name == study_name)
+    with db.session() as s:
+        return list(s.scalars(q).all())

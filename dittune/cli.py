@@ -169,6 +169,53 @@ def export(
         out.print(f"wrote {len(rows)} configurations to {output}")
 
 
+@app.command()
+@expected_failures
+def tune(
+    model: str = typer.Argument(..., help="Model name (see `dittune models`)."),
+    vram_budget: Optional[str] = typer.Option(None, help="24GiB, 24G, 24000MiB, 0.5 (of the card) or 80% (default: the whole card)."),
+    trials: int = typer.Option(30, help="Measured trials the study should hold; a rerun continues towards it."),
+    timeout: Optional[str] = typer.Option(None, help="Stop this run after this long: 600, 10m, 1h."),
+    width: Optional[int] = typer.Option(None), height: Optional[int] = typer.Option(None),
+    steps: Optional[int] = typer.Option(None), guidance: Optional[float] = typer.Option(None),
+    fix: list[str] = typer.Option([], "--fix", help="flag=value held fixed (repeatable)."),
+    allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Also search lossy flags (sage_attn, bf16 VAE)."),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name (default: derived from model, workload, GPU, budget)."),
+    gpu: int = typer.Option(0, "--gpu", help="GPU index."),
+    seed: int = typer.Option(0, "--seed", help="Sampler seed."),
+    objective: str = typer.Option("frontier", help="frontier (latency and peak VRAM) or latency."),
+    confirm: int = typer.Option(3, help="Finalists re-measured at the end."),
+    device: Optional[str] = typer.Option(None, help="cpu to tune on the CPU (tiny models) even where a GPU exists."),
+) -> None:
+    """Measure configurations of MODEL on this GPU under the VRAM budget; print the frontier and the fastest command."""
+    from dittune.engine.budget import format_bytes
+    from dittune.tuner import TuneOptions, emit, parse_duration
+    from dittune.tuner import tune as run_tune
+
+    opts = TuneOptions(
+        model=model, vram_budget=vram_budget, trials=trials, timeout_s=parse_duration(timeout) if timeout else None,
+        width=width, height=height, steps=steps, guidance=guidance, fix=tuple(fix), allow_lossy=allow_lossy,
+        db_url=db, study_name=study, gpu_index=gpu, seed=seed, objective=objective, confirm=confirm, device=device,
+    )
+    res = run_tune(opts, progress=sys.stdout.isatty(), log=None if sys.stdout.isatty() else print)
+    out.print(f"study {res.study}: {res.measured} measured trials; stopped: {res.stopped}")
+    if res.frontier:
+        t = Table("latency (s)", "step median (ms)", "peak VRAM", "cold start (s)", "flags", title="latency / VRAM frontier")
+        for r in res.frontier:
+            t.add_row(f"{r.latency_s:.3f}", f"{r.step_median_s * 1e3:.1f}" if r.step_median_s else "-",
+                      format_bytes(r.peak_vram_bytes), f"{r.cold_start_s:.1f}" if r.cold_start_s else "-", r.argv or "(defaults)")
+        out.print(t)
+    if res.predicted_vs_measured:
+        errs = sorted(abs(p - m) / m for p, m in res.predicted_vs_measured)
+        out.print(f"memory model: median error {errs[len(errs) // 2]:.1%}, max {errs[-1]:.1%} over {len(errs)} trials")
+    if res.winner is None:
+        raise DittuneError("no configuration was measured within the budget")
+    band = f" (noise band ±{res.noise_band:.1%})" if res.noise_band is not None else ""
+    out.print(f"fastest{band}: {res.winner.latency_s:.3f} s per request, peak {format_bytes(res.winner.peak_vram_bytes)}")
+    print(emit.generate_command(res.winner))
+
+
 def _with_engine_flags(fn):
     """Append one typer option per registry flag to `fn`'s signature; `fn` receives them in
     **flags and turns them into an EngineConfig with engine.flags.config_from_dict."""

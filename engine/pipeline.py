@@ -21,6 +21,20 @@ from .offload import ComponentOffload
 from .perf import StepTimer, sync
 
 CUDA_ONLY_FLAGS = ("dit_cpu_offload", "text_encoder_cpu_offload", "vae_cpu_offload", "dit_layerwise_offload")
+UNIMPLEMENTED_FLAGS = ("fused_kernels", "dit_layerwise_offload")
+
+
+def supported_values(device: torch.device) -> dict[str, tuple]:
+    """Flags whose values are restricted on `device`: flag name -> the values that can run there.
+    Flags not listed run with any value of their registry domain."""
+    out: dict[str, tuple] = {"attention-backend": tuple(attention.available_backends(device))}
+    for attr in UNIMPLEMENTED_FLAGS:
+        out[attr.replace("_", "-")] = (False,)
+    if device.type != "cuda":
+        for attr in CUDA_ONLY_FLAGS:
+            out[attr.replace("_", "-")] = (False,)
+        out["pin-cpu-memory"] = (True,)
+    return out
 
 
 @dataclass
@@ -139,7 +153,7 @@ class Pipeline:
     ) -> tuple[torch.Tensor, RequestTimes]:
         times = RequestTimes()
         dev = self.device
-        do_cfg = self.spec.true_cfg and guidance > 1.0
+        do_cfg = self.spec.true_cfg and guidance > (0.0 if self.spec.cfg_style == "zimage" else 1.0)
 
         sync(dev)
         t = time.perf_counter()
@@ -164,7 +178,7 @@ class Pipeline:
                 v = self.family.predict(self.dit, latents, sigma, cond, guidance, height, width)
                 if do_cfg:
                     v_neg = self.family.predict(self.dit, latents, sigma, neg, guidance, height, width)
-                    v = cfg_combine(v, v_neg, guidance, self.spec.cfg_renorm)
+                    v = cfg_combine(v, v_neg, guidance, self.spec.cfg_style, self.spec.cfg_renorm)
                 latents = scheduler.euler_step(latents, v, sig[i], sig[i + 1])
                 timer.stop()
                 if on_step is not None:
@@ -224,8 +238,11 @@ class Pipeline:
         }
 
 
-def cfg_combine(v: torch.Tensor, v_neg: torch.Tensor, scale: float, renorm: bool) -> torch.Tensor:
-    out = v_neg + scale * (v - v_neg)
+def cfg_combine(v: torch.Tensor, v_neg: torch.Tensor, scale: float, style: str, renorm: bool) -> torch.Tensor:
+    if style == "zimage":
+        out = v + scale * (v - v_neg)
+    else:
+        out = v_neg + scale * (v - v_neg)
     if renorm:  # Qwen-Image: keep the norm of the conditional prediction
         cond_norm = torch.norm(v, dim=-1, keepdim=True)
         out_norm = torch.norm(out, dim=-1, keepdim=True)

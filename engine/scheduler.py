@@ -19,10 +19,7 @@ def calculate_shift(image_seq_len: int, spec: SchedulerSpec) -> float:
 
 def sigmas(spec: SchedulerSpec, steps: int, image_seq_len: int) -> torch.Tensor:
     """[steps + 1] float32, from 1 (noise) down to the terminal 0."""
-    if spec.sigmas_to_zero:
-        s = np.linspace(1.0, 0.0, steps).astype(np.float32)
-    else:
-        s = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+    s = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
     if spec.use_dynamic_shifting:
         mu = calculate_shift(image_seq_len, spec)
         with np.errstate(divide="ignore"):

@@ -49,9 +49,6 @@ class SchedulerSpec:
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
     time_shift_type: str = "exponential"  # or "linear"
-    # Z-Image's pipeline sets sigma_min = 0: the unshifted schedule is linspace(1, 0, steps)
-    # instead of FLUX's linspace(1, 1/steps, steps).
-    sigmas_to_zero: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,8 +64,11 @@ class ModelSpec:
     height: int = 1024
     steps: int = 28
     guidance: float = 3.5
-    # True classifier-free guidance (two DiT passes per step) when guidance > 1.
+    # True classifier-free guidance (two DiT passes per step); see `cfg_style`.
     true_cfg: bool = False
+    # "standard": neg + g * (pos - neg), on when g > 1 (Qwen-Image's true_cfg_scale);
+    # "zimage": pos + g * (pos - neg), on when g > 0 (Z-Image's guidance_scale).
+    cfg_style: str = "standard"
     # Qwen-Image style: rescale the CFG prediction to the norm of the conditional one.
     cfg_renorm: bool = False
     vae_scale: int = 8  # pixels per latent pixel

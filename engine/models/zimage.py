@@ -38,10 +38,10 @@ ADALN_EMBED_DIM = 256
 TIMESTEP_FREQ_DIM = 256
 TIMESTEP_MLP_DIM = 1024
 
-# The pipeline's Qwen3 chat template for one user message, add_generation_prompt=True,
-# enable_thinking=True (which adds no <think> block). The engine's tokenizer wrapper formats the
-# prompt with it, then tokenizes with padding="max_length", truncation=True and right padding
-# (Qwen3Model derives positions from the token index, so left padding would shift them).
+# What ZImagePipeline's tokenizer.apply_chat_template gives for one user message with
+# add_generation_prompt=True, enable_thinking=True (Qwen3 adds a <think> block only when thinking
+# is off). Family.prompt_text applies it; the engine then tokenizes with padding="max_length",
+# truncation=True, as the pipeline does.
 PROMPT_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 TEXT_HIDDEN_STATE = -2  # hidden_states[-2]: the input of the last decoder layer, not normed
 
@@ -410,6 +410,9 @@ class ZImageFamily(Family):
             out[key] = torch.cat([parts[i] for i in range(n)], dim=0)
         return out
 
+    def prompt_text(self, encoder: str, prompt: str) -> str:
+        return apply_prompt_template(prompt)
+
     def encode_prompt(
         self, encoders: Mapping[str, nn.Module], tokens: Mapping[str, TokenBatch]
     ) -> dict[str, torch.Tensor]:
@@ -445,8 +448,10 @@ class ZImageFamily(Family):
         h, w = self._grid(height, width)
         p = self.spec.patch
         shape = (batch, self.spec.dit_config.in_channels, h * p, w * p)
-        # Same draw as ZImagePipeline.prepare_latents for the same generator.
-        return pack_latents(randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype), p)
+        # ZImagePipeline draws and keeps its latents in fp32 whatever the DiT dtype (predict casts
+        # them per call), so `dtype` is not used: same draw as the pipeline for the same generator.
+        noise = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+        return pack_latents(noise, p)
 
     def predict(
         self,
@@ -531,10 +536,10 @@ _COMMON = dict(
     scheduler=_REAL_SCHEDULER,
     guidance=0.0,
     true_cfg=True,
+    cfg_style="zimage",
     cfg_renorm=False,
     vae_scale=8,
     patch=2,
-    extra={"prompt_template": PROMPT_TEMPLATE},
 )
 
 SPECS: dict[str, ModelSpec] = {

@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from transformers import Qwen3Config, Qwen3Model
 
+from dittune.engine import scheduler
 from dittune.engine.attention import calls
 from dittune.engine.errors import EngineError
 from dittune.engine.models.base import TokenBatch
@@ -160,7 +161,8 @@ def test_pack_matches_diffusers_patchify(models, family):
 
 
 def test_prepare_latents_matches_pipeline(family):
-    got = family.prepare_latents(2, 48, 80, torch.Generator().manual_seed(3), "cpu", torch.float32)
+    got = family.prepare_latents(2, 48, 80, torch.Generator().manual_seed(3), "cpu", torch.bfloat16)
+    assert got.dtype == torch.float32  # the pipeline's latents stay fp32
     assert got.shape == (2, 3 * 5, 64)
     fake_pipe = SimpleNamespace(vae_scale_factor=8)
     expected = ZImagePipeline.prepare_latents(
@@ -197,7 +199,9 @@ def text_encoder():
 def test_encode_prompt_matches_pipeline(family, text_encoder):
     tok = _CharTokenizer()
     prompt = "a red fox in snow"
-    enc = tok([apply_prompt_template(prompt)], "max_length", TINY.text_encoders[0].max_length, True, "pt")
+    text = family.prompt_text("text_encoder", prompt)
+    assert text == "<|im_start|>user\na red fox in snow<|im_end|>\n<|im_start|>assistant\n"
+    enc = tok([text], "max_length", TINY.text_encoders[0].max_length, True, "pt")
     with torch.no_grad():
         got = family.encode_prompt(
             {"text_encoder": text_encoder}, {"text_encoder": TokenBatch(enc.input_ids, enc.attention_mask)}
@@ -215,9 +219,9 @@ def test_denoise_loop_matches_pipeline(models, family, text_encoder):
     """A few Euler steps through Family.predict == ZImagePipeline(output_type="latent")."""
     ref, ours = models
     steps, height, width = 3, 48, 64
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     vae = AutoencoderKL(**{k: v for k, v in TINY.vae.config.items() if not k.startswith("_")})
-    pipe = ZImagePipeline(scheduler, vae, text_encoder, None, ref)
+    pipe = ZImagePipeline(sched, vae, text_encoder, None, ref)
     g = torch.Generator().manual_seed(7)
     cap = torch.randn(1, 9, CFG.cap_feat_dim, generator=g)
     init = family.prepare_latents(1, height, width, g, "cpu", torch.float32)
@@ -227,12 +231,13 @@ def test_denoise_loop_matches_pipeline(models, family, text_encoder):
             prompt_embeds=[cap[0]], height=height, width=width, num_inference_steps=steps, guidance_scale=0.0,
             latents=unpack_latents(init, h, w), output_type="latent", return_dict=False,
         )[0]
-        # The scheduler the engine must run: sigmas linspace(1, 1/N, N), static shift 3, then 0.
-        s = torch.linspace(1.0, 1.0 / steps, steps)
-        s = torch.cat([3.0 * s / (1 + 2.0 * s), torch.zeros(1)])
+        # The engine's schedule for this spec: linspace(1, 1/N, N), static shift 3, then 0.
+        s = scheduler.sigmas(TINY.scheduler, steps, family.image_seq_len(height, width))
+        shifted = torch.linspace(1.0, 1.0 / steps, steps)
+        torch.testing.assert_close(s[:-1], 3.0 * shifted / (1 + 2.0 * shifted))
         lat = init
         for i in range(steps):
             v = family.predict(ours, lat, s[i : i + 1], {"cap_feats": cap}, 0.0, height, width)
-            lat = lat + (s[i + 1] - s[i]) * v
+            lat = scheduler.euler_step(lat, v, float(s[i]), float(s[i + 1]))
     assert (lat - init).abs().max() > 1e-2
     torch.testing.assert_close(unpack_latents(lat, h, w), expected, atol=ATOL, rtol=RTOL)

@@ -1,0 +1,116 @@
+"""Memory model: predicted peak VRAM of a configuration from component sizes, their placement and
+an activation term, so that configurations far over budget are pruned without GPU time.
+
+Peak = max over the stages (load, encode, denoise, decode) of what is on the GPU then: the
+resident set, the component visiting for that stage, and that stage's activations. The
+activation coefficients are estimates to be calibrated against measured peaks; the tuner stores
+prediction and measurement side by side for every trial so the error is always visible."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from dittune.engine import components
+from dittune.engine.models import get_family
+
+# Bytes of live activations per (token x hidden) element during one DiT forward (bf16 q/k/v,
+# attention output, MLP intermediate of 4x hidden, modulated inputs): about 12 hidden-sized bf16
+# tensors alive at the widest point.
+DIT_ACT_ELEMENTS_PER_TOKEN_HIDDEN = 12
+# VAE decode at full resolution holds a few 128- to 512-channel feature maps at once.
+VAE_ACT_ELEMENTS_PER_PIXEL = 3 * 128 + 2 * 256
+ALLOCATOR_OVERHEAD = 1.08  # reserved / allocated from fragmentation of the caching allocator
+PRUNE_MARGIN = 1.15  # prune only configurations predicted over budget by more than 15%
+
+
+@dataclass(frozen=True)
+class Footprint:
+    dit_other_bytes: int  # embedders, final layer: always where the DiT is
+    dit_block_bytes: tuple[int, ...]  # repeated blocks, in execution order
+    text_encoder_bytes: int
+    vae_bytes: int
+    hidden: int
+    text_tokens: int
+
+    @property
+    def dit_bytes(self) -> int:
+        return self.dit_other_bytes + sum(self.dit_block_bytes)
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@lru_cache(maxsize=16)
+def footprint(model: str, dtype_name: str = "bf16") -> Footprint:
+    """Parameter bytes per component, from a build on the meta device (no memory, no time)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    family = get_family(model)
+    spec = family.spec
+    meta = torch.device("meta")
+    with meta, components.default_dtype(dtype):
+        dit = family.transformer_cls(spec.dit_config)
+    blocks = [b for name in dit.repeated_blocks for b in getattr(dit, name)]
+    block_bytes = tuple(_bytes(b) for b in blocks)
+    te_bytes = 0
+    for te in spec.text_encoders:
+        config_cls, model_cls = components._text_classes(te.arch)
+        with meta, components.default_dtype(dtype):
+            te_bytes += _bytes(model_cls(config_cls(**te.config)))
+    import diffusers
+
+    with meta:
+        vae = getattr(diffusers, spec.vae.cls)(**{k: v for k, v in spec.vae.config.items() if not k.startswith("_")})
+    vae_params = sum(p.numel() for p in vae.parameters())
+    # the hidden size is the most common input width of a block's matrices
+    hidden = Counter(p.shape[-1] for p in blocks[0].parameters() if p.ndim == 2).most_common(1)[0][0]
+    text_tokens = max(te.max_length for te in spec.text_encoders)
+    return Footprint(
+        dit_other_bytes=_bytes(dit) - sum(block_bytes), dit_block_bytes=block_bytes, text_encoder_bytes=te_bytes,
+        vae_bytes=vae_params * 4, hidden=hidden, text_tokens=text_tokens,
+    )
+
+
+def predict_peak_bytes(model: str, cfg, width: int, height: int, dtype_name: str = "bf16") -> int:
+    fp = footprint(model, dtype_name)
+    family = get_family(model)
+    tokens = family.image_seq_len(height, width) + fp.text_tokens
+    elem = 2 if dtype_name != "fp32" else 4
+    vae_bytes = fp.vae_bytes if cfg.vae_precision == "fp32" else fp.vae_bytes // 2
+    vae_elem = 4 if cfg.vae_precision == "fp32" else 2
+
+    if cfg.dit_layerwise_offload:
+        n = len(fp.dit_block_bytes)
+        prefetch = cfg.dit_offload_prefetch_size
+        window = math.ceil(prefetch * n) if prefetch < 1 else int(prefetch)
+        resident = min(cfg.dit_resident_layers, n)
+        streamed = fp.dit_block_bytes[resident:]
+        dit_resident = fp.dit_other_bytes + sum(fp.dit_block_bytes[:resident])
+        dit_visiting = sum(sorted(streamed, reverse=True)[: window + 1])  # current block + prefetched ones
+    elif cfg.dit_cpu_offload:
+        dit_resident, dit_visiting = 0, fp.dit_bytes
+    else:
+        dit_resident, dit_visiting = fp.dit_bytes, 0
+    te_resident = 0 if cfg.text_encoder_cpu_offload else fp.text_encoder_bytes
+    vae_resident = 0 if cfg.vae_cpu_offload else vae_bytes
+    resident = dit_resident + te_resident + vae_resident
+
+    dit_act = DIT_ACT_ELEMENTS_PER_TOKEN_HIDDEN * tokens * fp.hidden * elem
+    vae_act = VAE_ACT_ELEMENTS_PER_PIXEL * width * height * vae_elem
+    te_act = 64 * fp.text_tokens * 4096 * elem
+    stages = [
+        resident,
+        resident + (fp.text_encoder_bytes if cfg.text_encoder_cpu_offload else 0) + te_act,
+        resident + dit_visiting + dit_act,
+        resident + (vae_bytes if cfg.vae_cpu_offload else 0) + vae_act,
+    ]
+    return int(max(stages) * ALLOCATOR_OVERHEAD)
+
+
+def over_budget(predicted: int, budget_bytes: int) -> bool:
+    return predicted > budget_bytes * PRUNE_MARGIN

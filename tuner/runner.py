@@ -1,0 +1,75 @@
+"""Runs one trial in a child process group with a timeout; the child's failure ends the trial,
+never the study. On timeout or Ctrl-C the whole group is killed (never by name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .worker import EXIT_OOM, EXIT_REFUSED
+
+WORKER_CMD = (sys.executable, "-m", "dittune.tuner.worker")
+TAIL_CHARS = 4000
+
+
+@dataclass
+class Outcome:
+    status: str  # complete | oom | timeout | failed
+    dump: dict[str, Any] | None
+    reason: str
+    stderr_tail: str
+    wall_s: float
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
+def run_trial(job: dict[str, Any], timeout_s: float, worker_cmd: Sequence[str] = WORKER_CMD,
+              env: dict[str, str] | None = None) -> Outcome:
+    with tempfile.TemporaryDirectory(prefix="dittune-trial-") as tmp:
+        tmp = Path(tmp)
+        job = dict(job, perf_dump_path=str(tmp / "perf.json"))
+        (tmp / "job.json").write_text(json.dumps(job))
+        err_path = tmp / "stderr.txt"
+        t0 = time.perf_counter()
+        with open(err_path, "wb") as err:
+            p = subprocess.Popen([*worker_cmd, str(tmp / "job.json")], stdout=subprocess.DEVNULL, stderr=err,
+                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+            try:
+                rc = p.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(p)
+                rc = None
+            except BaseException:  # Ctrl-C: take the child group down with us
+                _kill_group(p)
+                raise
+        wall = time.perf_counter() - t0
+        tail = err_path.read_text(errors="replace")[-TAIL_CHARS:]
+        last = next((line for line in reversed(tail.strip().splitlines()) if line.strip()), "")
+        if rc is None:
+            return Outcome("timeout", None, f"timed out after {timeout_s:.0f} s", tail, wall)
+        if rc == 0:
+            try:
+                dump = json.loads((tmp / "perf.json").read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                return Outcome("failed", None, f"worker exited 0 without a readable perf dump ({e})", tail, wall)
+            return Outcome("complete", dump, "", tail, wall)
+        if rc == EXIT_OOM:
+            return Outcome("oom", None, last.removeprefix("oom: ") or "out of memory", tail, wall)
+        if rc == EXIT_REFUSED:
+            return Outcome("failed", None, last or "engine refused the configuration", tail, wall)
+        how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+        return Outcome("failed", None, f"worker crashed ({how}): {last[:300]}", tail, wall)

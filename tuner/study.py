@@ -1,0 +1,429 @@
+"""`dittune tune`: one orchestrator process owns the Optuna study (ask/tell) and is the only
+database writer; every trial runs the real engine in a child process (tuner/worker.py)."""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from dittune import db as D
+from dittune.engine import flags as F
+from dittune.engine.budget import format_bytes, parse_budget
+from dittune.engine.errors import FlagError
+from dittune.engine.gpu import detect
+from dittune.engine.models import get_family
+
+from . import memory
+from .errors import TunerError
+from .presets import load_preset
+from .runner import WORKER_CMD, Outcome, run_trial
+from .space import Space, build_space
+from .versions import current_versions
+
+OBJECTIVES = ("frontier", "latency")
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    model: str
+    vram_budget: str | None = None  # default: the whole card
+    trials: int = 30  # measured trials the study should hold (a rerun continues towards it)
+    timeout_s: float | None = None  # wall clock for this run
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    fix: tuple[str, ...] = ()
+    allow_lossy: bool = False
+    db_url: str | None = None
+    study_name: str | None = None
+    gpu_index: int = 0
+    seed: int = 0
+    objective: str = "frontier"
+    patience: int = 15  # stop when the best has not improved by > 1% in this many measured trials
+    confirm: int = 3  # finalists re-measured at the end
+    device: str | None = None  # "cpu" forces a CPU study (tiny models); default: the GPU if any
+    measure_steps: int | None = None
+    trial_timeout_s: float | None = None
+    worker_cmd: tuple[str, ...] = WORKER_CMD
+
+
+@dataclass
+class TuneResult:
+    study: str
+    db_url: str
+    measured: int
+    frontier: list[D.Result]
+    winner: D.Result | None
+    noise_band: float | None
+    stopped: str  # why the loop ended
+    budget_bytes: int | None
+    predicted_vs_measured: list[tuple[int, int]] = field(default_factory=list)
+
+
+def parse_duration(text: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|)\s*", text or "")
+    if not m:
+        raise TunerError(f"malformed --timeout {text!r}; use e.g. 600, 600s, 10m or 1h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+@dataclass
+class _Setup:
+    spec: Any
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    measure_steps: int
+    warmup: int
+    trial_timeout_s: float
+    device: str
+    gpu: D.GpuKey
+    budget_bytes: int | None
+    space: Space
+    seeds: tuple[dict[str, Any], ...]
+    fix: dict[str, Any]
+
+
+def _setup(opt: TuneOptions) -> _Setup:
+    """Everything that can be wrong with the request is found here, before the database is touched."""
+    if opt.objective not in OBJECTIVES:
+        raise TunerError(f"--objective {opt.objective!r}: choose {' or '.join(OBJECTIVES)}")
+    if opt.trials < 1:
+        raise TunerError(f"--trials {opt.trials}: need at least one trial")
+    family = get_family(opt.model)
+    spec = family.spec
+    preset = load_preset(spec)
+    width, height = opt.width or preset.width, opt.height or preset.height
+    steps = opt.steps if opt.steps is not None else preset.steps
+    guidance = opt.guidance if opt.guidance is not None else preset.guidance
+    m = spec.size_multiple
+    for name, v in (("width", width), ("height", height)):
+        if v <= 0 or v % m:
+            raise TunerError(f"--{name} {v} must be a positive multiple of {m} for {spec.name}")
+    if steps < 1:
+        raise TunerError(f"--steps {steps}: need at least one denoise step")
+    measure_steps = min(opt.measure_steps or preset.measure_steps, steps)
+    fix = F.parse_fix(opt.fix)
+
+    det = detect()
+    import torch
+
+    from dittune.engine.pipeline import supported_values
+
+    if opt.device == "cpu" or not det or not torch.cuda.is_available():
+        if opt.vram_budget is not None:
+            raise TunerError(f"--vram-budget needs an NVIDIA GPU ({det.reason or 'running on the CPU'})")
+        device = "cpu"
+        gpu = D.GpuKey("cpu", 0, "", "", 0)
+        budget = None
+    else:
+        if not 0 <= opt.gpu_index < len(det.gpus):
+            raise TunerError(f"--gpu {opt.gpu_index}: this machine has GPUs 0..{len(det.gpus) - 1}")
+        g = det.gpus[opt.gpu_index]
+        device = f"cuda:{opt.gpu_index}"
+        gpu = D.GpuKey(g.name, g.total_bytes, g.driver, f"{g.compute_capability[0]}.{g.compute_capability[1]}", g.count)
+        budget = parse_budget(opt.vram_budget or "100%").resolve(g.total_bytes)
+        if budget > g.total_bytes:
+            raise TunerError(f"--vram-budget {opt.vram_budget} exceeds the card's {format_bytes(g.total_bytes)}")
+
+    num_blocks = len(memory.footprint(spec.name).dit_block_bytes)
+    space = build_space(supported_values(torch.device(device)), preset.space, fix, opt.allow_lossy, num_blocks,
+                        gpu_count=max(1, gpu.count))
+    return _Setup(spec, width, height, steps, guidance, measure_steps, preset.warmup,
+                  opt.trial_timeout_s or preset.timeout_s, device, gpu, budget, space, preset.seeds, fix)
+
+
+def _default_name(opt: TuneOptions, s: _Setup) -> str:
+    gpu = re.sub(r"[^a-z0-9]+", "-", s.gpu.name.lower()).strip("-")
+    budget = "nobudget" if s.budget_bytes is None else f"{s.budget_bytes / 2**30:.0f}gib"
+    extra = "-lossy" if opt.allow_lossy else ""
+    fixed = "-fix-" + "-".join(f"{k}={v}" for k, v in sorted(s.fix.items())) if s.fix else ""
+    return (f"{s.spec.name}-{s.width}x{s.height}-{s.steps}st-g{s.guidance:g}-{gpu}-{budget}-{opt.objective}{extra}{fixed}"
+            f"-r{F.registry_hash()[:8]}")
+
+
+def _record_from(outcome: Outcome, cfg, argv: str, number: int | None, s: _Setup, predicted: int | None) -> D.TrialRecord:
+    rec = D.TrialRecord(status=outcome.status, flags=F.config_to_dict(cfg), argv=argv, optuna_number=number,
+                        reason=outcome.reason, stderr_tail=outcome.stderr_tail if outcome.status != "complete" else "",
+                        predicted_vram_bytes=predicted)
+    d = outcome.dump
+    if d is None:
+        return rec
+    st = d["stages"]
+    overhead = st["denoise_s"] - sum(d["steps_s"])
+    rec.manifest = d["manifest"]
+    rec.stage_times = st
+    rec.step_times = d["steps_s"]
+    rec.step_median_s = d["step_median_s"]
+    rec.step_spread = d["step_spread"]
+    # Full-request latency of the workload: its steps at the measured median.
+    rec.latency_s = st["encode_s"] + st["prepare_s"] + overhead + s.steps * d["step_median_s"] + st["decode_s"]
+    rec.peak_vram_bytes = d["peak_vram"]["torch_max_reserved_bytes"]
+    rec.cold_start_s = d["cold_start"]["total_s"]
+    return rec
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                              TimeRemainingColumn(), TextColumn("{task.fields[best]}"), transient=False)
+            self.p.start()
+            self.task = self.p.add_task("trials", total=total, best="")
+
+    def update(self, done: int, best: str, note: str = "") -> None:
+        if self.enabled:
+            self.p.update(self.task, completed=done, best=f"best {best} {note}".strip())
+
+    def log(self, msg: str) -> None:
+        if self.enabled:
+            self.p.console.print(msg, highlight=False)
+
+    def stop(self) -> None:
+        if self.enabled:
+            self.p.stop()
+
+
+def tune(opt: TuneOptions, progress: bool = False, log: Callable[[str], None] | None = None) -> TuneResult:
+    s = _setup(opt)
+    deadline = time.monotonic() + opt.timeout_s if opt.timeout_s else None
+    db = D.open_db(opt.db_url, create=True)
+    name = opt.study_name or _default_name(opt, s)
+    versions = current_versions(s.gpu.driver or None)
+    study_id = D.open_study(db, D.StudyKey(
+        name=name, workload=D.WorkloadKey(s.spec.name, s.width, s.height, s.steps, float(s.guidance)), gpu=s.gpu,
+        budget_bytes=s.budget_bytes or 0, registry_hash=F.registry_hash(), versions=versions, objective=opt.objective,
+        allow_lossy=opt.allow_lossy,
+    ))
+    directions = ["minimize", "minimize"] if opt.objective == "frontier" else ["minimize"]
+    sampler = optuna.samplers.TPESampler(seed=opt.seed, multivariate=True, constant_liar=True, n_startup_trials=8)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=db.url, directions=directions, sampler=sampler,
+                                load_if_exists=True)
+    _sweep_dead_trials(study)
+    if not study.trials:
+        _enqueue_seeds(study, s)
+
+    cache = Path(tempfile.gettempdir()) / "dittune-inductor" / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    state = _State.load(db, study_id)
+    space_size = s.space.size()
+    bar = _Progress(opt.trials, progress)
+    say = log or bar.log
+    stopped = "trial budget reached"
+    try:
+        asks = 0
+        while state.measured < opt.trials:
+            if deadline is not None and time.monotonic() > deadline:
+                stopped = "--timeout reached"
+                break
+            if len(state.tried) >= space_size:
+                stopped = f"every configuration of the space ({space_size}) was tried"
+                break
+            if state.since_improvement >= opt.patience:
+                stopped = f"no improvement > 1% in {opt.patience} measured trials"
+                break
+            asks += 1
+            if asks > 20 * opt.trials + space_size:
+                stopped = "the sampler keeps proposing configurations already tried"
+                break
+            trial = study.ask()
+            try:
+                cfg = s.space.suggest(trial)
+            except FlagError as e:
+                study.tell(trial, state=TrialState.PRUNED)
+                state.note_refused(f"constraint: {e}")
+                continue
+            argv = shlex.join(F.config_to_argv(cfg))
+            prior = state.tried.get(argv)
+            if prior is not None:  # measured before in this study: answer from the database
+                _tell(study, trial, prior, s.budget_bytes, opt.objective)
+                continue
+            predicted = None
+            if s.budget_bytes is not None:
+                predicted = memory.predict_peak_bytes(s.spec.name, cfg, s.width, s.height)
+                why = state.known_infeasible(cfg) or (
+                    f"memory model predicts {format_bytes(predicted)} > budget {format_bytes(s.budget_bytes)} + "
+                    f"{memory.PRUNE_MARGIN - 1:.0%}" if memory.over_budget(predicted, s.budget_bytes) else None)
+                if why:
+                    rec = D.TrialRecord(status="pruned", flags=F.config_to_dict(cfg), argv=argv, optuna_number=trial.number,
+                                        reason=why, predicted_vram_bytes=predicted)
+                    D.record_trial(db, study_id, rec)
+                    state.add(argv, rec)
+                    study.tell(trial, state=TrialState.PRUNED)
+                    say(f"trial {trial.number}: pruned ({why}): {argv or '(defaults)'}")
+                    continue
+            job = _job(s, cfg)
+            outcome = run_trial(job, s.trial_timeout_s, opt.worker_cmd, env)
+            rec = _record_from(outcome, cfg, argv, trial.number, s, predicted)
+            D.record_trial(db, study_id, rec)
+            state.add(argv, rec)
+            _tell(study, trial, rec, s.budget_bytes, opt.objective)
+            if rec.status == "complete":
+                say(f"trial {trial.number}: {rec.latency_s:.3f} s, peak {format_bytes(rec.peak_vram_bytes)}: {argv or '(defaults)'}")
+            else:
+                say(f"trial {trial.number}: {rec.status} ({rec.reason[:160]}): {argv or '(defaults)'}")
+            bar.update(state.measured, state.best_text())
+    except KeyboardInterrupt:
+        stopped = "interrupted (Ctrl-C); everything measured is kept"
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.tell(t.number, state=TrialState.FAIL)
+    finally:
+        bar.stop()
+
+    if not stopped.startswith("interrupted") and opt.confirm > 0:
+        _confirm(db, study_id, s, state, opt, env, say)
+    return _result(db, name, state, stopped, s)
+
+
+@dataclass
+class _State:
+    tried: dict[str, D.TrialRecord]  # argv -> latest record of that configuration in this study
+    measured: int = 0
+    best: float | None = None
+    since_improvement: int = 0
+    budget_fail: list[Any] = field(default_factory=list)  # configs that ran out of memory
+
+    @classmethod
+    def load(cls, db: D.Database, study_id: int) -> "_State":
+        st = cls({})
+        for t in D.trials(db, study_id=study_id):
+            if t.status == "confirmed":
+                continue
+            st.add(t.argv, D.TrialRecord(status=t.status, flags=t.flags, argv=t.argv, latency_s=t.latency_s,
+                                         peak_vram_bytes=t.peak_vram_bytes, reason=t.reason,
+                                         step_spread=t.step_spread, cold_start_s=t.cold_start_s))
+        return st
+
+    def add(self, argv: str, rec: D.TrialRecord) -> None:
+        self.tried[argv] = rec
+        if rec.status == "oom":
+            self.budget_fail.append(F.config_from_dict(rec.flags))
+        if rec.status != "complete":
+            return
+        self.measured += 1
+        if self.best is None or rec.latency_s < self.best * 0.99:
+            self.best = rec.latency_s if self.best is None else min(self.best, rec.latency_s)
+            self.since_improvement = 0
+        else:
+            self.best = min(self.best, rec.latency_s)
+            self.since_improvement += 1
+
+    def note_refused(self, why: str) -> None:
+        pass  # constraint violations cost nothing and are not stored: the registry refuses them anyway
+
+    def known_infeasible(self, cfg) -> str | None:
+        """Monotone rule: if k resident layers ran out of memory, k + 1 will too."""
+        if not cfg.dit_layerwise_offload:
+            return None
+        for bad in self.budget_fail:
+            if bad.dit_layerwise_offload and replace(bad, dit_resident_layers=0) == replace(cfg, dit_resident_layers=0) \
+                    and cfg.dit_resident_layers >= bad.dit_resident_layers:
+                return f"{bad.dit_resident_layers} resident layers already ran out of memory"
+        return None
+
+    def best_text(self) -> str:
+        return f"{self.best:.3f} s" if self.best is not None else "-"
+
+
+def _tell(study, trial, rec: D.TrialRecord, budget: int | None, objective: str) -> None:
+    if rec.status != "complete":
+        study.tell(trial, state=TrialState.PRUNED if rec.status == "pruned" else TrialState.FAIL)
+        return
+    peak = rec.peak_vram_bytes or 0
+    if budget is not None:
+        trial.set_constraint("vram", float(peak - budget))
+    values = [rec.latency_s, peak / 2**30] if objective == "frontier" else [rec.latency_s]
+    study.tell(trial, values)
+
+
+def _sweep_dead_trials(study) -> None:
+    """Trials left RUNNING by an orchestrator that died are failed and their parameters re-enqueued."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        if t.params:
+            study.enqueue_trial(t.params, skip_if_exists=True)
+
+
+def _enqueue_seeds(study, s: _Setup) -> None:
+    for seed in s.seeds:
+        try:
+            cfg = F.config_from_dict({**seed, **s.fix})
+        except FlagError:
+            continue
+        if s.space.contains(cfg):
+            study.enqueue_trial(s.space.params(cfg), skip_if_exists=True)
+
+
+def _job(s: _Setup, cfg, seed: int = 0) -> dict[str, Any]:
+    return {
+        "model": s.spec.name, "width": s.width, "height": s.height, "steps": s.measure_steps, "guidance": s.guidance,
+        "warmup": s.warmup, "device": s.device, "flags": F.config_to_dict(cfg), "seed": seed,
+        "vram_budget": f"{s.budget_bytes}B" if s.budget_bytes is not None else None,
+    }
+
+
+def _confirm(db, study_id: int, s: _Setup, state: _State, opt: TuneOptions, env, say) -> None:
+    """Re-measure the finalists, interleaved, and store each one's median latency with its noise band."""
+    fits = [(argv, r) for argv, r in state.tried.items() if r.status == "complete"
+            and (s.budget_bytes is None or (r.peak_vram_bytes or 0) <= s.budget_bytes)]
+    finalists = sorted(fits, key=lambda x: x[1].latency_s)[: opt.confirm]
+    if len(finalists) < 1:
+        return
+    say(f"confirming the {len(finalists)} fastest configurations")
+    for argv, first in finalists:
+        cfg = F.config_from_dict(first.flags)
+        outcome = run_trial(_job(s, cfg, seed=1), s.trial_timeout_s, opt.worker_cmd, env)
+        rec = _record_from(outcome, cfg, argv, None, s, None)
+        if rec.status != "complete":
+            say(f"confirmation of {argv or '(defaults)'} failed: {rec.reason[:160]}")
+            continue
+        lat = [first.latency_s, rec.latency_s]
+        med = statistics.median(lat)
+        rec.latency_s = med
+        rec.step_spread = (max(lat) - min(lat)) / med  # the noise band between independent runs
+        rec.status = "confirmed"
+        peaks = [p for p in (rec.peak_vram_bytes, first.peak_vram_bytes) if p is not None]
+        rec.peak_vram_bytes = max(peaks) if peaks else None
+        D.record_trial(db, study_id, rec)
+        say(f"confirmed {argv or '(defaults)'}: {lat[0]:.3f} s then {lat[1]:.3f} s")
+
+
+def _result(db, name: str, state: _State, stopped: str, s: _Setup) -> TuneResult:
+    rows = [r for r in D.measured(db, s.spec.name, None) if r.study == name]
+    fits = [r for r in rows if s.budget_bytes is None or (r.peak_vram_bytes or 0) <= s.budget_bytes]
+    winner = None
+    band = None
+    if fits:
+        fastest = min(fits, key=lambda r: r.latency_s)
+        band = fastest.step_spread or 0.0
+        # Within the winner's noise band, prefer less VRAM, then a shorter cold start.
+        close = [r for r in fits if r.latency_s <= fastest.latency_s * (1 + band)]
+        winner = min(close, key=lambda r: (r.peak_vram_bytes or 0, r.cold_start_s or math.inf, r.latency_s))
+    frontier = []
+    lowest = None
+    for r in sorted((r for r in rows if r.peak_vram_bytes is not None), key=lambda r: (r.latency_s, r.peak_vram_bytes)):
+        if lowest is None or r.peak_vram_bytes < lowest:
+            frontier.append(r)
+            lowest = r.peak_vram_bytes
+    if s.device == "cpu":
+        frontier = sorted(rows, key=lambda r: r.latency_s)[:1] if rows else []
+    pairs = [(t.predicted_vram_bytes, t.peak_vram_bytes) for t in D.trials(db, study_name=name)
+             if t.predicted_vram_bytes and t.peak_vram_bytes and t.status == "complete"]
+    return TuneResult(name, db.url, state.measured, frontier, winner, band, stopped, s.budget_bytes, pairs)

@@ -1,0 +1,50 @@
+"""Trial worker: `python -m dittune.tuner.worker JOB.json` runs the real engine once (warm-up
+request + measured request) in its own process and writes the perf dump named in the job.
+
+Exit codes tell the orchestrator what happened: 0 measured, 3 out of memory under the budget,
+4 the engine refused the configuration, anything else a crash (traceback on stderr)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+EXIT_OOM = 3
+EXIT_REFUSED = 4
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m dittune.tuner.worker JOB.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text())
+
+    from dittune.engine.errors import BudgetExceededError, EngineError
+    from dittune.engine.flags import config_from_dict
+    from dittune.engine.run import GenerateRequest, generate
+
+    req = GenerateRequest(
+        model=job["model"], prompt=job.get("prompt", GenerateRequest.prompt), width=job["width"], height=job["height"],
+        steps=job["steps"], guidance=job["guidance"], seed=job.get("seed", 0), output=None,
+        perf_dump_path=Path(job["perf_dump_path"]), device=job.get("device"), warmup=job.get("warmup", 1),
+        vram_budget=job.get("vram_budget"), flags=config_from_dict(job["flags"]),
+    )
+    try:
+        generate(req)
+    except BudgetExceededError as e:
+        print(f"oom: {e}", file=sys.stderr)
+        return EXIT_OOM
+    except EngineError as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except RuntimeError as e:  # cuBLAS / inductor surface OOM as plain RuntimeErrors
+        if "out of memory" in str(e).lower():
+            print(f"oom: {str(e).splitlines()[0]}", file=sys.stderr)
+            return EXIT_OOM
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
