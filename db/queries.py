@@ -97,7 +97,7 @@ def _result(t: Trial, stale: bool) -> Result:
 def _fits(r: Result, budget: Callable[[int], int] | None) -> bool:
     if budget is None:
         return True
-    return r.peak_vram_bytes is not None and r.peak_vram_bytes <= budget(r.gpu_memory_bytes)
+    return r.peak_vram_bytes is not None and r.gpu_memory_bytes > 0 and r.peak_vram_bytes <= budget(r.gpu_memory_bytes)
 
 
 def best(
@@ -125,6 +125,19 @@ def _faster(a: Result, b: Result) -> bool:
     return (a.peak_vram_bytes or 0) < (b.peak_vram_bytes or 0)
 
 
+def pareto(rows: list[Result]) -> list[Result]:
+    """Rows not beaten on both latency and peak VRAM, fastest first. A missing peak (a CPU run)
+    counts as 0, so a group without VRAM figures keeps only its fastest row."""
+    out: list[Result] = []
+    lowest = None
+    for r in sorted(rows, key=lambda r: (r.latency_s, r.peak_vram_bytes or 0)):
+        peak = r.peak_vram_bytes or 0
+        if lowest is None or peak < lowest:
+            out.append(r)
+            lowest = peak
+    return out
+
+
 def frontier(
     db: Database,
     model: str | None = None,
@@ -136,16 +149,9 @@ def frontier(
     fastest configuration for budgets between its peak and the next row's."""
     groups: dict[tuple, list[Result]] = {}
     for r in measured(db, model, gpu, current):
-        if r.peak_vram_bytes is not None and _fits(r, budget):
+        if _fits(r, budget):
             groups.setdefault(r.group, []).append(r)
-    out: list[Result] = []
-    for key in sorted(groups):
-        lowest = None
-        for r in sorted(groups[key], key=lambda r: (r.latency_s, r.peak_vram_bytes)):
-            if lowest is None or r.peak_vram_bytes < lowest:
-                out.append(r)
-                lowest = r.peak_vram_bytes
-    return out
+    return [r for key in sorted(groups) for r in pareto(groups[key])]
 
 
 @dataclass(frozen=True)

@@ -266,7 +266,7 @@ def tune(opt: TuneOptions, progress: bool = False, log: Callable[[str], None] | 
                                         reason=why, predicted_vram_bytes=predicted)
                     D.record_trial(db, study_id, rec)
                     state.add(argv, rec)
-                    study.tell(trial, state=TrialState.PRUNED)
+                    _tell(study, trial, rec, s.budget_bytes, opt.objective)
                     say(f"trial {trial.number}: pruned ({why}): {argv or '(defaults)'}")
                     continue
             job = _job(s, cfg)
@@ -343,14 +343,25 @@ class _State:
 
 
 def _tell(study, trial, rec: D.TrialRecord, budget: int | None, objective: str) -> None:
-    if rec.status != "complete":
-        study.tell(trial, state=TrialState.PRUNED if rec.status == "pruned" else TrialState.FAIL)
-        return
-    peak = rec.peak_vram_bytes or 0
-    if budget is not None:
-        trial.set_constraint("vram", float(peak - budget))
-    values = [rec.latency_s, peak / 2**30] if objective == "frontier" else [rec.latency_s]
-    study.tell(trial, values)
+    """Measured trials report (latency, peak GiB). Trials that did not fit the budget (pruned by
+    the memory model, or out of memory) report as infeasible with the predicted or the budget's
+    peak as the constraint value, so the sampler learns where the wall is; other failures FAIL."""
+    if rec.status == "complete":
+        peak = rec.peak_vram_bytes or 0
+        if budget is not None:
+            trial.set_constraint("vram", (peak - budget) / 2**30)
+        values = [rec.latency_s, peak / 2**30] if objective == "frontier" else [rec.latency_s]
+        study.tell(trial, values)
+    elif budget is not None and rec.status in ("pruned", "oom"):
+        peak = max(rec.predicted_vram_bytes or 0, budget + 2**30)
+        trial.set_constraint("vram", (peak - budget) / 2**30)
+        values = [_INFEASIBLE_LATENCY, peak / 2**30] if objective == "frontier" else [_INFEASIBLE_LATENCY]
+        study.tell(trial, values)
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+
+
+_INFEASIBLE_LATENCY = 1e9  # a value Optuna accepts; constrained TPE ranks infeasible trials by violation anyway
 
 
 def _sweep_dead_trials(study) -> None:
@@ -416,14 +427,7 @@ def _result(db, name: str, state: _State, stopped: str, s: _Setup) -> TuneResult
         # Within the winner's noise band, prefer less VRAM, then a shorter cold start.
         close = [r for r in fits if r.latency_s <= fastest.latency_s * (1 + band)]
         winner = min(close, key=lambda r: (r.peak_vram_bytes or 0, r.cold_start_s or math.inf, r.latency_s))
-    frontier = []
-    lowest = None
-    for r in sorted((r for r in rows if r.peak_vram_bytes is not None), key=lambda r: (r.latency_s, r.peak_vram_bytes)):
-        if lowest is None or r.peak_vram_bytes < lowest:
-            frontier.append(r)
-            lowest = r.peak_vram_bytes
-    if s.device == "cpu":
-        frontier = sorted(rows, key=lambda r: r.latency_s)[:1] if rows else []
+    frontier = D.pareto(rows)
     pairs = [(t.predicted_vram_bytes, t.peak_vram_bytes) for t in D.trials(db, study_name=name)
              if t.predicted_vram_bytes and t.peak_vram_bytes and t.status == "complete"]
     return TuneResult(name, db.url, state.measured, frontier, winner, band, stopped, s.budget_bytes, pairs)

@@ -1,6 +1,6 @@
 """FLUX.1-dev and FLUX.1-schnell (Black Forest Labs): MMDiT with 19 double-stream blocks (text and
-image keep their own weights, attend jointly) and 38 single-stream blocks (one fused
-attention + MLP over the concatenated sequence), 2D RoPE over (t, h, w) ids.
+image keep their own weights, attend jointly) and 38 single-stream blocks (parallel attention
++ MLP over the concatenated sequence), RoPE over (t, h, w) position ids.
 
 Weights load from diffusers' FluxTransformer2DModel through `FluxFamily.convert_diffusers_state_dict`,
 which fuses each stream's Q/K/V projections into one Linear.
@@ -100,10 +100,14 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
     Returns a new contiguous tensor in x's dtype."""
     xp = x.unflatten(-1, (-1, 1, 2))  # [B, H, L, D/2, 1, 2]
+    # Mixed-dtype promotion does the math in fp32 without an fp32 copy of x.
+    args = (rope[..., 1] * xp[..., 1], rope[..., 0], xp[..., 0])  # [B, H, L, D/2, 2] after broadcast
+    if torch.is_grad_enabled() and x.requires_grad:  # out= has no autograd
+        return torch.addcmul(*args).flatten(-2).to(x.dtype)
+    # Inference: round once on store into x's dtype, no fp32 result to cast back (a third less
+    # memory traffic in eager).
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    # Mixed-dtype promotion does the math in fp32 and `out=` rounds once on store: no fp32 copy of
-    # x and no fp32 result to cast back (a third less memory traffic than the plain expression).
-    torch.addcmul(rope[..., 1] * xp[..., 1], rope[..., 0], xp[..., 0], out=out.unflatten(-1, (-1, 2)))
+    torch.addcmul(*args, out=out.unflatten(-1, (-1, 2)))
     return out
 
 
@@ -139,7 +143,7 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
 def rope_table(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> torch.Tensor:
     """Position ids [L, n_axes] -> rotation matrices [L, sum(axes_dims) / 2, 2, 2] fp32.
 
-    Angles in float64 as in the reference: positions reach ~256 and fp32 phases drift there."""
+    Angles in float64 as the reference implementations compute them, so the tables match theirs."""
     angles = []
     for i, dim in enumerate(axes_dims):
         freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
@@ -398,8 +402,8 @@ class FluxFamily(Family):
     def encode_prompt(
         self, encoders: Mapping[str, nn.Module], tokens: Mapping[str, TokenBatch]
     ) -> dict[str, torch.Tensor]:
-        # As FluxPipeline: CLIP pooled output + T5 last hidden state, no attention masks (FLUX was
-        # trained attending to T5 padding).
+        # As FluxPipeline: CLIP pooled output + T5 last hidden state. No attention masks: neither
+        # diffusers nor the reference code masks T5 padding, and the model expects it unmasked.
         clip, t5 = encoders["text_encoder"], encoders["text_encoder_2"]
         clip_ids = tokens["text_encoder"].input_ids
         t5_ids = tokens["text_encoder_2"].input_ids

@@ -115,36 +115,65 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def qk_norm_rope(
-    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
-) -> torch.Tensor:
-    """Per-head RMSNorm, then RoPE on interleaved (real, imag) pairs, computed in fp32.
+def rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """RoPE on interleaved (real, imag) pairs, in fp32. x [B, H, L, D]; freqs [L, D/2, 2] = (cos, sin)."""
+    x = x.float().unflatten(-1, (-1, 2))  # [B, H, L, D/2, 2]
+    if torch.compiler.is_compiling():
+        # Inductor generates no complex code: real arithmetic lets it fuse norm and RoPE.
+        re, im = x.unbind(-1)
+        cos, sin = freqs.unbind(-1)
+        return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
+    # Eager: one complex multiply is the fewest passes over [B, H, L, D].
+    return torch.view_as_real(torch.view_as_complex(x) * torch.view_as_complex(freqs)).flatten(-2)
 
-    x [B, L, H, D] (a strided view into packed QKV is fine); cos, sin [L, D/2] fp32.
-    Returns [B, H, L, D] contiguous in x.dtype, ready to be joined along L.
+
+def joint_qk_norm_rope(
+    txt: torch.Tensor,
+    img: torch.Tensor,
+    txt_weight: torch.Tensor,
+    img_weight: torch.Tensor,
+    txt_freqs: torch.Tensor,
+    img_freqs: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Per-head RMSNorm and RoPE of each stream, written into one [B, H, Lt + Li, D] (text first).
+
+    txt [B, Lt, H, D], img [B, Li, H, D]: strided views into the packed QKV projections.
     """
-    dtype = x.dtype
-    x = rms_norm(x.transpose(1, 2), weight, eps).float().unflatten(-1, (-1, 2))  # [B, H, L, D/2, 2]
-    re, im = x.unbind(-1)
-    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
-    return out.flatten(-2).to(dtype)
+    b, lt, h, d = txt.shape
+    out = txt.new_empty(b, h, lt + img.shape[1], d)
+    out[:, :, :lt].copy_(rope(rms_norm(txt.transpose(1, 2), txt_weight, eps), txt_freqs))
+    out[:, :, lt:].copy_(rope(rms_norm(img.transpose(1, 2), img_weight, eps), img_freqs))
+    return out
+
+
+def joint_heads(txt: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    """txt [B, Lt, H, D], img [B, Li, H, D] (strided views) -> contiguous [B, H, Lt + Li, D].
+
+    Two strided copies into one buffer: a torch.cat of strided views ran at half the speed.
+    """
+    b, lt, h, d = txt.shape
+    out = txt.new_empty(b, h, lt + img.shape[1], d)
+    out[:, :, :lt].copy_(txt.transpose(1, 2))
+    out[:, :, lt:].copy_(img.transpose(1, 2))
+    return out
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
     """Sinusoidal embedding of diffusers' Timesteps(dim, flip_sin_to_cos=True, shift=0, scale=1000).
 
-    t [B] in the model dtype (its frequency table is rounded to t.dtype, as diffusers does) -> [B, dim] fp32.
+    t [B] (already rounded to the model dtype, as diffusers does) -> [B, dim] fp32.
     """
     half = dim // 2
     exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    args = 1000 * (t[:, None].float() * torch.exp(exponent).to(t.dtype)[None, :])
+    args = 1000 * (t[:, None].float() * torch.exp(exponent)[None, :])
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 def rope_tables(
     grid_h: int, grid_w: int, txt_len: int, axes_dims: tuple[int, int, int], theta: int, device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """cos/sin of Qwen-Image's 3-axis RoPE -> (cos_img, sin_img [Li, D/2], cos_txt, sin_txt [Lt, D/2]).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-Image's 3-axis RoPE -> (img [Li, D/2, 2], txt [Lt, D/2, 2]), fp32 (cos, sin) pairs.
 
     Image tokens: frame 0; rows and columns centred on 0 (rows -(h - h//2) .. h//2 - 1).
     Text tokens: position max(h//2, w//2) + i on all three axes, i.e. after the image.
@@ -165,7 +194,10 @@ def rope_tables(
     ).reshape(grid_h * grid_w, -1)  # [Li, D/2]
     pos_txt = torch.arange(txt_len, dtype=torch.float32, device=device) + max(grid_h // 2, grid_w // 2)
     ang_txt = torch.cat([pos_txt[:, None] * f for f in inv], dim=-1)  # [Lt, D/2]
-    return ang_img.cos(), ang_img.sin(), ang_txt.cos(), ang_txt.sin()
+    return (
+        torch.stack((ang_img.cos(), ang_img.sin()), dim=-1),
+        torch.stack((ang_txt.cos(), ang_txt.sin()), dim=-1),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,10 +250,8 @@ class DualStreamBlock(nn.Module):
         img: torch.Tensor,  # [B, Li, C]
         txt: torch.Tensor,  # [B, Lt, C]
         temb: torch.Tensor,  # [B, C], SiLU already applied
-        cos_img: torch.Tensor,  # [Li, D/2] fp32
-        sin_img: torch.Tensor,
-        cos_txt: torch.Tensor,  # [Lt, D/2] fp32
-        sin_txt: torch.Tensor,
+        img_freqs: torch.Tensor,  # [Li, D/2, 2] fp32 (cos, sin)
+        txt_freqs: torch.Tensor,  # [Lt, D/2, 2]
         mask: torch.Tensor | None,  # [B, 1, 1, Lt + Li] bool, or None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         (i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2,
@@ -230,21 +260,13 @@ class DualStreamBlock(nn.Module):
 
         img_qkv = self.img_qkv(ada_norm(img, i_shift1, i_scale1, eps)).unflatten(-1, (3, h, d))  # [B, Li, 3, H, D]
         txt_qkv = self.txt_qkv(ada_norm(txt, t_shift1, t_scale1, eps)).unflatten(-1, (3, h, d))
-        q = torch.cat(
-            [
-                qk_norm_rope(txt_qkv[:, :, 0], self.txt_norm_q, cos_txt, sin_txt, eps),
-                qk_norm_rope(img_qkv[:, :, 0], self.img_norm_q, cos_img, sin_img, eps),
-            ],
-            dim=2,
+        q = joint_qk_norm_rope(
+            txt_qkv[:, :, 0], img_qkv[:, :, 0], self.txt_norm_q, self.img_norm_q, txt_freqs, img_freqs, eps
         )  # [B, H, Lt + Li, D]
-        k = torch.cat(
-            [
-                qk_norm_rope(txt_qkv[:, :, 1], self.txt_norm_k, cos_txt, sin_txt, eps),
-                qk_norm_rope(img_qkv[:, :, 1], self.img_norm_k, cos_img, sin_img, eps),
-            ],
-            dim=2,
+        k = joint_qk_norm_rope(
+            txt_qkv[:, :, 1], img_qkv[:, :, 1], self.txt_norm_k, self.img_norm_k, txt_freqs, img_freqs, eps
         )
-        v = torch.cat([txt_qkv[:, :, 2].transpose(1, 2), img_qkv[:, :, 2].transpose(1, 2)], dim=2)
+        v = joint_heads(txt_qkv[:, :, 2], img_qkv[:, :, 2])
         out = self.attn(q, k, v, mask)  # [B, Lt + Li, C]
 
         img = gated_residual(img, i_gate1, self.img_out(out[:, lt:]))
@@ -287,16 +309,14 @@ class QwenImageTransformer(nn.Module):
         txt = self.txt_in(rms_norm(txt, self.txt_norm, cfg.eps))
         temb = self.time_embed(timestep_embedding(timestep.to(img.dtype)).to(img.dtype))
         temb = F.silu(temb)  # every consumer (block and output modulation) takes SiLU(temb)
-        cos_img, sin_img, cos_txt, sin_txt = rope_tables(
-            grid_h, grid_w, txt.shape[1], cfg.axes_dims_rope, cfg.rope_theta, img.device
-        )
+        img_freqs, txt_freqs = rope_tables(grid_h, grid_w, txt.shape[1], cfg.axes_dims_rope, cfg.rope_theta, img.device)
         mask = None
         if txt_mask is not None:
             img_mask = txt_mask.new_ones(img.shape[:2], dtype=torch.bool)
             mask = torch.cat([txt_mask.bool(), img_mask], dim=1)[:, None, None, :]  # [B, 1, 1, L]
 
         for block in self.blocks:
-            img, txt = block(img, txt, temb, cos_img, sin_img, cos_txt, sin_txt, mask)
+            img, txt = block(img, txt, temb, img_freqs, txt_freqs, mask)
 
         scale, shift = self.norm_out(temb)[:, None].chunk(2, dim=-1)
         return self.proj_out(ada_norm(img, shift, scale, cfg.eps))

@@ -1,0 +1,304 @@
+"""Per-head RMSNorm of Q and K fused with RoPE, from projection views straight to SDPA layout.
+
+    qk_norm_rope(q, k, q_weight, k_weight, cos, sin)         single stream (FLUX single blocks, Z-Image)
+    joint_qk_norm_rope(q_txt, k_txt, q_img, k_img, ...)      two streams with their own norm weights,
+                                                             output joined [txt, img] along L (FLUX
+                                                             double blocks, Qwen-Image)
+
+Inputs q, k [B, L, H, D]: any strides with a contiguous last dim, e.g. `qkv.unflatten(-1, (3, H, D))
+[:, :, 0]` of a packed QKV projection [B, L, 3 * H * D], or `.transpose(1, 2)` of a [B, H, L, D]
+view. cos, sin [L, D/2] fp32 (any strides): the angle of position l and pair i.
+Output: new contiguous [B, H, L, D] in q.dtype, ready for SDPA.
+
+Convention (the same in FLUX, Qwen-Image and Z-Image): RMSNorm first (fp32 stats, * weight), then
+rotate interleaved pairs (x[2i], x[2i+1]) in fp32:
+    out[2i]   = x[2i] * cos - x[2i+1] * sin
+    out[2i+1] = x[2i] * sin + x[2i+1] * cos
+The reference is, op for op, Qwen-Image's qk_norm_rope (bit-identical to Z-Image's complex product).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._common import DTYPES, bench, check_launchable, fail, is_interpreted, register, shape, tl, triton, use_triton, wrap_triton
+
+# ---------------------------------------------------------------------------------------------
+# Torch reference (also the fallback)
+
+
+def norm_rope_reference(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """One of Q/K: x [B, L, H, D] -> RMSNorm * weight (rounded to x.dtype), RoPE in fp32 -> [B, H, L, D]."""
+    dtype = x.dtype
+    x = F.rms_norm(x.transpose(1, 2), (x.shape[-1],), weight, eps).float().unflatten(-1, (-1, 2))
+    re, im = x.unbind(-1)  # [B, H, L, D/2]
+    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
+    return out.flatten(-2).to(dtype)
+
+
+def qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps: float = 1e-6):
+    return norm_rope_reference(q, q_weight, cos, sin, eps), norm_rope_reference(k, k_weight, cos, sin, eps)
+
+
+def joint_qk_norm_rope_reference(
+    q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin, eps: float = 1e-6
+):
+    lt = q_txt.shape[1]
+    q = [norm_rope_reference(q_txt, q_weight_txt, cos[:lt], sin[:lt], eps),
+         norm_rope_reference(q_img, q_weight_img, cos[lt:], sin[lt:], eps)]  # fmt: skip
+    k = [norm_rope_reference(k_txt, k_weight_txt, cos[:lt], sin[:lt], eps),
+         norm_rope_reference(k_img, k_weight_img, cos[lt:], sin[lt:], eps)]  # fmt: skip
+    return torch.cat(q, dim=2), torch.cat(k, dim=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel: program (l block, b * H + h, q or k) normalises and rotates BLOCK_M rows of D.
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    Q,  # [B, L, H, D] strided, last dim contiguous
+    K,  # same shape and dtype as Q, own strides
+    WQ,  # [D]
+    WK,  # [D]
+    COS,  # [L_out, D/2] fp32
+    SIN,
+    QO,  # [B, H, L_out, D] contiguous; this launch writes rows l_offset .. l_offset + L
+    KO,
+    L,
+    H,
+    L_out,
+    l_offset,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_kb,
+    stride_kl,
+    stride_kh,
+    stride_cl,
+    stride_ci,
+    stride_sl,
+    stride_si,
+    D,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = (tl.program_id(1) // H).to(tl.int64)
+    h = (tl.program_id(1) % H).to(tl.int64)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]  # token in segment
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    mask = (rows < L) & (cols < D)
+    # Pointers per branch (not strides) so both branches yield the same types whatever triton
+    # specialises the integer arguments to.
+    if tl.program_id(2) == 0:
+        x_ptrs = Q + b * stride_qb + h * stride_qh + rows * stride_ql + cols
+        w_ptrs = WQ + cols
+        o_ptrs = QO + ((b * H + h) * L_out + l_offset + rows) * D + cols
+    else:
+        x_ptrs = K + b * stride_kb + h * stride_kh + rows * stride_kl + cols
+        w_ptrs = WK + cols
+        o_ptrs = KO + ((b * H + h) * L_out + l_offset + rows) * D + cols
+
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_D]
+    x = x * tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+    x = x * tl.load(w_ptrs, mask=cols < D, other=0.0).to(tl.float32)
+    re, im = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_D // 2, 2]))  # [BLOCK_M, BLOCK_D/2] each
+
+    pairs = tl.arange(0, BLOCK_D // 2)[None, :]
+    pos = l_offset + rows
+    cmask = (rows < L) & (pairs < D // 2)
+    cos = tl.load(COS + pos * stride_cl + pairs * stride_ci, mask=cmask, other=0.0)
+    sin = tl.load(SIN + pos * stride_sl + pairs * stride_si, mask=cmask, other=0.0)
+    out = tl.reshape(tl.join(re * cos - im * sin, re * sin + im * cos), [BLOCK_M, BLOCK_D])
+    tl.store(o_ptrs, out.to(QO.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+
+
+def _check_pair(op: str, q, k, q_weight, k_weight, what: str = "") -> None:
+    if q.dim() != 4:
+        fail(op, f"q{what} must be [B, L, H, D], got {shape(q)}")
+    if k.shape != q.shape:
+        fail(op, f"k{what} {shape(k)} must have the shape of q{what} {shape(q)}")
+    if q.dtype not in DTYPES:
+        fail(op, f"q{what} has dtype {q.dtype}; supported: float32, bfloat16, float16")
+    d = q.shape[-1]
+    if d % 2:
+        fail(op, f"head dim D={d} must be even (RoPE rotates pairs)")
+    for name, t in ((f"k{what}", k), (f"q_weight{what}", q_weight), (f"k_weight{what}", k_weight)):
+        if t.dtype != q.dtype or t.device != q.device:
+            fail(op, f"{name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}: they must match")
+    for name, w in ((f"q_weight{what}", q_weight), (f"k_weight{what}", k_weight)):
+        if tuple(w.shape) != (d,):
+            fail(op, f"{name} must be [{d}] (head dim), got {shape(w)}")
+
+
+def _check_rope(op: str, q, cos, sin, length: int) -> None:
+    d = q.shape[-1]
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (length, d // 2):
+            fail(op, f"{name} must be [L, D/2] = [{length}, {d // 2}], got {shape(t)}")
+        if t.dtype != torch.float32 or t.device != q.device:
+            fail(op, f"{name} must be float32 on {q.device} (RoPE is computed in fp32), got {t.dtype} on {t.device}")
+
+
+def _launch_segment(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, l_offset: int) -> None:
+    b, l, h, d = q.shape
+    if q.numel() == 0:
+        return
+    block_d = triton.next_power_of_2(d)
+    block_m = max(1, min(64, 4096 // block_d))
+    num_warps = 4
+    kernel = _qk_norm_rope_kernel if is_interpreted(_qk_norm_rope_kernel) else wrap_triton(_qk_norm_rope_kernel)
+    kernel[(triton.cdiv(l, block_m), b * h, 2)](
+        q, k, q_weight, k_weight, cos, sin, q_out, k_out,
+        l, h, q_out.shape[2], l_offset,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        d, eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+
+
+def launch(q, k, q_weight, k_weight, cos, sin, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the Triton kernel on one stream. -> (q, k) contiguous [B, H, L, D]."""
+    op = "qk_norm_rope"
+    _check_pair(op, q, k, q_weight, k_weight)
+    _check_rope(op, q, cos, sin, q.shape[1])
+    check_launchable(op, _qk_norm_rope_kernel, q, k=k, q_weight=q_weight, k_weight=k_weight)
+    b, l, h, d = q.shape
+    q_out = torch.empty((b, h, l, d), dtype=q.dtype, device=q.device)
+    k_out = torch.empty_like(q_out)
+    _launch_segment(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, 0)
+    return q_out, k_out
+
+
+def _check_joint(op, q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin):
+    _check_pair(op, q_txt, k_txt, q_weight_txt, k_weight_txt, "_txt")
+    _check_pair(op, q_img, k_img, q_weight_img, k_weight_img, "_img")
+    (bt, lt, ht, dt), (bi, li, hi, di) = q_txt.shape, q_img.shape
+    if (bt, ht, dt) != (bi, hi, di) or q_txt.dtype != q_img.dtype or q_txt.device != q_img.device:
+        fail(op, f"q_txt {shape(q_txt)} {q_txt.dtype} and q_img {shape(q_img)} {q_img.dtype} must agree on B, H, D, dtype, device")
+    _check_rope(op, q_txt, cos, sin, lt + li)
+
+
+def launch_joint(q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin, eps=1e-6):
+    """Run the Triton kernel on both streams into one output each. -> (q, k) contiguous [B, H, Lt + Li, D]."""
+    op = "joint_qk_norm_rope"
+    _check_joint(op, q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin)
+    check_launchable(op, _qk_norm_rope_kernel, q_txt, k_txt=k_txt, q_img=q_img, k_img=k_img,
+                     q_weight_txt=q_weight_txt, k_weight_txt=k_weight_txt,
+                     q_weight_img=q_weight_img, k_weight_img=k_weight_img)  # fmt: skip
+    b, lt, h, d = q_txt.shape
+    q_out = torch.empty((b, h, lt + q_img.shape[1], d), dtype=q_txt.dtype, device=q_txt.device)
+    k_out = torch.empty_like(q_out)
+    _launch_segment(q_txt, k_txt, q_weight_txt, k_weight_txt, cos, sin, eps, q_out, k_out, 0)
+    _launch_segment(q_img, k_img, q_weight_img, k_weight_img, cos, sin, eps, q_out, k_out, lt)
+    return q_out, k_out
+
+
+# ---------------------------------------------------------------------------------------------
+# Public ops
+
+
+@register("qk_norm_rope")
+def _qk_norm_rope_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_pair("qk_norm_rope", q, k, q_weight, k_weight)
+    _check_rope("qk_norm_rope", q, cos, sin, q.shape[1])
+    if use_triton(q, _qk_norm_rope_kernel):
+        return launch(q, k, q_weight, k_weight, cos, sin, eps)
+    return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
+
+
+@register("joint_qk_norm_rope")
+def _joint_qk_norm_rope_op(
+    q_txt: torch.Tensor,
+    k_txt: torch.Tensor,
+    q_img: torch.Tensor,
+    k_img: torch.Tensor,
+    q_weight_txt: torch.Tensor,
+    k_weight_txt: torch.Tensor,
+    q_weight_img: torch.Tensor,
+    k_weight_img: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin)
+    _check_joint("joint_qk_norm_rope", *args)
+    if use_triton(q_txt, _qk_norm_rope_kernel):
+        return launch_joint(*args, eps)
+    return joint_qk_norm_rope_reference(*args, eps)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm (weights [D], q.dtype) then RoPE of q and k [B, L, H, D] (last dim contiguous) with
+    cos, sin [L, D/2] fp32. -> (q, k) new contiguous [B, H, L, D]. Triton on CUDA, reference elsewhere."""
+    return _qk_norm_rope_op(q, k, q_weight, k_weight, cos, sin, eps)
+
+
+def joint_qk_norm_rope(
+    q_txt: torch.Tensor,
+    k_txt: torch.Tensor,
+    q_img: torch.Tensor,
+    k_img: torch.Tensor,
+    q_weight_txt: torch.Tensor,
+    k_weight_txt: torch.Tensor,
+    q_weight_img: torch.Tensor,
+    k_weight_img: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """qk_norm_rope of a text stream [B, Lt, H, D] and an image stream [B, Li, H, D], each with its
+    own norm weights, written into one (q, k) pair [B, H, Lt + Li, D] with the text first: no cat.
+    cos, sin [Lt + Li, D/2] fp32 cover the joint sequence (text positions first)."""
+    return _joint_qk_norm_rope_op(
+        q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin, eps
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark: python -m dittune.kernels.qk_norm_rope
+
+
+def benchmark() -> None:
+    dev, dt, h, d = "cuda", torch.bfloat16, 24, 128
+    for name, b, lt, li in [("flux 1024^2", 1, 512, 4096), ("qwen-image 1328^2 cfg", 2, 64, 6889)]:
+        l = lt + li
+        qkv = torch.randn(b, l, 3, h, d, device=dev, dtype=dt)  # packed projection output
+        q, k = qkv[:, :, 0], qkv[:, :, 1]
+        wq, wk = torch.randn(2, d, device=dev, dtype=dt).unbind(0)
+        ang = torch.rand(l, d // 2, device=dev) * 100
+        cos, sin = ang.cos(), ang.sin()
+        nbytes = 4 * q.numel() * q.element_size()
+        bench(f"qk_norm_rope {name} [{b}, {l}, {h}, {d}]", nbytes,
+              reference=lambda: qk_norm_rope_reference(q, k, wq, wk, cos, sin),
+              triton=lambda: launch(q, k, wq, wk, cos, sin))  # fmt: skip
+        jt, ji = (qkv[:, :lt, 0], qkv[:, :lt, 1]), (qkv[:, lt:, 0], qkv[:, lt:, 1])
+        bench(f"joint_qk_norm_rope {name}", nbytes,
+              reference=lambda: joint_qk_norm_rope_reference(*jt, *ji, wq, wk, wk, wq, cos, sin),
+              triton=lambda: launch_joint(*jt, *ji, wq, wk, wk, wq, cos, sin))  # fmt: skip
+
+
+if __name__ == "__main__":
+    benchmark()

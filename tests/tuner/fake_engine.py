@@ -1,0 +1,66 @@
+"""A fake engine for tuner tests only: a worker whose latency and peak memory are a known function
+of the flags, so the tuner's search can be checked against the true optimum. Never used outside
+tests: the real tuner always measures the real engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+GiB = 2**30
+
+
+def cost(flags: dict) -> tuple[float, int]:
+    """(seconds per request, peak bytes) for a configuration of flux-dev-like sizes."""
+    step = 0.190
+    step *= {"torch_sdpa": 1.0, "torch_cudnn_sdpa": 0.96, "torch_flash_sdpa": 1.04, "torch_efficient_sdpa": 1.12}[flags["attention-backend"]]
+    if flags["enable-torch-compile"]:
+        step *= 0.70 if flags["compile-scope"] == "full" else 0.72
+        if flags["compile-mode"] == "max-autotune-no-cudagraphs":
+            step *= 0.98
+    if flags["fused-kernels"]:
+        step *= 0.95
+    peak = 38 * GiB
+    overhead = 0.0
+    if flags["text-encoder-cpu-offload"]:
+        peak -= 9 * GiB
+        overhead += 0.25
+    if flags["vae-cpu-offload"]:
+        overhead += 0.01
+    if flags["dit-cpu-offload"]:
+        overhead += 0.5
+    if flags["dit-layerwise-offload"]:
+        resident = flags["dit-resident-layers"]
+        streamed = (57 - resident) / 57
+        peak -= int(22 * GiB * streamed)
+        step = max(step, 0.45 * streamed / min(flags["dit-offload-prefetch-size"], 2) ** 0.2)
+    if not flags["pin-cpu-memory"]:
+        overhead += 0.3
+    return 0.3 + 28 * step + overhead, peak
+
+
+def main() -> int:
+    job = json.loads(Path(sys.argv[1]).read_text())
+    time.sleep(float(os.environ.get("FAKE_ENGINE_SLEEP", "0")))
+    latency, peak = cost(job["flags"])
+    budget = job.get("vram_budget")
+    if budget is not None and peak > int(budget.rstrip("B")):
+        print("oom: out of memory under the budget", file=sys.stderr)
+        return 3
+    k = job["steps"]
+    step = (latency - 0.3) / 28
+    dump = {
+        "stages": {"encode_s": latency - 0.1 - 28 * step, "prepare_s": 0.0, "denoise_s": k * step, "decode_s": 0.1},
+        "steps_s": [step] * k, "step_median_s": step, "step_spread": 0.0,
+        "peak_vram": {"torch_max_reserved_bytes": peak}, "cold_start": {"total_s": 20.0},
+        "manifest": {"fake": True, "flags": job["flags"]},
+    }
+    Path(job["perf_dump_path"]).write_text(json.dumps(dump))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
