@@ -1,9 +1,12 @@
-"""Component CPU offload: a component lives in (pinned) CPU memory and visits the GPU for its stage.
+"""Offload: weights that live in (pinned) CPU memory and visit the GPU when needed.
 
+ComponentOffload moves a whole component for its stage; LayerwiseOffload streams a DiT's blocks.
 Weights are frozen, so the CPU copy stays valid: moving to the GPU copies each tensor once, and
 moving back just points the parameters at the CPU copies again (no device-to-host copy)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -32,3 +35,100 @@ class ComponentOffload:
     def offload(self) -> None:
         for name, t in self._tensors():
             t.data = self.cpu[name]
+
+
+class LayerwiseOffload:
+    """Stream a DiT's repeated blocks from (pinned) CPU memory, overlapping the copy of the next
+    blocks (on a copy stream) with the compute of the current one.
+
+    The first `resident` blocks stay on the GPU for good (partial residency). Before block i
+    runs, its weights are waited for (loaded synchronously on a miss) and the next `window`
+    streamed blocks are prefetched, wrapping around to the first streamed blocks of the next step.
+    After block i runs, its parameters point back at their CPU copies; `record_stream` keeps the
+    allocator from reusing the GPU memory before the compute stream is done with it."""
+
+    def __init__(self, dit: nn.Module, device: torch.device, prefetch: float, resident: int, pin: bool):
+        names = getattr(dit, "repeated_blocks", ())
+        self.blocks: list[nn.Module] = [b for n in names for b in getattr(dit, n)]
+        n = len(self.blocks)
+        if not 0 <= resident <= n:
+            from .errors import EngineError
+
+            raise EngineError(f"--dit-resident-layers {resident}: this DiT has {n} blocks")
+        self.device, self.pin, self.resident = device, pin, resident
+        streamed = n - resident
+        self.window = 0 if streamed == 0 else min(streamed - 1, math.ceil(prefetch * streamed) if prefetch < 1 else int(prefetch))
+        block_ids = {id(b) for b in self.blocks}
+        # Everything but the streamed blocks lives on the GPU.
+        for name, child in dit.named_children():
+            if not isinstance(child, nn.ModuleList) or not any(id(b) in block_ids for b in child):
+                child.to(device)
+        for p in dit.parameters(recurse=False):
+            p.data = p.data.to(device)
+        for b in self.blocks[:resident]:
+            b.to(device)
+        self.cpu: list[list[torch.Tensor]] = []
+        self.streamed_bytes = 0
+        for b in self.blocks[resident:]:
+            copies = []
+            for t in self._tensors(b):
+                c = t.data.to("cpu")
+                c = c.pin_memory() if pin else c
+                t.data = c
+                copies.append(c)
+                self.streamed_bytes += c.numel() * c.element_size()
+            self.cpu.append(copies)
+        self.copy_stream = torch.cuda.Stream(device)
+        self.ready: dict[int, torch.cuda.Event] = {}
+        self.hits = self.misses = 0
+        for i in range(resident, n):
+            self.blocks[i].register_forward_pre_hook(self._pre_hook(i))
+            self.blocks[i].register_forward_hook(self._post_hook(i))
+
+    @staticmethod
+    def _tensors(block: nn.Module) -> list[torch.Tensor]:
+        return [*block.parameters(), *block.buffers()]
+
+    def _load(self, i: int) -> None:
+        with torch.cuda.stream(self.copy_stream):
+            for t, c in zip(self._tensors(self.blocks[i]), self.cpu[i - self.resident]):
+                t.data = c.to(self.device, non_blocking=self.pin)
+            ev = torch.cuda.Event()
+            ev.record(self.copy_stream)
+        self.ready[i] = ev
+
+    def _next_streamed(self, i: int, k: int) -> int:
+        n, r = len(self.blocks), self.resident
+        return r + (i - r + k) % (n - r)
+
+    def _pre_hook(self, i: int):
+        def hook(module, args):
+            if i in self.ready:
+                self.hits += 1
+            else:
+                self.misses += 1
+                self._load(i)
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(self.ready.pop(i))
+            for t in self._tensors(module):
+                t.data.record_stream(compute)
+            for k in range(1, self.window + 1):
+                j = self._next_streamed(i, k)
+                if j not in self.ready and j != i:
+                    self._load(j)
+
+        return hook
+
+    def _post_hook(self, i: int):
+        def hook(module, args, output):
+            for t, c in zip(self._tensors(module), self.cpu[i - self.resident]):
+                t.data = c
+
+        return hook
+
+    def manifest(self) -> dict:
+        return {
+            "blocks": len(self.blocks), "resident": self.resident, "streamed": len(self.blocks) - self.resident,
+            "prefetch_window": self.window, "streamed_bytes": self.streamed_bytes, "pinned": self.pin,
+            "prefetch_hits": self.hits, "misses": self.misses,
+        }

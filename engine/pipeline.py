@@ -17,11 +17,11 @@ from . import attention, components, scheduler
 from .errors import EngineError
 from .flags import config_to_dict
 from .models.base import Family
-from .offload import ComponentOffload
+from .offload import ComponentOffload, LayerwiseOffload
 from .perf import StepTimer, sync
 
 CUDA_ONLY_FLAGS = ("dit_cpu_offload", "text_encoder_cpu_offload", "vae_cpu_offload", "dit_layerwise_offload")
-UNIMPLEMENTED_FLAGS = ("fused_kernels", "dit_layerwise_offload")
+UNIMPLEMENTED_FLAGS = ("fused_kernels",)
 
 
 def supported_values(device: torch.device) -> dict[str, tuple]:
@@ -61,7 +61,7 @@ class Pipeline:
         }
         self.vae_dtype = torch.float32 if flags.vae_precision == "fp32" else torch.bfloat16
         self.vae = components.build_vae(self.spec.vae, self._home(flags.vae_cpu_offload), self.vae_dtype, model_path)
-        self.dit = components.build_dit(family, self._home(flags.dit_cpu_offload), dtype, model_path)
+        self.dit = components.build_dit(family, self._home(flags.dit_cpu_offload or flags.dit_layerwise_offload), dtype, model_path)
 
         pin = flags.pin_cpu_memory
         if flags.text_encoder_cpu_offload:
@@ -71,6 +71,10 @@ class Pipeline:
             self._offloads["vae"] = ComponentOffload(self.vae, device, pin)
         if flags.dit_cpu_offload:
             self._offloads["dit"] = ComponentOffload(self.dit, device, pin)
+        self.layerwise = None
+        if flags.dit_layerwise_offload:
+            self.layerwise = LayerwiseOffload(self.dit, device, flags.dit_offload_prefetch_size,
+                                              flags.dit_resident_layers, pin)
 
         attention.set_backend(self.dit, flags.attention_backend)
         self._apply_compile()
@@ -95,8 +99,6 @@ class Pipeline:
             )
         if f.fused_kernels:
             raise EngineError("--fused-kernels: the fused Triton kernels are not wired into this engine version yet")
-        if f.dit_layerwise_offload:
-            raise EngineError("--dit-layerwise-offload is not implemented in this engine version yet")
 
     def _apply_compile(self) -> None:
         f = self.flags
@@ -204,6 +206,8 @@ class Pipeline:
         f = self.flags
 
         def place(name: str) -> str:
+            if name == "dit" and self.layerwise is not None:
+                return "layerwise_offload"
             return "cpu_offload" if name in self._offloads else "resident"
 
         return {
@@ -228,7 +232,7 @@ class Pipeline:
             },
             "offloaded_bytes": {n: o.bytes for n, o in self._offloads.items()},
             "pinned": bool(self._offloads) and f.pin_cpu_memory,
-            "layerwise": None,
+            "layerwise": self.layerwise.manifest() if self.layerwise else None,
             "vae_dtype": str(self.vae_dtype).removeprefix("torch."),
             "parameters": {
                 "dit": _count(self.dit),

@@ -383,13 +383,14 @@ class FluxFamily(Family):
 
     @staticmethod
     def convert_diffusers_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # schnell has no guidance embedder; a dev model built from it then fails load_state_dict.
         plan = [(o, t) for o, t in _TOP_KEYS if t[0] in sd or not o.startswith("guidance_in.")]
-        for i in range(_block_count(sd, "transformer_blocks.")):
-            plan += [(f"double_blocks.{i}.{o}", tuple(f"transformer_blocks.{i}.{x}" for x in t)) for o, t in _DOUBLE_KEYS]
-        for i in range(_block_count(sd, "single_transformer_blocks.")):
-            plan += [
-                (f"single_blocks.{i}.{o}", tuple(f"single_transformer_blocks.{i}.{x}" for x in t)) for o, t in _SINGLE_KEYS
-            ]
+        for ours, theirs, keys in (
+            ("double_blocks", "transformer_blocks", _DOUBLE_KEYS),
+            ("single_blocks", "single_transformer_blocks", _SINGLE_KEYS),
+        ):
+            for i in range(_block_count(sd, f"{theirs}.")):
+                plan += [(f"{ours}.{i}.{o}", tuple(f"{theirs}.{i}.{x}" for x in t)) for o, t in keys]
         missing = sorted(t for _, ts in plan for t in ts if t not in sd)
         if missing:
             raise EngineError(f"not a diffusers FluxTransformer2DModel state dict: missing {missing[:8]}")
@@ -415,7 +416,9 @@ class FluxFamily(Family):
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
         m = self.spec.size_multiple
         if height % m or width % m or height <= 0 or width <= 0:
-            raise EngineError(f"{self.spec.name}: height and width must be positive multiples of {m}, got {height}x{width}")
+            raise EngineError(
+                f"{self.spec.name}: height and width must be positive multiples of {m}, got {height}x{width}"
+            )
         return height // self.spec.vae_scale, width // self.spec.vae_scale
 
     def prepare_latents(

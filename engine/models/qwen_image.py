@@ -31,8 +31,9 @@ from ..attention import Attention
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec
 
-# The tokenizer wrapper applies this before tokenizing; encode_prompt drops the DROP_IDX tokens
-# of its system prefix ("<|im_start|>system\n...<|im_end|>\n<|im_start|>user\n").
+# QwenImageFamily.prompt_text applies this before tokenizing; encode_prompt drops the DROP_IDX
+# tokens of its system prefix ("<|im_start|>system\n...<|im_end|>\n<|im_start|>user\n") and keeps
+# the suffix ("<|im_end|>\n<|im_start|>assistant\n", 5 tokens), as the pipeline does.
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
     "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
@@ -101,8 +102,8 @@ def _load_config(name: str) -> dict[str, Any]:
 # Elementwise pieces (targets for fused kernels)
 
 
-def ada_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm without affine, then adaLN modulation. x [B, L, C]; shift, scale [B, 1, C]."""
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine, then adaLN: * (1 + scale) + shift. x [B, L, C]; shift, scale [B, 1, C]."""
     return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale)
 
 
@@ -115,36 +116,47 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """RoPE on interleaved (real, imag) pairs, in fp32. x [B, H, L, D]; freqs [L, D/2, 2] = (cos, sin)."""
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on interleaved (real, imag) pairs, in fp32. x [B, H, L, D]; cos, sin [L, D/2] fp32."""
     x = x.float().unflatten(-1, (-1, 2))  # [B, H, L, D/2, 2]
     if torch.compiler.is_compiling():
         # Inductor generates no complex code: real arithmetic lets it fuse norm and RoPE.
         re, im = x.unbind(-1)
-        cos, sin = freqs.unbind(-1)
         return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
     # Eager: one complex multiply is the fewest passes over [B, H, L, D].
-    return torch.view_as_real(torch.view_as_complex(x) * torch.view_as_complex(freqs)).flatten(-2)
+    freqs = torch.view_as_complex(torch.stack((cos, sin), dim=-1))  # [L, D/2], small
+    return torch.view_as_real(torch.view_as_complex(x) * freqs).flatten(-2)
 
 
 def joint_qk_norm_rope(
-    txt: torch.Tensor,
-    img: torch.Tensor,
-    txt_weight: torch.Tensor,
-    img_weight: torch.Tensor,
-    txt_freqs: torch.Tensor,
-    img_freqs: torch.Tensor,
+    q_txt: torch.Tensor,
+    k_txt: torch.Tensor,
+    q_img: torch.Tensor,
+    k_img: torch.Tensor,
+    q_weight_txt: torch.Tensor,
+    k_weight_txt: torch.Tensor,
+    q_weight_img: torch.Tensor,
+    k_weight_img: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     eps: float,
-) -> torch.Tensor:
-    """Per-head RMSNorm and RoPE of each stream, written into one [B, H, Lt + Li, D] (text first).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm and RoPE of each stream -> (q, k), each [B, H, Lt + Li, D] with the text first.
 
-    txt [B, Lt, H, D], img [B, Li, H, D]: strided views into the packed QKV projections.
+    q_txt, k_txt [B, Lt, H, D] and q_img, k_img [B, Li, H, D]: strided views into the packed QKV
+    projections. cos, sin [Lt + Li, D/2] fp32, text positions first. Same signature and result as
+    dittune.kernels.joint_qk_norm_rope.
     """
-    b, lt, h, d = txt.shape
-    out = txt.new_empty(b, h, lt + img.shape[1], d)
-    out[:, :, :lt].copy_(rope(rms_norm(txt.transpose(1, 2), txt_weight, eps), txt_freqs))
-    out[:, :, lt:].copy_(rope(rms_norm(img.transpose(1, 2), img_weight, eps), img_freqs))
-    return out
+    b, lt, h, d = q_txt.shape
+    li = q_img.shape[1]
+
+    def one(txt, img, w_txt, w_img):
+        joint = txt.new_empty(b, h, lt + li, d)  # written in place: no cat of the two streams
+        joint[:, :, :lt].copy_(rope(rms_norm(txt.transpose(1, 2), w_txt, eps), cos[:lt], sin[:lt]))
+        joint[:, :, lt:].copy_(rope(rms_norm(img.transpose(1, 2), w_img, eps), cos[lt:], sin[lt:]))
+        return joint
+
+    return one(q_txt, q_img, q_weight_txt, q_weight_img), one(k_txt, k_img, k_weight_txt, k_weight_img)
 
 
 def joint_heads(txt: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
@@ -173,7 +185,7 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
 def rope_tables(
     grid_h: int, grid_w: int, txt_len: int, axes_dims: tuple[int, int, int], theta: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen-Image's 3-axis RoPE -> (img [Li, D/2, 2], txt [Lt, D/2, 2]), fp32 (cos, sin) pairs.
+    """Qwen-Image's 3-axis RoPE for the joint [text, image] sequence -> cos, sin [Lt + Li, D/2] fp32.
 
     Image tokens: frame 0; rows and columns centred on 0 (rows -(h - h//2) .. h//2 - 1).
     Text tokens: position max(h//2, w//2) + i on all three axes, i.e. after the image.
@@ -182,6 +194,8 @@ def rope_tables(
         1.0 / torch.pow(theta, torch.arange(0, d, 2, dtype=torch.float32, device=device).div(d))
         for d in axes_dims
     ]
+    pos_txt = torch.arange(txt_len, dtype=torch.float32, device=device) + max(grid_h // 2, grid_w // 2)
+    ang_txt = torch.cat([pos_txt[:, None] * f for f in inv], dim=-1)  # [Lt, D/2]
     rows = torch.arange(grid_h, dtype=torch.float32, device=device) - (grid_h - grid_h // 2)
     cols = torch.arange(grid_w, dtype=torch.float32, device=device) - (grid_w - grid_w // 2)
     ang_img = torch.cat(
@@ -192,12 +206,8 @@ def rope_tables(
         ],
         dim=-1,
     ).reshape(grid_h * grid_w, -1)  # [Li, D/2]
-    pos_txt = torch.arange(txt_len, dtype=torch.float32, device=device) + max(grid_h // 2, grid_w // 2)
-    ang_txt = torch.cat([pos_txt[:, None] * f for f in inv], dim=-1)  # [Lt, D/2]
-    return (
-        torch.stack((ang_img.cos(), ang_img.sin()), dim=-1),
-        torch.stack((ang_txt.cos(), ang_txt.sin()), dim=-1),
-    )
+    ang = torch.cat([ang_txt, ang_img])
+    return ang.cos(), ang.sin()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,29 +260,28 @@ class DualStreamBlock(nn.Module):
         img: torch.Tensor,  # [B, Li, C]
         txt: torch.Tensor,  # [B, Lt, C]
         temb: torch.Tensor,  # [B, C], SiLU already applied
-        img_freqs: torch.Tensor,  # [Li, D/2, 2] fp32 (cos, sin)
-        txt_freqs: torch.Tensor,  # [Lt, D/2, 2]
+        cos: torch.Tensor,  # [Lt + Li, D/2] fp32, text first
+        sin: torch.Tensor,
         mask: torch.Tensor | None,  # [B, 1, 1, Lt + Li] bool, or None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        (i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2,
-         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2) = self.mod(temb)[:, None].chunk(12, dim=-1)  # fmt: skip
+        mod = self.mod(temb)[:, None].chunk(12, dim=-1)  # 12 x [B, 1, C]
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mod[:6]
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod[6:]
         h, d, eps, lt = self.heads, self.head_dim, self.eps, txt.shape[1]
 
-        img_qkv = self.img_qkv(ada_norm(img, i_shift1, i_scale1, eps)).unflatten(-1, (3, h, d))  # [B, Li, 3, H, D]
-        txt_qkv = self.txt_qkv(ada_norm(txt, t_shift1, t_scale1, eps)).unflatten(-1, (3, h, d))
-        q = joint_qk_norm_rope(
-            txt_qkv[:, :, 0], img_qkv[:, :, 0], self.txt_norm_q, self.img_norm_q, txt_freqs, img_freqs, eps
-        )  # [B, H, Lt + Li, D]
-        k = joint_qk_norm_rope(
-            txt_qkv[:, :, 1], img_qkv[:, :, 1], self.txt_norm_k, self.img_norm_k, txt_freqs, img_freqs, eps
-        )
+        img_qkv = self.img_qkv(modulate(img, i_shift1, i_scale1, eps)).unflatten(-1, (3, h, d))  # [B, Li, 3, H, D]
+        txt_qkv = self.txt_qkv(modulate(txt, t_shift1, t_scale1, eps)).unflatten(-1, (3, h, d))
+        q, k = joint_qk_norm_rope(
+            txt_qkv[:, :, 0], txt_qkv[:, :, 1], img_qkv[:, :, 0], img_qkv[:, :, 1],
+            self.txt_norm_q, self.txt_norm_k, self.img_norm_q, self.img_norm_k, cos, sin, eps,
+        )  # fmt: skip  # [B, H, Lt + Li, D]
         v = joint_heads(txt_qkv[:, :, 2], img_qkv[:, :, 2])
         out = self.attn(q, k, v, mask)  # [B, Lt + Li, C]
 
         img = gated_residual(img, i_gate1, self.img_out(out[:, lt:]))
         txt = gated_residual(txt, t_gate1, self.txt_out(out[:, :lt]))
-        img = gated_residual(img, i_gate2, self.img_mlp(ada_norm(img, i_shift2, i_scale2, eps)))
-        txt = gated_residual(txt, t_gate2, self.txt_mlp(ada_norm(txt, t_shift2, t_scale2, eps)))
+        img = gated_residual(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2, eps)))
+        txt = gated_residual(txt, t_gate2, self.txt_mlp(modulate(txt, t_shift2, t_scale2, eps)))
         if img.dtype == torch.float16:
             img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
         return img, txt
@@ -309,17 +318,17 @@ class QwenImageTransformer(nn.Module):
         txt = self.txt_in(rms_norm(txt, self.txt_norm, cfg.eps))
         temb = self.time_embed(timestep_embedding(timestep.to(img.dtype)).to(img.dtype))
         temb = F.silu(temb)  # every consumer (block and output modulation) takes SiLU(temb)
-        img_freqs, txt_freqs = rope_tables(grid_h, grid_w, txt.shape[1], cfg.axes_dims_rope, cfg.rope_theta, img.device)
+        cos, sin = rope_tables(grid_h, grid_w, txt.shape[1], cfg.axes_dims_rope, cfg.rope_theta, img.device)
         mask = None
         if txt_mask is not None:
             img_mask = txt_mask.new_ones(img.shape[:2], dtype=torch.bool)
             mask = torch.cat([txt_mask.bool(), img_mask], dim=1)[:, None, None, :]  # [B, 1, 1, L]
 
         for block in self.blocks:
-            img, txt = block(img, txt, temb, img_freqs, txt_freqs, mask)
+            img, txt = block(img, txt, temb, cos, sin, mask)
 
         scale, shift = self.norm_out(temb)[:, None].chunk(2, dim=-1)
-        return self.proj_out(ada_norm(img, shift, scale, cfg.eps))
+        return self.proj_out(modulate(img, shift, scale, cfg.eps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +394,9 @@ class QwenImageFamily(Family):
                 + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
             )
         return out
+
+    def prompt_text(self, encoder: str, prompt: str) -> str:
+        return PROMPT_TEMPLATE.format(prompt)
 
     def encode_prompt(
         self, encoders: Mapping[str, nn.Module], tokens: Mapping[str, TokenBatch]
@@ -474,6 +486,7 @@ def _scheduler_spec(cfg: Mapping[str, Any]) -> SchedulerSpec:
         max_shift=cfg["max_shift"],
         base_image_seq_len=cfg["base_image_seq_len"],
         max_image_seq_len=cfg["max_image_seq_len"],
+        time_shift_type=cfg["time_shift_type"],
     )
 
 
@@ -483,15 +496,9 @@ _VAE = _load_config("vae")
 _EXTRA = {
     "prompt_template": PROMPT_TEMPLATE,
     "drop_idx": DROP_IDX,
-    # The official example passes negative_prompt=" ": diffusers runs true CFG only with one.
-    "negative_prompt": " ",
-    # Scheduler settings SchedulerSpec cannot hold yet: after the exponential mu shift the
-    # sigmas are stretched so the last one (before the appended 0) is shift_terminal.
+    # Not in SchedulerSpec yet: after the exponential mu shift, diffusers stretches the sigmas so
+    # the last one (before the appended 0) is shift_terminal: 1 - (1 - s) * (1 - 0.02) / (1 - s[-1]).
     "shift_terminal": _SCHEDULER["shift_terminal"],
-    "time_shift_type": _SCHEDULER["time_shift_type"],
-    # Valid prompt tokens (after the template) for synthetic runs: a realistic prompt, not the
-    # 512-token cap.
-    "synthetic_prompt_tokens": 128,
 }
 
 _TINY_TEXT = {
@@ -584,7 +591,7 @@ SPECS: dict[str, ModelSpec] = {
         patch=2,
         tiny=True,
         notes="CPU test variant of qwen-image: 2 blocks, 2 heads x 16, random weights",
-        extra={**_EXTRA, "synthetic_prompt_tokens": 16},
+        extra=_EXTRA,
     ),
 }
 

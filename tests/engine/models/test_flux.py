@@ -151,6 +151,36 @@ def test_qk_tensors_reach_attention_contiguous(dit_pair):
     assert seen and all(seen)
 
 
+def test_grad_mode_gives_the_same_output(dit_pair):
+    """apply_rope writes with out= only under inference; with autograd it takes the plain path."""
+    _, ours = dit_pair
+    x = _inputs(ours.config, batch=1)
+    with torch.no_grad():
+        want = ours(**x)
+    got = ours(**x)
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), want, atol=ATOL, rtol=RTOL)
+
+
+@torch.no_grad()
+def test_blocks_trace_as_one_graph(dit_pair):
+    """Regional torch.compile needs each repeated block to be one graph with no breaks."""
+    _, ours = dit_pair
+    x = _inputs(ours.config, batch=1)
+    rope = flux.rope_table(torch.cat([x["txt_ids"], x["img_ids"]]), ours.config.axes_dims_rope, 10000)
+    d = ours.config.hidden_size
+    img, txt, vec = torch.randn(1, 24, d), torch.randn(1, 7, d), torch.randn(1, d)
+    torch._dynamo.reset()
+    cases = [
+        (ours.double_blocks[0], (img, txt, vec, rope)),
+        (ours.single_blocks[0], (torch.cat([txt, img], dim=1), vec, rope)),
+    ]
+    for block, args in cases:
+        explained = torch._dynamo.explain(block)(*args)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("name", sorted(flux.SPECS))
 def test_builds_on_meta_without_buffers(name):
     cfg = flux.SPECS[name].dit_config

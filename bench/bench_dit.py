@@ -1,0 +1,200 @@
+"""One DiT forward: dittune's native model vs diffusers' own class, same synthetic weights, same
+inputs, same attention kernel, eager. Prints median ms and the ratio per model and backend.
+
+    python bench/bench_dit.py                      # H100: flux-dev, qwen-image, z-image-turbo at 1024x1024
+    python bench/bench_dit.py --tiny --device cpu  # smoke test of the script itself
+
+The diffusers model is built first with its own random init; its state dict is copied to the
+CPU, the model freed, and the native model loaded from that state dict (so both hold the same
+weights without needing twice the memory: Qwen-Image's 20B DiT alone is 40 GB in bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from dittune.engine import attention
+from dittune.engine.components import default_dtype
+from dittune.engine.models import get_family
+
+DIFFUSERS_BACKEND = {"torch_sdpa": None, "torch_cudnn_sdpa": "_native_cudnn", "torch_flash_sdpa": "_native_flash",
+                     "torch_efficient_sdpa": "_native_efficient"}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device, warmup: int, iters: int) -> float:
+    """Median seconds of fn() after warm-up (CUDA events on the GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _tiny_config(ref_cls, c) -> dict:
+    """A diffusers config for a tiny native config (fields named as diffusers names them)."""
+    import dataclasses
+    import inspect
+
+    params = inspect.signature(ref_cls.__init__).parameters
+    out = {k: v for k, v in dataclasses.asdict(c).items() if k in params}
+    if "all_patch_size" in params:  # Z-Image names its patch sizes differently
+        out["all_patch_size"], out["all_f_patch_size"] = (c.patch_size,), (1,)
+    return out
+
+
+def case(model: str, height: int, width: int, text_tokens: int, device, dtype):
+    """(diffusers class, its config, diffusers forward(ref), native forward(ours)) on shared inputs."""
+    import diffusers
+
+    family = get_family(model)
+    spec = family.spec
+    g = torch.Generator(device).manual_seed(0)
+    lh, lw = height // spec.vae_scale, width // spec.vae_scale
+    gh, gw = lh // spec.patch, lw // spec.patch
+    if spec.family == "flux":
+        from dittune.engine.models import flux
+
+        c = spec.dit_config
+        ids = torch.zeros(gh, gw, 3, device=device)
+        ids[..., 1] = torch.arange(gh, device=device)[:, None]
+        ids[..., 2] = torch.arange(gw, device=device)[None, :]
+        x = dict(
+            hidden_states=torch.randn(1, gh * gw, c.in_channels, generator=g, device=device, dtype=dtype),
+            encoder_hidden_states=torch.randn(1, text_tokens, c.joint_attention_dim, generator=g, device=device, dtype=dtype),
+            pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g, device=device, dtype=dtype),
+            timestep=torch.tensor([0.7], device=device, dtype=dtype), img_ids=ids.reshape(-1, 3),
+            txt_ids=torch.zeros(text_tokens, 3, device=device),
+            guidance=torch.full((1,), 3.5, device=device, dtype=torch.float32) if c.guidance_embeds else None,
+        )
+        ref_cls = diffusers.FluxTransformer2DModel
+        ref_cfg = _tiny_config(ref_cls, c) if spec.tiny else flux._load("transformer_dev")
+        return ref_cls, ref_cfg, (lambda m: m(**x, return_dict=False)[0]), (lambda m: m(**x))
+    if spec.family == "qwen_image":
+        from dittune.engine.models import qwen_image as qi
+
+        c = spec.dit_config
+        img = torch.randn(1, gh * gw, c.in_channels, generator=g, device=device, dtype=dtype)
+        txt = torch.randn(1, text_tokens, c.joint_attention_dim, generator=g, device=device, dtype=dtype)
+        t = torch.tensor([0.7], device=device, dtype=dtype)
+        ref_cls = diffusers.QwenImageTransformer2DModel
+        ref_cfg = _tiny_config(ref_cls, c) if spec.tiny else qi._load_config("transformer")
+        return (ref_cls, ref_cfg,
+                lambda m: m(hidden_states=img, encoder_hidden_states=txt, timestep=t, img_shapes=[[(1, gh, gw)]], return_dict=False)[0],
+                lambda m: m(img, txt, None, t, gh, gw))
+    if spec.family == "zimage":
+        from dittune.engine.models import zimage as zi
+
+        c = spec.dit_config
+        lat = torch.randn(1, c.in_channels, lh, lw, generator=g, device=device, dtype=dtype)
+        cap = torch.randn(1, text_tokens, c.cap_feat_dim, generator=g, device=device, dtype=dtype)
+        t = torch.tensor([0.3], device=device, dtype=dtype)
+        packed = zi.pack_latents(lat)
+        ref_cls = diffusers.ZImageTransformer2DModel
+        ref_cfg = _tiny_config(ref_cls, c) if spec.tiny else zi._load("transformer")
+        return (ref_cls, ref_cfg,
+                lambda m: torch.stack(m(list(lat.unsqueeze(2).unbind(0)), t, list(cap.unbind(0)), return_dict=False)[0]).squeeze(2),
+                lambda m: zi.unpack_latents(m(packed, cap, t, gh, gw), gh, gw))
+    raise SystemExit(f"no bench case for {model}")
+
+
+def run(model: str, height: int, width: int, text_tokens: int, backends: list[str], device, dtype, warmup: int, iters: int):
+    family = get_family(model)
+    ref_cls, ref_cfg, ref_fwd, our_fwd = case(model, height, width, text_tokens, device, dtype)
+    rows = []
+    with torch.device(device), default_dtype(dtype):
+        ref = ref_cls.from_config({k: v for k, v in ref_cfg.items() if not k.startswith("_")})
+    ref = ref.to(device, dtype).eval().requires_grad_(False)
+    ref_ms, ref_out = {}, {}
+    with torch.inference_mode():
+        for b in backends:
+            if DIFFUSERS_BACKEND[b] is not None:
+                ref.set_attention_backend(DIFFUSERS_BACKEND[b])
+            elif hasattr(ref, "reset_attention_backend"):
+                ref.reset_attention_backend()
+            ref_ms[b] = timeit(lambda: ref_fwd(ref), device, warmup, iters) * 1e3
+            ref_out[b] = ref_fwd(ref).float()
+    sd = {k: v.to("cpu") for k, v in ref.state_dict().items()}
+    del ref
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with torch.device("meta"), default_dtype(dtype):
+        ours = family.transformer_cls(family.spec.dit_config)
+    converted = {k: v.to(device) for k, v in family.convert_diffusers_state_dict(sd).items()}
+    del sd
+    ours.load_state_dict(converted, strict=True, assign=True)
+    ours = ours.eval().requires_grad_(False)
+    with torch.inference_mode():
+        for b in backends:
+            attention.set_backend(ours, b)
+            ms = timeit(lambda: our_fwd(ours), device, warmup, iters) * 1e3
+            out = our_fwd(ours).float()
+            rel = ((out - ref_out[b]).norm() / ref_out[b].norm()).item()
+            rows.append({"model": model, "backend": b, "diffusers_ms": ref_ms[b], "dittune_ms": ms,
+                         "ratio": ms / ref_ms[b], "rel_diff": rel})
+    del ours, converted
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=None)
+    ap.add_argument("--tiny", action="store_true", help="tiny variants (CPU smoke test)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--text-tokens", type=int, default=None, help="default: 512 for FLUX, 128 for the others")
+    ap.add_argument("--backends", nargs="+", default=["torch_sdpa", "torch_cudnn_sdpa"])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    models = a.models or (["flux-dev-tiny", "qwen-image-tiny", "z-image-turbo-tiny"] if a.tiny else ["flux-dev", "qwen-image", "z-image-turbo"])
+    size = a.size if not a.tiny else 64
+    rows = []
+    for m in models:
+        tokens = a.text_tokens or (512 if m.startswith("flux") else 128)
+        if a.tiny:
+            tokens = 16
+        rows += run(m, size, size, tokens, a.backends, device, dtype, a.warmup, a.iters)
+        print(json.dumps(rows[-1]), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                       "torch": torch.__version__, "size": size, "rows": rows}, f, indent=2)
+    print(f"\n{'model':16} {'backend':18} {'diffusers ms':>12} {'dittune ms':>11} {'ratio':>6} {'rel diff':>9}")
+    for r in rows:
+        print(f"{r['model']:16} {r['backend']:18} {r['diffusers_ms']:12.2f} {r['dittune_ms']:11.2f} {r['ratio']:6.3f} {r['rel_diff']:9.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Every engine flag changes what runs, shows in the manifest, and (lossless flags) leaves the
+output as the default path makes it. CPU here; the CUDA-only flags run under the `gpu` marker."""
+
+import pytest
+import torch
+
+from dittune.engine import flags as F
+from dittune.engine.errors import EngineError
+from dittune.engine.run import GenerateRequest, generate
+
+MODEL = "flux-dev-tiny"
+
+
+def _run(argv, device="cpu", **kw):
+    req = GenerateRequest(model=MODEL, steps=2, width=64, height=64, device=device, flags=F.config_from_argv(argv), **kw)
+    return generate(req)
+
+
+@pytest.fixture(scope="module")
+def default_cpu():
+    return _run([])
+
+
+def _close(a, b, max_abs: int):
+    diff = (a.image.int() - b.image.int()).abs()
+    assert diff.max().item() <= max_abs, diff.max().item()
+
+
+def test_default_manifest(default_cpu):
+    m = default_cpu.dump["manifest"]
+    assert m["attention"]["backend"] == "torch_sdpa" and m["attention"]["calls"]["torch_sdpa"] > 0
+    assert m["compile"]["enabled"] is False and m["compile"]["compiled"] == []
+    assert set(m["placement"].values()) == {"resident"} and m["layerwise"] is None
+    assert m["flags"] == F.config_to_dict(F.EngineConfig())
+
+
+@pytest.mark.parametrize("argv, compiled", [
+    (["--enable-torch-compile"], ["double_blocks", "single_blocks"]),
+    (["--enable-torch-compile", "--compile-scope", "full"], ["FluxTransformer"]),
+])
+def test_compile_applies_and_matches(default_cpu, argv, compiled):
+    r = _run(argv, warmup=1)
+    m = r.dump["manifest"]["compile"]
+    assert m["enabled"] and m["compiled"] == compiled and m["compile_s"] >= 0
+    _close(r, default_cpu, max_abs=1)
+
+
+def test_vae_bf16_is_applied(default_cpu):
+    r = _run(["--vae-precision", "bf16"])
+    assert r.dump["manifest"]["vae_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--dit-cpu-offload"], ["--text-encoder-cpu-offload"], ["--vae-cpu-offload"], ["--dit-layerwise-offload"],
+    ["--attention-backend", "torch_cudnn_sdpa"], ["--attention-backend", "torch_flash_sdpa"],
+])
+def test_cuda_only_flags_refuse_on_cpu(argv):
+    with pytest.raises(EngineError) as e:
+        _run(argv)
+    assert "\n" not in str(e.value) and ("CUDA" in str(e.value) or "not available on cpu" in str(e.value))
+
+
+def test_unwired_fused_kernels_refuse_rather_than_no_op():
+    with pytest.raises(EngineError, match="fused"):
+        _run(["--fused-kernels"])
+
+
+@pytest.mark.parametrize("kw, frag", [
+    (dict(width=100), "multiple of 16"), (dict(steps=0), "at least one"), (dict(dtype="fp8"), "--dtype"),
+    (dict(device="tpu"), "--device"), (dict(model_path="/nonexistent/ckpt"), "does not exist"),
+])
+def test_bad_requests(kw, frag):
+    base = dict(model=MODEL, steps=2, width=64, height=64, device="cpu")
+    with pytest.raises(EngineError, match=frag):
+        generate(GenerateRequest(**{**base, **kw}))
+
+
+# --- on the device ------------------------------------------------------------------------------
+
+GPU_LOSSLESS = [
+    ["--attention-backend", "torch_cudnn_sdpa"], ["--attention-backend", "torch_flash_sdpa"],
+    ["--attention-backend", "torch_efficient_sdpa"], ["--enable-torch-compile"],
+    ["--enable-torch-compile", "--compile-scope", "full"], ["--dit-cpu-offload"], ["--text-encoder-cpu-offload"],
+    ["--vae-cpu-offload"], ["--dit-layerwise-offload"], ["--dit-layerwise-offload", "--dit-resident-layers", "1"],
+    ["--dit-layerwise-offload", "--dit-offload-prefetch-size", "0.5", "--no-pin-cpu-memory"],
+]
+
+
+@pytest.fixture(scope="module")
+def default_gpu():
+    return _run([], device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("argv", GPU_LOSSLESS, ids=" ".join)
+def test_lossless_flags_match_default_on_gpu(default_gpu, argv):
+    r = _run(argv, device="cuda", warmup=1)
+    m = r.dump["manifest"]
+    cfg = F.config_from_argv(argv)
+    if cfg.attention_backend != "torch_sdpa" and not cfg.enable_torch_compile:
+        assert set(m["attention"]["calls"]) == {cfg.attention_backend}
+    if cfg.dit_cpu_offload:
+        assert m["placement"]["dit"] == "cpu_offload"
+    if cfg.text_encoder_cpu_offload:
+        assert m["placement"]["text_encoder"] == m["placement"]["text_encoder_2"] == "cpu_offload"
+    if cfg.vae_cpu_offload:
+        assert m["placement"]["vae"] == "cpu_offload"
+    if cfg.dit_layerwise_offload:
+        lw = m["layerwise"]
+        assert m["placement"]["dit"] == "layerwise_offload" and lw["resident"] == cfg.dit_resident_layers
+        assert lw["prefetch_hits"] > 0 and lw["pinned"] == cfg.pin_cpu_memory
+    _close(r, default_gpu, max_abs=8)
+
+
+@pytest.mark.gpu
+def test_vram_budget_is_enforced_on_gpu():
+    from dittune.engine.errors import BudgetExceededError
+
+    with pytest.raises(BudgetExceededError, match="VRAM budget"):
+        generate(GenerateRequest(model="flux-dev", steps=1, device="cuda", vram_budget="4GiB"))

@@ -1,0 +1,150 @@
+"""qk_norm_rope / joint_qk_norm_rope: Triton (interpreted) vs the torch reference on the layouts
+the models produce, the reference vs each model's own QK-norm + RoPE, input checks, GPU shapes."""
+
+import functools
+
+import pytest
+import torch
+from kernelcheck import assert_close, rand, run_interpreted
+
+from dittune.kernels.qk_norm_rope import (
+    joint_qk_norm_rope,
+    joint_qk_norm_rope_reference,
+    launch,
+    launch_joint,
+    norm_rope_reference,
+    qk_norm_rope,
+    qk_norm_rope_reference,
+)
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _qk(b, l, h, d, dtype, layout="packed", device="cpu"):
+    """q, k [B, L, H, D] views as the models make them:
+    "packed": qkv.unflatten(-1, (3, H, D))[:, :, i] of one [B, L, 3HD] projection (Qwen-Image, Z-Image);
+    "flux-single": [B, H, L, D] views of a wider [B, L, 3HD + M] projection, transposed back."""
+    if layout == "packed":
+        qkv = rand(b, l, 3 * h * d, dtype=dtype, device=device, scale=2).unflatten(-1, (3, h, d))
+        return qkv[:, :, 0], qkv[:, :, 1]
+    proj = rand(b, l, 3 * h * d + 4 * d, dtype=dtype, device=device, scale=2)[..., : 3 * h * d]
+    q, k, _ = proj.unflatten(-1, (3, h, d)).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, D] each
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
+def _rope(l, d, device="cpu", interleaved_table=False):
+    """cos, sin [L, D/2] fp32; from a [L, D/2, 2] (cos, sin) table like Z-Image's when asked (strided)."""
+    ang = torch.rand(l, d // 2, dtype=torch.float64, device=device) * 200
+    table = torch.stack([ang.cos(), ang.sin()], dim=-1).float()
+    if interleaved_table:
+        return table[..., 0], table[..., 1]
+    return table[..., 0].contiguous(), table[..., 1].contiguous()
+
+
+def _weights(d, dtype, n=2, device="cpu"):
+    return rand(n, d, dtype=dtype, device=device, scale=0.2, offset=1).unbind(0)
+
+
+CASES = {
+    "packed-bf16": dict(b=2, l=5, h=3, d=128, dtype=torch.bfloat16),
+    "packed-fp32": dict(b=2, l=5, h=3, d=128, dtype=torch.float32),
+    "packed-fp16": dict(b=1, l=37, h=2, d=128, dtype=torch.float16),  # 32 tokens per program: a ragged block
+    "flux-single-view-bf16": dict(b=2, l=5, h=3, d=128, dtype=torch.bfloat16, layout="flux-single"),
+    "zimage-strided-table-fp32": dict(b=1, l=6, h=2, d=128, dtype=torch.float32, interleaved_table=True),
+    "tiny-head-dim-fp32": dict(b=2, l=7, h=2, d=16, dtype=torch.float32),
+    "odd-pairs-d24-fp32": dict(b=1, l=3, h=2, d=24, dtype=torch.float32),  # D not a power of 2
+    "joint-bf16": dict(b=2, l=5, h=3, d=128, dtype=torch.bfloat16, joint=3),
+    "joint-fp32": dict(b=1, l=40, h=2, d=128, dtype=torch.float32, joint=7),
+}
+
+
+def _check_triton(b, l, h, d, dtype, layout="packed", interleaved_table=False, joint=0):
+    torch.manual_seed(0)
+    q, k = _qk(b, l, h, d, dtype, layout)
+    cos, sin = _rope(l, d, interleaved_table=interleaved_table)
+    if joint:
+        w = _weights(d, dtype, n=4)
+        args = (q[:, :joint], k[:, :joint], q[:, joint:], k[:, joint:], *w, cos, sin)
+        out, ref, direct = joint_qk_norm_rope(*args), joint_qk_norm_rope_reference(*args), launch_joint(*args)
+    else:
+        args = (q, k, *_weights(d, dtype), cos, sin)
+        out, ref, direct = qk_norm_rope(*args), qk_norm_rope_reference(*args), launch(*args)
+    for o, r, t in zip(out, ref, direct):
+        assert o.shape == (b, h, l, d) and o.is_contiguous() and torch.equal(o, t)
+        assert_close(o, r)
+
+
+def interpreted_cases():
+    return {name: functools.partial(_check_triton, **case) for name, case in CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return run_interpreted(__file__)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_reference(interpreted, case):
+    assert interpreted[case] is None, interpreted[case]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_is_qwen_image_and_zimage_bit_for_bit(dtype):
+    from dittune.engine.models import qwen_image, zimage
+
+    torch.manual_seed(0)
+    lt = 2
+    q, k = _qk(2, 6, 3, 32, dtype)
+    cos, sin = _rope(6, 32)
+    freqs = torch.stack([cos, sin], dim=-1)  # [L, D/2, 2], the models' table
+    w_txt, w_img = _weights(32, dtype)
+    assert torch.equal(norm_rope_reference(q, w_img, cos, sin, 1e-5), zimage.qk_norm_rope(q, w_img, freqs, 1e-5))
+    args = (q[:, :lt], k[:, :lt], q[:, lt:], k[:, lt:], w_txt, w_img, w_img, w_txt, cos, sin, 1e-6)
+    for ours, qwen in zip(joint_qk_norm_rope_reference(*args), qwen_image.joint_qk_norm_rope(*args)):
+        assert torch.equal(ours, qwen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_matches_flux_within_rounding(dtype):
+    """FLUX rotates with addcmul on 2x2 matrices (a fused multiply-add on the CPU): same convention,
+    fp32 rounding differs, so its fp32 results differ in the last bit and a rare bf16/fp16 one too."""
+    from dittune.engine.models import flux
+
+    torch.manual_seed(0)
+    lt, li, h, d = 3, 5, 3, 32
+    q, _ = _qk(2, lt + li, h, d, dtype, "flux-single")
+    cos, sin = _rope(lt + li, d)
+    rope = torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2))  # flux.rope_table's layout
+    w_txt, w_img = _weights(d, dtype)
+    assert_close(norm_rope_reference(q, w_img, cos, sin), flux.qk_norm_rope(q.transpose(1, 2), w_img, rope), ulps=1)
+    joint, _ = joint_qk_norm_rope_reference(q[:, :lt], q[:, :lt], q[:, lt:], q[:, lt:], w_txt, w_txt, w_img, w_img, cos, sin)
+    flux_joint = flux.joint_qk_norm_rope(q[:, :lt].transpose(1, 2), q[:, lt:].transpose(1, 2), w_txt, w_img, rope)
+    assert_close(joint, flux_joint, ulps=1)
+
+
+def test_readable_refusals():
+    q, k = _qk(1, 4, 2, 16, torch.float32)
+    cos, sin = _rope(4, 16)
+    w = torch.ones(16)
+    with pytest.raises(ValueError, match=r"cos must be \[L, D/2\] = \[4, 8\]"):
+        qk_norm_rope(q, k, w, w, cos[:3], sin)
+    with pytest.raises(ValueError, match="sin must be float32"):
+        qk_norm_rope(q, k, w, w, cos, sin.half())
+    with pytest.raises(ValueError, match=r"q_weight must be \[16\]"):
+        qk_norm_rope(q, k, torch.ones(8), w, cos, sin)
+    with pytest.raises(ValueError, match="must agree on B, H, D"):
+        joint_qk_norm_rope(q, k, q[:, :, :1], k[:, :, :1], w, w, w, w, torch.cat([cos, cos]), torch.cat([sin, sin]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_flux_shapes(dtype):
+    b, lt, li, h, d = 1, 512, 4096, 24, 128
+    q, k = _qk(b, lt + li, h, d, dtype, "flux-single", device="cuda")
+    cos, sin = _rope(lt + li, d, device="cuda")
+    w = _weights(d, dtype, n=4, device="cuda")
+    for o, r in zip(qk_norm_rope(q, k, *w[:2], cos, sin), qk_norm_rope_reference(q, k, *w[:2], cos, sin)):
+        assert_close(o, r)
+    args = (q[:, :lt], k[:, :lt], q[:, lt:], k[:, lt:], *w, cos, sin)
+    for o, r in zip(joint_qk_norm_rope(*args), joint_qk_norm_rope_reference(*args)):
+        assert_close(o, r)
