@@ -29,6 +29,8 @@ def sigmas(spec: SchedulerSpec, steps: int, image_seq_len: int) -> torch.Tensor:
                 s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))
     else:
         s = spec.shift * s / (1 + (spec.shift - 1) * s)
+    if spec.shift_terminal:
+        s = 1 - (1 - s) * (1 - spec.shift_terminal) / (1 - s[-1])
     t = torch.from_numpy(np.asarray(s, dtype=np.float32))
     return torch.cat([t, torch.zeros(1)])
 

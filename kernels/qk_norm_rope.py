@@ -20,7 +20,19 @@ The reference is, op for op, Qwen-Image's qk_norm_rope (bit-identical to Z-Image
 import torch
 import torch.nn.functional as F
 
-from ._common import DTYPES, bench, check_launchable, fail, is_interpreted, register, shape, tl, triton, use_triton, wrap_triton
+from ._common import (
+    DTYPES,
+    bench,
+    check_launchable,
+    fail,
+    is_interpreted,
+    register,
+    shape,
+    tl,
+    triton,
+    use_triton,
+    wrap_triton,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Torch reference (also the fallback)
@@ -146,13 +158,17 @@ def _check_rope(op: str, q, cos, sin, length: int) -> None:
             fail(op, f"{name} must be float32 on {q.device} (RoPE is computed in fp32), got {t.dtype} on {t.device}")
 
 
+def _config(d: int) -> tuple[int, int, int]:
+    """(BLOCK_M tokens, BLOCK_D, num_warps) per program."""
+    block_d = triton.next_power_of_2(d)
+    return max(1, min(64, 4096 // block_d)), block_d, 4
+
+
 def _launch_segment(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, l_offset: int) -> None:
     b, l, h, d = q.shape
     if q.numel() == 0:
         return
-    block_d = triton.next_power_of_2(d)
-    block_m = max(1, min(64, 4096 // block_d))
-    num_warps = 4
+    block_m, block_d, num_warps = _config(d)
     kernel = _qk_norm_rope_kernel if is_interpreted(_qk_norm_rope_kernel) else wrap_triton(_qk_norm_rope_kernel)
     kernel[(triton.cdiv(l, block_m), b * h, 2)](
         q, k, q_weight, k_weight, cos, sin, q_out, k_out,
@@ -181,11 +197,14 @@ def _check_joint(op, q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_w
     _check_pair(op, q_img, k_img, q_weight_img, k_weight_img, "_img")
     (bt, lt, ht, dt), (bi, li, hi, di) = q_txt.shape, q_img.shape
     if (bt, ht, dt) != (bi, hi, di) or q_txt.dtype != q_img.dtype or q_txt.device != q_img.device:
-        fail(op, f"q_txt {shape(q_txt)} {q_txt.dtype} and q_img {shape(q_img)} {q_img.dtype} must agree on B, H, D, dtype, device")
+        fail(op, f"q_txt {shape(q_txt)} {q_txt.dtype} and q_img {shape(q_img)} {q_img.dtype} "
+                 "must agree on B, H, D, dtype, device")  # fmt: skip
     _check_rope(op, q_txt, cos, sin, lt + li)
 
 
-def launch_joint(q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin, eps=1e-6):
+def launch_joint(
+    q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the Triton kernel on both streams into one output each. -> (q, k) contiguous [B, H, Lt + Li, D]."""
     op = "joint_qk_norm_rope"
     _check_joint(op, q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin)

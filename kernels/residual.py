@@ -1,8 +1,8 @@
 """Fused gated residual, optionally with the next adaLN modulation or a norm of the branch output.
 
-    gated_residual(x, gate, y)                             = x + gate * y               FLUX, Qwen-Image
-    gated_residual_modulate(x, gate, y, shift, scale)      = (r, LayerNorm(r) * (1 + scale) + shift), r = x + gate * y
-    gated_norm_residual(x, gate, y, weight)                = x + gate * RMSNorm(y) * weight       Z-Image (gate may be None)
+    gated_residual(x, gate, y)                          = x + gate * y                      FLUX, Qwen-Image
+    gated_residual_modulate(x, gate, y, shift, scale)   = (r, LayerNorm(r) * (1 + scale) + shift), r = x + gate * y
+    gated_norm_residual(x, gate, y, weight)             = x + gate * RMSNorm(y) * weight    Z-Image (gate or None)
 
 The second is the common "residual + next adaLN" pair of FLUX's and Qwen-Image's dual-stream
 blocks (attention residual, then the MLP's modulation): one read of x and y, two writes.
@@ -149,7 +149,11 @@ def launch(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """x + gate * (rms_norm(y) * weight if weight is given else y); with `scale`, also the
     modulated LayerNorm of that sum. -> (sum, modulated or None), both contiguous [B, L, C]."""
-    op = "gated_residual_modulate" if scale is not None else "gated_norm_residual" if weight is not None else "gated_residual"
+    op = "gated_residual"
+    if scale is not None:
+        op = "gated_residual_modulate"
+    elif weight is not None:
+        op = "gated_norm_residual"
     _check(op, x, gate, y, weight, shift, scale)
     check_launchable(op, _residual_kernel, x, gate=gate, y=y, weight=weight, shift=shift, scale=scale)
     b, l, c = x.shape

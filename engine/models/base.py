@@ -49,6 +49,8 @@ class SchedulerSpec:
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
     time_shift_type: str = "exponential"  # or "linear"
+    # Qwen-Image: stretch the shifted sigmas so the last one (before the appended 0) is this.
+    shift_terminal: float | None = None
 
 
 @dataclass(frozen=True)

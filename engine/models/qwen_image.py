@@ -274,8 +274,8 @@ class DualStreamBlock(nn.Module):
         q, k = joint_qk_norm_rope(
             txt_qkv[:, :, 0], txt_qkv[:, :, 1], img_qkv[:, :, 0], img_qkv[:, :, 1],
             self.txt_norm_q, self.txt_norm_k, self.img_norm_q, self.img_norm_k, cos, sin, eps,
-        )  # fmt: skip  # [B, H, Lt + Li, D]
-        v = joint_heads(txt_qkv[:, :, 2], img_qkv[:, :, 2])
+        )  # fmt: skip
+        v = joint_heads(txt_qkv[:, :, 2], img_qkv[:, :, 2])  # q, k, v: [B, H, Lt + Li, D]
         out = self.attn(q, k, v, mask)  # [B, Lt + Li, C]
 
         img = gated_residual(img, i_gate1, self.img_out(out[:, lt:]))
@@ -487,6 +487,7 @@ def _scheduler_spec(cfg: Mapping[str, Any]) -> SchedulerSpec:
         base_image_seq_len=cfg["base_image_seq_len"],
         max_image_seq_len=cfg["max_image_seq_len"],
         time_shift_type=cfg["time_shift_type"],
+        shift_terminal=cfg.get("shift_terminal"),
     )
 
 
@@ -496,9 +497,6 @@ _VAE = _load_config("vae")
 _EXTRA = {
     "prompt_template": PROMPT_TEMPLATE,
     "drop_idx": DROP_IDX,
-    # Not in SchedulerSpec yet: after the exponential mu shift, diffusers stretches the sigmas so
-    # the last one (before the appended 0) is shift_terminal: 1 - (1 - s) * (1 - 0.02) / (1 - s[-1]).
-    "shift_terminal": _SCHEDULER["shift_terminal"],
 }
 
 _TINY_TEXT = {

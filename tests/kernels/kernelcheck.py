@@ -30,11 +30,13 @@ def run_interpreted(test_file: str, timeout: float = 600) -> dict[str, str | Non
     pytest.importorskip("triton")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results.json"
-        code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import kernelcheck; kernelcheck._child({test_file!r}, {str(out)!r})"
+        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import kernelcheck; "
+                f"kernelcheck._child({test_file!r}, {str(out)!r})")  # fmt: skip
         env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode or not out.exists():
-            raise RuntimeError(f"interpreted run of {Path(test_file).name} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
+            name = Path(test_file).name
+            raise RuntimeError(f"interpreted run of {name} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
         return json.loads(out.read_text())
 
 

@@ -44,7 +44,9 @@ CASES = {
     "strided-x-bf16": dict(b=2, l=5, c=96, dtype=torch.bfloat16, layout="chunk", strided_x=True),
     "rms-zimage-width-bf16": dict(b=2, l=3, c=3840, dtype=torch.bfloat16, layout="b1c", rms=True),
     "rms-zimage-width-fp32": dict(b=1, l=3, c=3840, dtype=torch.float32, layout="chunk", rms=True),
-    "rms-no-weight-fp16-per-token": dict(b=2, l=5, c=64, dtype=torch.float16, layout="per_token", rms=True, weight=False),
+    "rms-no-weight-fp16-per-token": dict(
+        b=2, l=5, c=64, dtype=torch.float16, layout="per_token", rms=True, weight=False
+    ),
 }
 
 
@@ -86,8 +88,8 @@ def test_reference_is_the_models_op_sequence(dtype):
     from dittune.engine.models import flux, qwen_image, zimage
 
     x, w, shift, scale = _inputs(2, 5, 48, dtype, "chunk", rms=True)
-    assert torch.equal(modulate_reference(x, shift, scale), flux.modulate(x, shift, scale))
     sh, sc = shift[:, None], scale[:, None]
+    assert torch.equal(modulate_reference(x, shift, scale), flux.modulate(x, sh, sc))
     assert torch.equal(modulate_reference(x, sh, sc), qwen_image.modulate(x, sh, sc, 1e-6))
     assert torch.equal(rms_norm_modulate_reference(x, w, sc, 1e-5), zimage.norm_scale(x, w, 1.0 + sc, 1e-5))
     final = zimage.FinalLayer(zimage.ZImageConfig(dim=48, n_heads=2, axes_dims=(8, 8, 8))).to(dtype)

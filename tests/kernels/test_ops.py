@@ -31,7 +31,7 @@ CALLS = {
     "rms_norm": lambda a: K.rms_norm(a["q"], a["wh"]),
     "qk_norm_rope": lambda a: K.qk_norm_rope(a["q"], a["k"], a["wh"], a["wh"], a["cos"], a["sin"]),
     "joint_qk_norm_rope": lambda a: K.joint_qk_norm_rope(
-        a["q"][:, :2], a["k"][:, :2], a["q"][:, 2:], a["k"][:, 2:], a["wh"], a["wh"], a["wh"], a["wh"], a["cos"], a["sin"]
+        a["q"][:, :2], a["k"][:, :2], a["q"][:, 2:], a["k"][:, 2:], *[a["wh"]] * 4, a["cos"], a["sin"]
     ),
 }
 

@@ -89,37 +89,24 @@ def test_triton_matches_reference(interpreted, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_reference_is_qwen_image_and_zimage_bit_for_bit(dtype):
-    from dittune.engine.models import qwen_image, zimage
+def test_reference_is_each_models_qk_norm_rope_bit_for_bit(dtype):
+    from dittune.engine.models import flux, qwen_image, zimage
 
     torch.manual_seed(0)
     lt = 2
     q, k = _qk(2, 6, 3, 32, dtype)
     cos, sin = _rope(6, 32)
-    freqs = torch.stack([cos, sin], dim=-1)  # [L, D/2, 2], the models' table
-    w_txt, w_img = _weights(32, dtype)
-    assert torch.equal(norm_rope_reference(q, w_img, cos, sin, 1e-5), zimage.qk_norm_rope(q, w_img, freqs, 1e-5))
-    args = (q[:, :lt], k[:, :lt], q[:, lt:], k[:, lt:], w_txt, w_img, w_img, w_txt, cos, sin, 1e-6)
-    for ours, qwen in zip(joint_qk_norm_rope_reference(*args), qwen_image.joint_qk_norm_rope(*args)):
-        assert torch.equal(ours, qwen)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_reference_matches_flux_within_rounding(dtype):
-    """FLUX rotates with addcmul on 2x2 matrices (a fused multiply-add on the CPU): same convention,
-    fp32 rounding differs, so its fp32 results differ in the last bit and a rare bf16/fp16 one too."""
-    from dittune.engine.models import flux
-
-    torch.manual_seed(0)
-    lt, li, h, d = 3, 5, 3, 32
-    q, _ = _qk(2, lt + li, h, d, dtype, "flux-single")
-    cos, sin = _rope(lt + li, d)
-    rope = torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2))  # flux.rope_table's layout
-    w_txt, w_img = _weights(d, dtype)
-    assert_close(norm_rope_reference(q, w_img, cos, sin), flux.qk_norm_rope(q.transpose(1, 2), w_img, rope), ulps=1)
-    joint, _ = joint_qk_norm_rope_reference(q[:, :lt], q[:, :lt], q[:, lt:], q[:, lt:], w_txt, w_txt, w_img, w_img, cos, sin)
-    flux_joint = flux.joint_qk_norm_rope(q[:, :lt].transpose(1, 2), q[:, lt:].transpose(1, 2), w_txt, w_img, rope)
-    assert_close(joint, flux_joint, ulps=1)
+    w = _weights(32, dtype, n=4)
+    single = qk_norm_rope_reference(q, k, *w[:2], cos, sin, 1e-6)
+    for ours, theirs in zip(single, flux.qk_norm_rope(q, k, *w[:2], cos, sin, 1e-6)):
+        assert torch.equal(ours, theirs), "flux single stream"
+    joint_args = (q[:, :lt], k[:, :lt], q[:, lt:], k[:, lt:], *w, cos, sin, 1e-6)
+    joint = joint_qk_norm_rope_reference(*joint_args)
+    for model in (flux, qwen_image):
+        for ours, theirs in zip(joint, model.joint_qk_norm_rope(*joint_args)):
+            assert torch.equal(ours, theirs), model.__name__
+    freqs = torch.stack([cos, sin], dim=-1)  # [L, D/2, 2], Z-Image's table
+    assert torch.equal(single[0], zimage.qk_norm_rope(q, w[0], freqs, 1e-6)), "zimage"
 
 
 def test_readable_refusals():

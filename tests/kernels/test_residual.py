@@ -85,12 +85,14 @@ def test_reference_is_the_models_op_sequence(dtype):
     from dittune.engine.models import flux, qwen_image, zimage
 
     x, y, gate, shift, scale, w = _inputs(2, 5, 48, dtype, "chunk")
-    assert torch.equal(gated_residual_reference(x, gate, y), flux.gated_residual(x, gate, y))
-    assert torch.equal(gated_residual_reference(x, gate[:, None], y), qwen_image.gated_residual(x, gate[:, None], y))
+    g, sh, sc = gate[:, None], shift[:, None], scale[:, None]
+    assert torch.equal(gated_residual_reference(x, gate, y), flux.gated_residual(x, g, y))
+    assert torch.equal(gated_residual_reference(x, g, y), qwen_image.gated_residual(x, g, y))
     r, h = gated_residual_modulate_reference(x, gate, y, shift, scale)
-    assert torch.equal(r, flux.gated_residual(x, gate, y)) and torch.equal(h, flux.modulate(r, shift, scale))
+    assert torch.equal(r, flux.gated_residual(x, g, y)) and torch.equal(h, flux.modulate(r, sh, sc))
     for g in (gate[:, None].tanh(), None):
-        assert torch.equal(gated_norm_residual_reference(x, g, y, w, 1e-5), zimage.gated_norm_residual(x, g, y, w, 1e-5))
+        ref = gated_norm_residual_reference(x, g, y, w, 1e-5)
+        assert torch.equal(ref, zimage.gated_norm_residual(x, g, y, w, 1e-5))
 
 
 @pytest.mark.parametrize(
@@ -114,7 +116,8 @@ def test_readable_refusals(call, match):
 def test_cuda_full_shapes(dtype, layout):
     x, y, gate, shift, scale, w = _inputs(1, 4096 + 512, 3072, dtype, layout, device="cuda")
     assert_close(gated_residual(x, gate, y), gated_residual_reference(x, gate, y))
-    out, ref = gated_residual_modulate(x, gate, y, shift, scale), gated_residual_modulate_reference(x, gate, y, shift, scale)
+    out = gated_residual_modulate(x, gate, y, shift, scale)
+    ref = gated_residual_modulate_reference(x, gate, y, shift, scale)
     assert_close(out[0], ref[0])
     assert_close(out[1], ref[1])
     x, y, gate, _, _, w = _inputs(1, 4096 + 128, 3840, dtype, layout, device="cuda")

@@ -152,7 +152,7 @@ def test_qk_tensors_reach_attention_contiguous(dit_pair):
 
 
 def test_grad_mode_gives_the_same_output(dit_pair):
-    """apply_rope writes with out= only under inference; with autograd it takes the plain path."""
+    """No inference-only tricks (out= writes) in the forward: autograd mode runs and agrees."""
     _, ours = dit_pair
     x = _inputs(ours.config, batch=1)
     with torch.no_grad():
@@ -167,18 +167,29 @@ def test_blocks_trace_as_one_graph(dit_pair):
     """Regional torch.compile needs each repeated block to be one graph with no breaks."""
     _, ours = dit_pair
     x = _inputs(ours.config, batch=1)
-    rope = flux.rope_table(torch.cat([x["txt_ids"], x["img_ids"]]), ours.config.axes_dims_rope, 10000)
+    cos, sin = flux.rope_tables(torch.cat([x["txt_ids"], x["img_ids"]]), ours.config.axes_dims_rope, 10000)
     d = ours.config.hidden_size
     img, txt, vec = torch.randn(1, 24, d), torch.randn(1, 7, d), torch.randn(1, d)
     torch._dynamo.reset()
     cases = [
-        (ours.double_blocks[0], (img, txt, vec, rope)),
-        (ours.single_blocks[0], (torch.cat([txt, img], dim=1), vec, rope)),
+        (ours.double_blocks[0], (img, txt, vec, cos, sin)),
+        (ours.single_blocks[0], (torch.cat([txt, img], dim=1), vec, cos, sin)),
     ]
     for block, args in cases:
         explained = torch._dynamo.explain(block)(*args)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     torch._dynamo.reset()
+
+
+def test_rope_compiled_path_matches_eager(monkeypatch):
+    """rope() has a complex-multiply path (eager) and a real one (under torch.compile)."""
+    x = torch.randn(2, 3, 11, 16)
+    ids = FluxPipeline._prepare_latent_image_ids(1, 1, 11, "cpu", torch.float32)
+    cos, sin = flux.rope_tables(ids, (4, 6, 6), 10000)
+    eager = flux.rope(x, cos, sin)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(flux.rope(x, cos, sin), eager, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(eager, x)
 
 
 @pytest.mark.parametrize("name", sorted(flux.SPECS))

@@ -329,7 +329,7 @@ def test_scheduler_recipe_matches_diffusers():
     mu = calculate_shift(seq, s.base_image_seq_len, s.max_image_seq_len, s.base_shift, s.max_shift)
     sigmas = np.linspace(1.0, 1 / n, n).astype(np.float32)
     shifted = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
-    term = spec.extra["shift_terminal"]
+    term = s.shift_terminal
     want = 1 - (1 - shifted) * (1 - term) / (1 - shifted[-1])
 
     ref = FlowMatchEulerDiscreteScheduler.from_config(qi._load_config("scheduler"))
@@ -338,7 +338,6 @@ def test_scheduler_recipe_matches_diffusers():
     assert ref.sigmas[-1] == 0 and abs(float(ref.sigmas[-2]) - term) < 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="SchedulerSpec has no shift_terminal: engine/scheduler.py skips the stretch")
 def test_engine_scheduler_matches_diffusers():
     from dittune.engine import scheduler
 
