@@ -91,7 +91,7 @@ def case(model: str, height: int, width: int, text_tokens: int, device, dtype):
             guidance=torch.full((1,), 3.5, device=device, dtype=torch.float32) if c.guidance_embeds else None,
         )
         ref_cls = diffusers.FluxTransformer2DModel
-        ref_cfg = _tiny_config(ref_cls, c) if spec.tiny else flux._load("transformer_dev")
+        ref_cfg = _tiny_config(ref_cls, c) if spec.tiny else flux._load("transformer_dev.json")
         return ref_cls, ref_cfg, (lambda m: m(**x, return_dict=False)[0]), (lambda m: m(**x))
     if spec.family == "qwen_image":
         from dittune.engine.models import qwen_image as qi

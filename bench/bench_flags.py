@@ -61,7 +61,7 @@ def diffusers_group_offload(model: str, device, iters: int = 3) -> dict:
 
     if not model.startswith("flux"):
         return {}
-    cfg = flux._load("transformer_dev")
+    cfg = flux._load("transformer_dev.json")
     with torch.device("meta"), default_dtype(torch.bfloat16):
         ref = diffusers.FluxTransformer2DModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
     ref = ref.to_empty(device="cpu")

@@ -48,12 +48,14 @@ def randomize_(module: nn.Module, seed: int = 0) -> None:
             _tile_normal_(p, 0.02, seed + i)
 
 
-def _tile_normal_(p: torch.Tensor, std: float, seed: int, tile: int = 1 << 20) -> None:
+def _tile_normal_(p: torch.Tensor, std: float, seed: int, tile: int = 1 << 16) -> None:
+    # The tile is drawn on the CPU, so synthetic weights are the same whichever device a
+    # component is built on (a CPU-offloaded component must equal the resident one).
     flat = p.view(-1)
     n = flat.numel()
     k = min(n, tile)
-    gen = torch.Generator(p.device).manual_seed(seed)
-    flat[:k].normal_(0.0, std, generator=gen)
+    gen = torch.Generator().manual_seed(seed)
+    flat[:k].copy_(torch.randn(k, generator=gen, dtype=torch.float32).mul_(std))
     while k < n:  # doubling copies: O(log n) launches
         m = min(k, n - k)
         flat[k : k + m].copy_(flat[:m])
