@@ -165,18 +165,19 @@ def build_text_encoder(spec: TextEncoderSpec, device: torch.device, dtype: torch
         randomize_(model, seed)
     else:
         folder = model_path / spec.name
+        # device_map puts the weights straight onto the target device (no CPU copy first).
+        kw = dict(dtype=dtype, device_map=str(device))
         try:
             if spec.arch == "qwen2_5_vl":
                 import transformers as T
 
-                full = T.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+                full = T.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, **kw)
                 model = full.model.language_model
                 del full
             else:
-                model = model_cls.from_pretrained(folder, dtype=dtype)
+                model = model_cls.from_pretrained(folder, **kw)
         except (OSError, ValueError) as e:
             raise EngineError(f"cannot load text encoder from {folder}: {str(e).splitlines()[0]}") from None
-        model = model.to(device)
     return model.eval().requires_grad_(False)
 
 

@@ -138,3 +138,31 @@ def test_real_process_exit_code_and_stderr(tmp_path):
                        capture_output=True, text=True, env=env)
     assert p.returncode == 1 and p.stderr.strip().startswith("error: ") and p.stderr.count("\n") == 1
     assert "Traceback" not in p.stderr
+
+
+def test_generate_writes_png_and_perf_dump(tmp_path):
+    png, dump = tmp_path / "out.png", tmp_path / "perf.json"
+    r = run("generate", "--model", "flux-dev-tiny", "--device", "cpu", "--steps", "2", "--width", "64", "--height", "64",
+            "--output", str(png), "--perf-dump-path", str(dump))
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    assert Image.open(png).size == (64, 64)
+    d = json.loads(dump.read_text())
+    assert d["schema"] == 1 and len(d["steps_s"]) == 2 and d["manifest"]["model"] == "flux-dev-tiny"
+    assert set(d["stages"]) == {"encode_s", "prepare_s", "denoise_s", "decode_s", "save_s"}
+    assert d["cold_start"]["total_s"] >= d["cold_start"]["load_s"] > 0
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model", "flux-pro"], "unknown model"),
+    (["--model", "flux-dev-tiny", "--width", "100"], "multiple of 16"),
+    (["--model", "flux-dev-tiny", "--steps", "0"], "at least one denoise step"),
+    (["--model", "flux-dev-tiny", "--model-path", "/no/such/dir"], "does not exist"),
+    (["--model", "flux-dev-tiny", "--attention-backend", "xformers"], "not one of"),
+    (["--model", "flux-dev-tiny", "--dit-resident-layers", "3"], "--dit-layerwise-offload"),
+])
+def test_generate_bad_input(args, fragment, tmp_path):
+    r = run("generate", "--device", "cpu", "--output", str(tmp_path / "x.png"), *args)
+    assert r.exit_code == 1 and fragment in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
