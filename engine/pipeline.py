@@ -18,18 +18,20 @@ from .errors import EngineError
 from .flags import config_to_dict
 from .models.base import Family
 from .offload import ComponentOffload, LayerwiseOffload
+from .ops import use_fused_kernels
 from .perf import StepTimer, sync
 
 CUDA_ONLY_FLAGS = ("dit_cpu_offload", "text_encoder_cpu_offload", "vae_cpu_offload", "dit_layerwise_offload")
-UNIMPLEMENTED_FLAGS = ("fused_kernels",)
 
 
 def supported_values(device: torch.device) -> dict[str, tuple]:
     """Flags whose values are restricted on `device`: flag name -> the values that can run there.
     Flags not listed run with any value of their registry domain."""
+    from dittune import kernels
+
     out: dict[str, tuple] = {"attention-backend": tuple(attention.available_backends(device))}
-    for attr in UNIMPLEMENTED_FLAGS:
-        out[attr.replace("_", "-")] = (False,)
+    if not kernels.triton_available(device):
+        out["fused-kernels"] = (False,)
     if device.type != "cuda":
         for attr in CUDA_ONLY_FLAGS:
             out[attr.replace("_", "-")] = (False,)
@@ -77,6 +79,7 @@ class Pipeline:
                                               flags.dit_resident_layers, pin)
 
         attention.set_backend(self.dit, flags.attention_backend)
+        self.fused = use_fused_kernels(self.dit, device) if flags.fused_kernels else []
         self._apply_compile()
         sync(device)
         self.load_s = time.perf_counter() - t0
@@ -97,8 +100,6 @@ class Pipeline:
             raise EngineError(
                 f"attention backend {f.attention_backend!r} is not available on {self.device}; available: {', '.join(avail)}"
             )
-        if f.fused_kernels:
-            raise EngineError("--fused-kernels: the fused Triton kernels are not wired into this engine version yet")
 
     def _apply_compile(self) -> None:
         f = self.flags
@@ -224,7 +225,7 @@ class Pipeline:
                 "mode": f.compile_mode if f.enable_torch_compile else None,
                 "compiled": list(self._compiled),
             },
-            "fused_kernels": {"enabled": False, "kernels": []},
+            "fused_kernels": {"enabled": bool(self.fused), "kernels": self.fused},
             "placement": {
                 "dit": place("dit"),
                 **{name: place(name) for name in self.text_encoders},

@@ -7,12 +7,16 @@ own library functions such as tl.sum are decorated at its import, so setting the
 in a process does not give a working interpreter; the tests run it in a fresh process).
 """
 
+import functools
+
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 try:
     import triton
     import triton.language as tl
     from torch.library import wrap_triton
+    from triton.runtime.interpreter import InterpretedFunction
 
     HAS_TRITON = True
 except ImportError:  # macOS / Windows: the ops still register and run their torch references
@@ -27,7 +31,7 @@ except ImportError:  # macOS / Windows: the ops still register and run their tor
             return fn if fn is not None else (lambda f: f)
 
     triton = tl = _NoTriton()
-    wrap_triton = None
+    wrap_triton = InterpretedFunction = None
     HAS_TRITON = False
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -35,11 +39,7 @@ MAX_ROW = 16384  # widest normalised row a program holds in registers
 
 
 def is_interpreted(kernel) -> bool:
-    if not HAS_TRITON:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(kernel, InterpretedFunction)
+    return HAS_TRITON and isinstance(kernel, InterpretedFunction)
 
 
 def use_triton(x: torch.Tensor, kernel) -> bool:
@@ -48,15 +48,15 @@ def use_triton(x: torch.Tensor, kernel) -> bool:
         return False
     if x.device.type == "cuda":
         return True
-    # Under torch.compile tracing the interpreter cannot run on fake tensors: trace the reference.
-    from torch._subclasses.fake_tensor import is_fake
-
-    return x.device.type == "cpu" and is_interpreted(kernel) and not is_fake(x)
+    # The interpreter cannot run under torch.compile's tracing (fake tensors): trace the reference.
+    return x.device.type == "cpu" and is_interpreted(kernel) and not tracing(x)
 
 
-def launchable(kernel):
-    """wrap_triton makes the launch traceable by torch.compile; interpreted kernels launch as they are."""
-    return kernel if is_interpreted(kernel) else wrap_triton(kernel)
+def tracing(x: torch.Tensor) -> bool:
+    """Whether a launch now is being traced (torch.compile's fake tensors, functionalisation,
+    make_fx): then it must go through wrap_triton. In eager the raw kernel launches: the
+    wrapper's higher-order-op dispatch costs far more than these kernels run."""
+    return torch._C._len_torch_dispatch_stack() > 0 or is_fake(x)
 
 
 def triton_available(device: torch.device | str | None = None) -> bool:
@@ -70,8 +70,6 @@ def triton_available(device: torch.device | str | None = None) -> bool:
         return torch.cuda.is_available()
     if device.type != "cpu":
         return False
-    from triton.runtime.interpreter import InterpretedFunction
-
     return isinstance(triton.jit(_probe), InterpretedFunction)
 
 
@@ -159,28 +157,53 @@ def row_config(width: int) -> tuple[int, int, int]:
 
 
 def register(name: str):
-    """Register `fn` as the custom op dittune::<name> (one node for torch.compile, no graph break).
+    """Register `fn` as the custom op dittune::<name>; returns a function that calls the op while
+    torch.compile traces (one node, no graph break) and `fn` itself in eager: the custom-op
+    dispatcher costs about 35 us a call on the H100 host, more than most of these kernels run.
 
-    With triton installed it is a triton_op: Inductor sees the kernels it launches through
+    With triton installed the op is a triton_op: Inductor sees the kernels `fn` launches through
     wrap_triton (and hashes their source into its cache key); without triton a plain custom_op
-    whose fake implementation is `fn` itself."""
+    whose fake implementation is `fn` itself. The op is the function's `.op`."""
 
     def deco(fn):
         if HAS_TRITON:
-            return torch.library.triton_op(f"dittune::{name}", fn, mutates_args=())
-        op = torch.library.custom_op(f"dittune::{name}", fn, mutates_args=())
-        op.register_fake(fn)
-        return op
+            op = torch.library.triton_op(f"dittune::{name}", fn, mutates_args=())
+        else:
+            op = torch.library.custom_op(f"dittune::{name}", fn, mutates_args=())
+            op.register_fake(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+
+        call.op = op
+        return call
 
     return deco
 
 
-def bench(label: str, nbytes: int, **fns) -> None:
-    """One line per shape: median time (triton.testing.do_bench) and GB/s of each callable, and the
-    speedup of the last over the first. `nbytes`: bytes the op must read and write at least."""
-    from triton.testing import do_bench
+def bench(label: str, nbytes: int, reference, triton, op=None) -> None:
+    """One line per shape: GPU time (a CUDA graph of 20 ms of calls: no launch overhead) and GB/s
+    of the reference and the kernel, the speedup, and with `op` (the public op) the wall time per
+    call of back-to-back eager calls of op and reference: the larger of the Python dispatch
+    cost and the GPU time. `nbytes`: the least the op must read and write."""
+    import time
 
-    times = {name: do_bench(fn, return_mode="median") for name, fn in fns.items()}
-    cells = [f"{name} {ms * 1e3:7.1f} us {nbytes / ms / 1e6:6.0f} GB/s" for name, ms in times.items()]
-    first, last = list(times.values())[0], list(times.values())[-1]
-    print(f"{label:<52} " + " | ".join(cells) + f" | x{first / last:.2f}", flush=True)
+    from triton.testing import do_bench_cudagraph
+
+    def eager_us(fn, n=200):
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / n * 1e6
+
+    ref_us, tri_us = (do_bench_cudagraph(fn, return_mode="median") * 1e3 for fn in (reference, triton))
+    line = " | ".join(f"{name} {us:7.1f} us {nbytes / us / 1e3:5.0f} GB/s"
+                      for name, us in (("reference", ref_us), ("triton", tri_us)))  # fmt: skip
+    line += f" | x{ref_us / tri_us:.2f}"
+    if op is not None:
+        line += f" | eager per call: op {eager_us(op):.1f} us, reference {eager_us(reference):.1f} us"
+    print(f"{label:<50} {line}", flush=True)

@@ -20,12 +20,12 @@ from ._common import (
     check_launchable,
     check_modulation,
     check_weight,
-    is_interpreted,
     modulation_strides,
     per_token,
     register,
     row_config,
     tl,
+    tracing,
     triton,
     use_triton,
     wrap_triton,
@@ -75,6 +75,7 @@ def _modulate_kernel(
     RMS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
+    PER_TOKEN: tl.constexpr,  # shift or scale is [B, L, C]
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -92,10 +93,15 @@ def _modulate_kernel(
         y = xc * tl.rsqrt(tl.sum(xc * xc, axis=1) / C + eps)[:, None]
     if HAS_WEIGHT:
         y = y * tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + b * stride_sb + rows * stride_sl + cols, mask=mask, other=0.0).to(tl.float32)
-    y = y * (1.0 + scale)
+    # Per sample: one [1, BLOCK_C] load shared by the BLOCK_M rows.
+    mod_rows, mod_mask = rows, mask
+    if not PER_TOKEN:
+        mod_rows, mod_mask = 0, cols < C
+    scale = tl.load(SCALE + b * stride_sb + mod_rows * stride_sl + cols, mask=mod_mask, other=0.0)
+    y = y * (1.0 + scale.to(tl.float32))
     if HAS_SHIFT:
-        y = y + tl.load(SHIFT + b * stride_hb + rows * stride_hl + cols, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(SHIFT + b * stride_hb + mod_rows * stride_hl + cols, mask=mod_mask, other=0.0)
+        y = y + shift.to(tl.float32)
     tl.store(OUT + (b * L + rows) * C + cols, y.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -120,15 +126,19 @@ def launch(
     rms: bool,
 ) -> torch.Tensor:
     """Run the Triton kernel (LayerNorm when rms=False, RMSNorm * weight when rms=True). -> [B, L, C] contiguous."""
-    op = "rms_norm_modulate" if rms else "modulate"
-    _check(op, x, weight, shift, scale)
-    check_launchable(op, _modulate_kernel, x, weight=weight, shift=shift, scale=scale)
+    _check("rms_norm_modulate" if rms else "modulate", x, weight, shift, scale)
+    return _launch(x, weight, shift, scale, eps, rms)
+
+
+def _launch(x, weight, shift, scale, eps: float, rms: bool) -> torch.Tensor:
+    check_launchable("rms_norm_modulate" if rms else "modulate", _modulate_kernel, x, weight=weight, shift=shift,
+                     scale=scale)  # fmt: skip
     b, l, c = x.shape
     out = torch.empty((b, l, c), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     block_m, block_c, num_warps = row_config(c)
-    kernel = _modulate_kernel if is_interpreted(_modulate_kernel) else wrap_triton(_modulate_kernel)
+    kernel = wrap_triton(_modulate_kernel) if tracing(x) else _modulate_kernel
     kernel[(triton.cdiv(l, block_m), b)](
         x,
         x if weight is None else weight,
@@ -145,6 +155,7 @@ def launch(
         RMS=rms,
         HAS_WEIGHT=weight is not None,
         HAS_SHIFT=shift is not None,
+        PER_TOKEN=any(modulation_strides(t, x)[1] for t in (shift, scale)),
         BLOCK_M=block_m,
         BLOCK_C=block_c,
         num_warps=num_warps,
@@ -160,7 +171,7 @@ def launch(
 def _modulate_op(x: torch.Tensor, shift: Optional[torch.Tensor], scale: torch.Tensor, eps: float) -> torch.Tensor:
     _check("modulate", x, None, shift, scale)
     if use_triton(x, _modulate_kernel):
-        return launch(x, None, shift, scale, eps, rms=False)
+        return _launch(x, None, shift, scale, eps, rms=False)
     return modulate_reference(x, shift, scale, eps)
 
 
@@ -170,7 +181,7 @@ def _rms_norm_modulate_op(
 ) -> torch.Tensor:
     _check("rms_norm_modulate", x, weight, None, scale)
     if use_triton(x, _modulate_kernel):
-        return launch(x, weight, None, scale, eps, rms=True)
+        return _launch(x, weight, None, scale, eps, rms=True)
     return rms_norm_modulate_reference(x, weight, scale, eps)
 
 
@@ -202,10 +213,14 @@ def benchmark() -> None:
         shift, scale = torch.randn(2, b, c, device=dev, dtype=dt).unbind(0)
         w = torch.randn(c, device=dev, dtype=dt)
         nbytes = 2 * x.numel() * x.element_size()
-        bench(f"modulate {name} [{b}, {l}, {c}]", nbytes, reference=lambda: modulate_reference(x, shift, scale),
-              triton=lambda: launch(x, None, shift, scale, 1e-6, rms=False))  # fmt: skip
-        bench(f"rms_norm_modulate {name}", nbytes, reference=lambda: rms_norm_modulate_reference(x, w, scale),
-              triton=lambda: launch(x, w, None, scale, 1e-6, rms=True))  # fmt: skip
+        bench(f"modulate {name} [{b}, {l}, {c}]", nbytes,
+              reference=lambda: modulate_reference(x, shift, scale),
+              triton=lambda: launch(x, None, shift, scale, 1e-6, rms=False),
+              op=lambda: modulate(x, shift, scale))  # fmt: skip
+        bench(f"rms_norm_modulate {name}", nbytes,
+              reference=lambda: rms_norm_modulate_reference(x, w, scale),
+              triton=lambda: launch(x, w, None, scale, 1e-6, rms=True),
+              op=lambda: rms_norm_modulate(x, w, scale))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ Convention (the same in FLUX, Qwen-Image and Z-Image): RMSNorm first (fp32 stats
 rotate interleaved pairs (x[2i], x[2i+1]) in fp32:
     out[2i]   = x[2i] * cos - x[2i+1] * sin
     out[2i+1] = x[2i] * sin + x[2i+1] * cos
-The reference is, op for op, Qwen-Image's qk_norm_rope (bit-identical to Z-Image's complex product).
+The reference rotates in real fp32 arithmetic; on the CPU it is bit-identical to each model's own
+QK-norm + RoPE (their complex products included): tests/kernels/test_qk_norm_rope.py checks it.
 """
 
 import torch
@@ -25,10 +26,10 @@ from ._common import (
     bench,
     check_launchable,
     fail,
-    is_interpreted,
     register,
     shape,
     tl,
+    tracing,
     triton,
     use_triton,
     wrap_triton,
@@ -169,7 +170,7 @@ def _launch_segment(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, l_off
     if q.numel() == 0:
         return
     block_m, block_d, num_warps = _config(d)
-    kernel = _qk_norm_rope_kernel if is_interpreted(_qk_norm_rope_kernel) else wrap_triton(_qk_norm_rope_kernel)
+    kernel = wrap_triton(_qk_norm_rope_kernel) if tracing(q) else _qk_norm_rope_kernel
     kernel[(triton.cdiv(l, block_m), b * h, 2)](
         q, k, q_weight, k_weight, cos, sin, q_out, k_out,
         l, h, q_out.shape[2], l_offset,
@@ -181,10 +182,13 @@ def _launch_segment(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, l_off
 
 def launch(q, k, q_weight, k_weight, cos, sin, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the Triton kernel on one stream. -> (q, k) contiguous [B, H, L, D]."""
-    op = "qk_norm_rope"
-    _check_pair(op, q, k, q_weight, k_weight)
-    _check_rope(op, q, cos, sin, q.shape[1])
-    check_launchable(op, _qk_norm_rope_kernel, q, k=k, q_weight=q_weight, k_weight=k_weight)
+    _check_pair("qk_norm_rope", q, k, q_weight, k_weight)
+    _check_rope("qk_norm_rope", q, cos, sin, q.shape[1])
+    return _launch(q, k, q_weight, k_weight, cos, sin, eps)
+
+
+def _launch(q, k, q_weight, k_weight, cos, sin, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    check_launchable("qk_norm_rope", _qk_norm_rope_kernel, q, k=k, q_weight=q_weight, k_weight=k_weight)
     b, l, h, d = q.shape
     q_out = torch.empty((b, h, l, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty_like(q_out)
@@ -206,9 +210,13 @@ def launch_joint(
     q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the Triton kernel on both streams into one output each. -> (q, k) contiguous [B, H, Lt + Li, D]."""
-    op = "joint_qk_norm_rope"
-    _check_joint(op, q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin)
-    check_launchable(op, _qk_norm_rope_kernel, q_txt, k_txt=k_txt, q_img=q_img, k_img=k_img,
+    args = (q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin)
+    _check_joint("joint_qk_norm_rope", *args)
+    return _launch_joint(*args, eps)
+
+
+def _launch_joint(q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin, eps):
+    check_launchable("joint_qk_norm_rope", _qk_norm_rope_kernel, q_txt, k_txt=k_txt, q_img=q_img, k_img=k_img,
                      q_weight_txt=q_weight_txt, k_weight_txt=k_weight_txt,
                      q_weight_img=q_weight_img, k_weight_img=k_weight_img)  # fmt: skip
     b, lt, h, d = q_txt.shape
@@ -236,7 +244,7 @@ def _qk_norm_rope_op(
     _check_pair("qk_norm_rope", q, k, q_weight, k_weight)
     _check_rope("qk_norm_rope", q, cos, sin, q.shape[1])
     if use_triton(q, _qk_norm_rope_kernel):
-        return launch(q, k, q_weight, k_weight, cos, sin, eps)
+        return _launch(q, k, q_weight, k_weight, cos, sin, eps)
     return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
 
 
@@ -257,7 +265,7 @@ def _joint_qk_norm_rope_op(
     args = (q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin)
     _check_joint("joint_qk_norm_rope", *args)
     if use_triton(q_txt, _qk_norm_rope_kernel):
-        return launch_joint(*args, eps)
+        return _launch_joint(*args, eps)
     return joint_qk_norm_rope_reference(*args, eps)
 
 
@@ -312,11 +320,13 @@ def benchmark() -> None:
         nbytes = 4 * q.numel() * q.element_size()
         bench(f"qk_norm_rope {name} [{b}, {l}, {h}, {d}]", nbytes,
               reference=lambda: qk_norm_rope_reference(q, k, wq, wk, cos, sin),
-              triton=lambda: launch(q, k, wq, wk, cos, sin))  # fmt: skip
+              triton=lambda: launch(q, k, wq, wk, cos, sin),
+              op=lambda: qk_norm_rope(q, k, wq, wk, cos, sin))  # fmt: skip
         jt, ji = (qkv[:, :lt, 0], qkv[:, :lt, 1]), (qkv[:, lt:, 0], qkv[:, lt:, 1])
         bench(f"joint_qk_norm_rope {name}", nbytes,
               reference=lambda: joint_qk_norm_rope_reference(*jt, *ji, wq, wk, wk, wq, cos, sin),
-              triton=lambda: launch_joint(*jt, *ji, wq, wk, wk, wq, cos, sin))  # fmt: skip
+              triton=lambda: launch_joint(*jt, *ji, wq, wk, wk, wq, cos, sin),
+              op=lambda: joint_qk_norm_rope(*jt, *ji, wq, wk, wk, wq, cos, sin))  # fmt: skip
 
 
 if __name__ == "__main__":

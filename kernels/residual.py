@@ -22,13 +22,13 @@ from ._common import (
     check_modulation,
     check_weight,
     fail,
-    is_interpreted,
     modulation_strides,
     per_token,
     register,
     row_config,
     shape,
     tl,
+    tracing,
     triton,
     use_triton,
     wrap_triton,
@@ -95,6 +95,7 @@ def _residual_kernel(
     NORM_Y: tl.constexpr,
     MODULATE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
+    PER_TOKEN: tl.constexpr,  # gate, shift or scale is [B, L, C]
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -107,8 +108,13 @@ def _residual_kernel(
     if NORM_Y:
         y = y * tl.rsqrt(tl.sum(y * y, axis=1) / C + eps)[:, None]
         y = y * tl.load(WY + cols, mask=cols < C, other=0.0).to(tl.float32)
+    # Per sample: one [1, BLOCK_C] load of gate, shift, scale shared by the BLOCK_M rows.
+    mod_rows, mod_mask = rows, mask
+    if not PER_TOKEN:
+        mod_rows, mod_mask = 0, cols < C
     if HAS_GATE:
-        y = y * tl.load(GATE + b * stride_gb + rows * stride_gl + cols, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(GATE + b * stride_gb + mod_rows * stride_gl + cols, mask=mod_mask, other=0.0)
+        y = y * gate.to(tl.float32)
     r = tl.load(X + b * stride_xb + rows * stride_xl + cols, mask=mask, other=0.0).to(tl.float32) + y
     r_out = r.to(OUT.dtype.element_ty)
     tl.store(OUT + (b * L + rows) * C + cols, r_out, mask=mask)
@@ -117,10 +123,11 @@ def _residual_kernel(
         r = r_out.to(tl.float32)  # normalise the residual as stored, as the unfused ops do
         rc = tl.where(mask, r - (tl.sum(r, axis=1) / C)[:, None], 0.0)
         h = rc * tl.rsqrt(tl.sum(rc * rc, axis=1) / C + eps)[:, None]
-        scale = tl.load(SCALE + b * stride_sb + rows * stride_sl + cols, mask=mask, other=0.0).to(tl.float32)
-        h = h * (1.0 + scale)
+        scale = tl.load(SCALE + b * stride_sb + mod_rows * stride_sl + cols, mask=mod_mask, other=0.0)
+        h = h * (1.0 + scale.to(tl.float32))
         if HAS_SHIFT:
-            h = h + tl.load(SHIFT + b * stride_hb + rows * stride_hl + cols, mask=mask, other=0.0).to(tl.float32)
+            shift = tl.load(SHIFT + b * stride_hb + mod_rows * stride_hl + cols, mask=mod_mask, other=0.0)
+            h = h + shift.to(tl.float32)
         tl.store(MOD_OUT + (b * L + rows) * C + cols, h.to(MOD_OUT.dtype.element_ty), mask=mask)
 
 
@@ -149,20 +156,26 @@ def launch(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """x + gate * (rms_norm(y) * weight if weight is given else y); with `scale`, also the
     modulated LayerNorm of that sum. -> (sum, modulated or None), both contiguous [B, L, C]."""
-    op = "gated_residual"
+    _check(_op_name(weight, scale), x, gate, y, weight, shift, scale)
+    return _launch(x, gate, y, weight, shift, scale, eps)
+
+
+def _op_name(weight, scale) -> str:
     if scale is not None:
-        op = "gated_residual_modulate"
-    elif weight is not None:
-        op = "gated_norm_residual"
-    _check(op, x, gate, y, weight, shift, scale)
-    check_launchable(op, _residual_kernel, x, gate=gate, y=y, weight=weight, shift=shift, scale=scale)
+        return "gated_residual_modulate"
+    return "gated_residual" if weight is None else "gated_norm_residual"
+
+
+def _launch(x, gate, y, weight=None, shift=None, scale=None, eps: float = 1e-6):
+    check_launchable(_op_name(weight, scale), _residual_kernel, x, gate=gate, y=y, weight=weight, shift=shift,
+                     scale=scale)  # fmt: skip
     b, l, c = x.shape
     out = torch.empty((b, l, c), dtype=x.dtype, device=x.device)
     mod_out = torch.empty_like(out) if scale is not None else None
     if out.numel() == 0:
         return out, mod_out
     block_m, block_c, num_warps = row_config(c)
-    kernel = _residual_kernel if is_interpreted(_residual_kernel) else wrap_triton(_residual_kernel)
+    kernel = wrap_triton(_residual_kernel) if tracing(x) else _residual_kernel
     kernel[(triton.cdiv(l, block_m), b)](
         x,
         x if gate is None else gate,
@@ -186,6 +199,7 @@ def launch(
         NORM_Y=weight is not None,
         MODULATE=scale is not None,
         HAS_SHIFT=shift is not None,
+        PER_TOKEN=any(modulation_strides(t, x)[1] for t in (gate, shift, scale)),
         BLOCK_M=block_m,
         BLOCK_C=block_c,
         num_warps=num_warps,
@@ -201,7 +215,7 @@ def launch(
 def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     _check("gated_residual", x, gate, y)
     if use_triton(x, _residual_kernel):
-        return launch(x, gate, y)[0]
+        return _launch(x, gate, y)[0]
     return gated_residual_reference(x, gate, y)
 
 
@@ -216,7 +230,7 @@ def _gated_residual_modulate_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check("gated_residual_modulate", x, gate, y, shift=shift, scale=scale)
     if use_triton(x, _residual_kernel):
-        return launch(x, gate, y, shift=shift, scale=scale, eps=eps)
+        return _launch(x, gate, y, shift=shift, scale=scale, eps=eps)
     return gated_residual_modulate_reference(x, gate, y, shift, scale, eps)
 
 
@@ -226,7 +240,7 @@ def _gated_norm_residual_op(
 ) -> torch.Tensor:
     _check("gated_norm_residual", x, gate, y, weight)
     if use_triton(x, _residual_kernel):
-        return launch(x, gate, y, weight=weight, eps=eps)[0]
+        return _launch(x, gate, y, weight=weight, eps=eps)[0]
     return gated_norm_residual_reference(x, gate, y, weight, eps)
 
 
@@ -267,12 +281,13 @@ def benchmark() -> None:
         w = torch.randn(c, device=dev, dtype=dt)
         nbytes = 3 * x.numel() * x.element_size()
         bench(f"gated_residual {name} [{b}, {l}, {c}]", nbytes, reference=lambda: gated_residual_reference(x, gate, y),
-              triton=lambda: launch(x, gate, y))  # fmt: skip
+              triton=lambda: launch(x, gate, y), op=lambda: gated_residual(x, gate, y))  # fmt: skip
         bench(f"gated_residual_modulate {name}", 4 * x.numel() * x.element_size(),
               reference=lambda: gated_residual_modulate_reference(x, gate, y, shift, scale),
-              triton=lambda: launch(x, gate, y, shift=shift, scale=scale))  # fmt: skip
+              triton=lambda: launch(x, gate, y, shift=shift, scale=scale),
+              op=lambda: gated_residual_modulate(x, gate, y, shift, scale))  # fmt: skip
         bench(f"gated_norm_residual {name}", nbytes, reference=lambda: gated_norm_residual_reference(x, gate, y, w),
-              triton=lambda: launch(x, gate, y, weight=w))  # fmt: skip
+              triton=lambda: launch(x, gate, y, weight=w), op=lambda: gated_norm_residual(x, gate, y, w))  # fmt: skip
 
 
 if __name__ == "__main__":

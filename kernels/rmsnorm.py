@@ -14,11 +14,11 @@ from ._common import (
     check_launchable,
     check_weight,
     fail,
-    is_interpreted,
     register,
     row_config,
     shape,
     tl,
+    tracing,
     triton,
     use_triton,
     wrap_triton,
@@ -95,6 +95,10 @@ def _leading_dims(x: torch.Tensor) -> tuple[tuple[int, int, int], tuple[int, int
 def launch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Run the Triton kernel. -> contiguous tensor of x's shape and dtype."""
     _check(x, weight)
+    return _launch(x, weight, eps)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     check_launchable("rms_norm", _rms_norm_kernel, x, weight=weight)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
@@ -103,7 +107,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Te
     c = x.shape[-1]
     n_rows = x.numel() // c
     block_m, block_c, num_warps = row_config(c)
-    kernel = _rms_norm_kernel if is_interpreted(_rms_norm_kernel) else wrap_triton(_rms_norm_kernel)
+    kernel = wrap_triton(_rms_norm_kernel) if tracing(x) else _rms_norm_kernel
     kernel[(triton.cdiv(n_rows, block_m),)](
         x, weight, out, n_rows, n1, n2, *strides, c, eps, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps
     )
@@ -118,7 +122,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Te
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _check(x, weight)
     if use_triton(x, _rms_norm_kernel):
-        return launch(x, weight, eps)
+        return _launch(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
@@ -143,7 +147,7 @@ def benchmark() -> None:
     for name, x in cases:
         w = torch.randn(x.shape[-1], device=dev, dtype=dt)
         bench(f"rms_norm {name}", 2 * x.numel() * x.element_size(), reference=lambda: rms_norm_reference(x, w),
-              triton=lambda: launch(x, w))  # fmt: skip
+              triton=lambda: launch(x, w), op=lambda: rms_norm(x, w))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import Attention
+from ..ops import reference
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec
 
@@ -189,6 +190,11 @@ def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
 # Blocks
 
 
+# Blocks call these through `self.ops`; --fused-kernels swaps in dittune.kernels' ops of the same names.
+OPS = reference(("modulate", "gated_residual", "qk_norm_rope", "joint_qk_norm_rope"), modulate=modulate,
+                gated_residual=gated_residual, qk_norm_rope=qk_norm_rope, joint_qk_norm_rope=joint_qk_norm_rope)
+
+
 class MLPEmbedder(nn.Module):
     """Linear -> SiLU -> Linear (timestep, guidance and pooled-text embedders)."""
 
@@ -217,6 +223,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_norm_q = nn.Parameter(torch.empty(hd))
         self.txt_norm_k = nn.Parameter(torch.empty(hd))
         self.attn = Attention()
+        self.ops = OPS
         self.img_proj = nn.Linear(d, d)
         self.txt_proj = nn.Linear(d, d)
         self.img_mlp_in = nn.Linear(d, m)
@@ -236,20 +243,20 @@ class DoubleStreamBlock(nn.Module):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)[:, None].chunk(6, dim=-1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)[:, None].chunk(6, dim=-1)
 
-        iq, ik, iv = split_heads(self.img_qkv(modulate(img, i_shift1, i_scale1)), self.heads)  # [B, Li, H, hd]
-        tq, tk, tv = split_heads(self.txt_qkv(modulate(txt, t_shift1, t_scale1)), self.heads)  # [B, Lt, H, hd]
-        q, k = joint_qk_norm_rope(
+        iq, ik, iv = split_heads(self.img_qkv(self.ops.modulate(img, i_shift1, i_scale1)), self.heads)  # [B, Li, H, hd]
+        tq, tk, tv = split_heads(self.txt_qkv(self.ops.modulate(txt, t_shift1, t_scale1)), self.heads)  # [B, Lt, H, hd]
+        q, k = self.ops.joint_qk_norm_rope(
             tq, tk, iq, ik, self.txt_norm_q, self.txt_norm_k, self.img_norm_q, self.img_norm_k, cos, sin
         )  # [B, H, L, hd]
         out = self.attn(q, k, joint_heads(tv, iv))  # [B, L, D]
 
-        img = gated_residual(img, i_gate1, self.img_proj(out[:, lt:]))
-        h = F.gelu(self.img_mlp_in(modulate(img, i_shift2, i_scale2)), approximate="tanh")
-        img = gated_residual(img, i_gate2, self.img_mlp_out(h))
+        img = self.ops.gated_residual(img, i_gate1, self.img_proj(out[:, lt:]))
+        h = F.gelu(self.img_mlp_in(self.ops.modulate(img, i_shift2, i_scale2)), approximate="tanh")
+        img = self.ops.gated_residual(img, i_gate2, self.img_mlp_out(h))
 
-        txt = gated_residual(txt, t_gate1, self.txt_proj(out[:, :lt]))
-        h = F.gelu(self.txt_mlp_in(modulate(txt, t_shift2, t_scale2)), approximate="tanh")
-        txt = gated_residual(txt, t_gate2, self.txt_mlp_out(h))
+        txt = self.ops.gated_residual(txt, t_gate1, self.txt_proj(out[:, :lt]))
+        h = F.gelu(self.txt_mlp_in(self.ops.modulate(txt, t_shift2, t_scale2)), approximate="tanh")
+        txt = self.ops.gated_residual(txt, t_gate2, self.txt_mlp_out(h))
         if txt.dtype == torch.float16:  # as diffusers: the text stream overflows fp16
             txt = txt.clip(-65504, 65504)
         return img, txt
@@ -270,6 +277,7 @@ class SingleStreamBlock(nn.Module):
         self.norm_q = nn.Parameter(torch.empty(hd))
         self.norm_k = nn.Parameter(torch.empty(hd))
         self.attn = Attention()
+        self.ops = OPS
         self.proj_out = nn.Linear(d + m, d)  # input [attn | mlp]
 
     def forward(
@@ -280,12 +288,12 @@ class SingleStreamBlock(nn.Module):
         sin: torch.Tensor,
     ) -> torch.Tensor:
         shift, scale, gate = self.mod(vec)[:, None].chunk(3, dim=-1)
-        h = modulate(x, shift, scale)
+        h = self.ops.modulate(x, shift, scale)
         q, k, v = split_heads(self.qkv(h), self.heads)  # [B, L, H, hd] views
         mlp = F.gelu(self.mlp_in(h), approximate="tanh")  # [B, L, M]
-        q, k = qk_norm_rope(q, k, self.norm_q, self.norm_k, cos, sin)  # [B, H, L, hd]
+        q, k = self.ops.qk_norm_rope(q, k, self.norm_q, self.norm_k, cos, sin)  # [B, H, L, hd]
         out = self.attn(q, k, v.transpose(1, 2).contiguous())  # [B, L, D]
-        x = gated_residual(x, gate, self.proj_out(torch.cat([out, mlp], dim=-1)))
+        x = self.ops.gated_residual(x, gate, self.proj_out(torch.cat([out, mlp], dim=-1)))
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x
@@ -308,6 +316,7 @@ class FluxTransformer(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.num_layers))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.num_single_layers))
         self.norm_out = nn.Linear(d, 2 * d)  # final adaLN: [scale | shift]
+        self.ops = OPS
         self.proj_out = nn.Linear(d, config.out_dim)
 
     def forward(
@@ -347,7 +356,7 @@ class FluxTransformer(nn.Module):
         img = x[:, lt:]
 
         scale, shift = self.norm_out(vec)[:, None].chunk(2, dim=-1)
-        return self.proj_out(modulate(img, shift, scale))  # [B, Li, out_channels]
+        return self.proj_out(self.ops.modulate(img, shift, scale))  # [B, Li, out_channels]
 
 
 # ---------------------------------------------------------------------------------------------

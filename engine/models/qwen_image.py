@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import Attention
+from ..ops import reference
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec
 
@@ -234,6 +235,11 @@ class TimestepMLP(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+# Blocks call these through `self.ops`; --fused-kernels swaps in dittune.kernels' ops of the same names.
+OPS = reference(("modulate", "gated_residual", "joint_qk_norm_rope"), modulate=modulate, gated_residual=gated_residual,
+                joint_qk_norm_rope=joint_qk_norm_rope)
+
+
 class DualStreamBlock(nn.Module):
     """Image and text streams with their own weights, joined in one attention over [text, image]."""
 
@@ -250,6 +256,7 @@ class DualStreamBlock(nn.Module):
         self.txt_norm_q = nn.Parameter(torch.ones(hd))
         self.txt_norm_k = nn.Parameter(torch.ones(hd))
         self.attn = Attention()
+        self.ops = OPS
         self.img_out = nn.Linear(dim, dim)
         self.txt_out = nn.Linear(dim, dim)
         self.img_mlp = MLP(dim, cfg.mlp_ratio * dim)
@@ -269,19 +276,19 @@ class DualStreamBlock(nn.Module):
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod[6:]
         h, d, eps, lt = self.heads, self.head_dim, self.eps, txt.shape[1]
 
-        img_qkv = self.img_qkv(modulate(img, i_shift1, i_scale1, eps)).unflatten(-1, (3, h, d))  # [B, Li, 3, H, D]
-        txt_qkv = self.txt_qkv(modulate(txt, t_shift1, t_scale1, eps)).unflatten(-1, (3, h, d))
-        q, k = joint_qk_norm_rope(
+        img_qkv = self.img_qkv(self.ops.modulate(img, i_shift1, i_scale1, eps)).unflatten(-1, (3, h, d))  # [B, Li, 3, H, D]
+        txt_qkv = self.txt_qkv(self.ops.modulate(txt, t_shift1, t_scale1, eps)).unflatten(-1, (3, h, d))
+        q, k = self.ops.joint_qk_norm_rope(
             txt_qkv[:, :, 0], txt_qkv[:, :, 1], img_qkv[:, :, 0], img_qkv[:, :, 1],
             self.txt_norm_q, self.txt_norm_k, self.img_norm_q, self.img_norm_k, cos, sin, eps,
         )  # fmt: skip
         v = joint_heads(txt_qkv[:, :, 2], img_qkv[:, :, 2])  # q, k, v: [B, H, Lt + Li, D]
         out = self.attn(q, k, v, mask)  # [B, Lt + Li, C]
 
-        img = gated_residual(img, i_gate1, self.img_out(out[:, lt:]))
-        txt = gated_residual(txt, t_gate1, self.txt_out(out[:, :lt]))
-        img = gated_residual(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2, eps)))
-        txt = gated_residual(txt, t_gate2, self.txt_mlp(modulate(txt, t_shift2, t_scale2, eps)))
+        img = self.ops.gated_residual(img, i_gate1, self.img_out(out[:, lt:]))
+        txt = self.ops.gated_residual(txt, t_gate1, self.txt_out(out[:, :lt]))
+        img = self.ops.gated_residual(img, i_gate2, self.img_mlp(self.ops.modulate(img, i_shift2, i_scale2, eps)))
+        txt = self.ops.gated_residual(txt, t_gate2, self.txt_mlp(self.ops.modulate(txt, t_shift2, t_scale2, eps)))
         if img.dtype == torch.float16:
             img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
         return img, txt

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import Attention
+from ..ops import reference
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec
 
@@ -163,7 +164,7 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, L, H, D/2]
     fc = torch.view_as_complex(freqs).unsqueeze(1)  # [L, 1, D/2]
     out = torch.view_as_real(xc * fc).flatten(-2)  # [B, L, H, D] fp32
-    return out.transpose(1, 2).to(x.dtype, memory_format=torch.contiguous_format)
+    return out.transpose(1, 2).to(x.dtype).contiguous()  # .to() alone keeps fp32 strided
 
 
 def rope_freqs(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> torch.Tensor:
@@ -188,6 +189,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
+
+
+# Blocks call these through `self.ops`; --fused-kernels swaps in dittune.kernels' ops of the same names.
+# norm_scale (scale already 1 + s) and the complex-table qk_norm_rope have no drop-in kernel yet.
+OPS = reference(("gated_norm_residual",), gated_norm_residual=gated_norm_residual, norm_scale=norm_scale,
+                qk_norm_rope=qk_norm_rope)
 
 
 class RMSNorm(nn.Module):
@@ -221,6 +228,7 @@ class Block(nn.Module):
         self.norm_q = RMSNorm(cfg.head_dim, eps=1e-5)
         self.norm_k = RMSNorm(cfg.head_dim, eps=1e-5)
         self.attn = Attention()
+        self.ops = OPS
         self.proj = nn.Linear(dim, dim, bias=False)
         self.w13 = nn.Linear(dim, 2 * cfg.ffn_dim, bias=False)  # w1 | w3
         self.w2 = nn.Linear(cfg.ffn_dim, dim, bias=False)
@@ -237,20 +245,20 @@ class Block(nn.Module):
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=2)
             gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
             scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp  # [B, 1, C]
-            h = norm_scale(x, self.attention_norm1.weight, scale_msa, eps)
+            h = self.ops.norm_scale(x, self.attention_norm1.weight, scale_msa, eps)
         else:
             gate_msa = gate_mlp = scale_mlp = None
             h = self.attention_norm1(x)
 
         b, l, _ = h.shape
         q, k, v = self.qkv(h).view(b, l, 3, self.heads, -1).unbind(2)  # [B, L, H, D] each
-        q = qk_norm_rope(q, self.norm_q.weight, freqs, self.norm_q.eps)  # [B, H, L, D]
-        k = qk_norm_rope(k, self.norm_k.weight, freqs, self.norm_k.eps)
+        q = self.ops.qk_norm_rope(q, self.norm_q.weight, freqs, self.norm_q.eps)  # [B, H, L, D]
+        k = self.ops.qk_norm_rope(k, self.norm_k.weight, freqs, self.norm_k.eps)
         v = v.transpose(1, 2).contiguous()
-        x = gated_norm_residual(x, gate_msa, self.proj(self.attn(q, k, v)), self.attention_norm2.weight, eps)
+        x = self.ops.gated_norm_residual(x, gate_msa, self.proj(self.attn(q, k, v)), self.attention_norm2.weight, eps)
 
-        h = self.ffn_norm1(x) if scale_mlp is None else norm_scale(x, self.ffn_norm1.weight, scale_mlp, eps)
-        return gated_norm_residual(x, gate_mlp, self.w2(swiglu(self.w13(h))), self.ffn_norm2.weight, eps)
+        h = self.ffn_norm1(x) if scale_mlp is None else self.ops.norm_scale(x, self.ffn_norm1.weight, scale_mlp, eps)
+        return self.ops.gated_norm_residual(x, gate_mlp, self.w2(swiglu(self.w13(h))), self.ffn_norm2.weight, eps)
 
 
 class FinalLayer(nn.Module):

@@ -60,9 +60,46 @@ def test_cuda_only_flags_refuse_on_cpu(argv):
     assert "\n" not in str(e.value) and ("CUDA" in str(e.value) or "not available on cpu" in str(e.value))
 
 
-def test_unwired_fused_kernels_refuse_rather_than_no_op():
-    with pytest.raises(EngineError, match="fused"):
+def test_fused_kernels_refuse_where_triton_cannot_run():
+    from dittune import kernels
+
+    if kernels.triton_available("cpu"):
+        pytest.skip("TRITON_INTERPRET=1: the kernels do run on the CPU here")
+    with pytest.raises(EngineError, match="Triton kernels cannot run on cpu"):
         _run(["--fused-kernels"])
+
+
+FUSED_SCRIPT = """
+import json, sys, torch
+from dittune.engine import flags as F
+from dittune.engine.run import GenerateRequest, generate
+out = {}
+for name, argv in (("default", []), ("fused", ["--fused-kernels"])):
+    r = generate(GenerateRequest(model=sys.argv[1], steps=2, width=64, height=64, device="cpu", flags=F.config_from_argv(argv)))
+    out[name] = {"image": r.image.flatten().tolist(), "fused": r.dump["manifest"]["fused_kernels"]}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("model, kernels", [
+    ("flux-dev-tiny", ["gated_residual", "joint_qk_norm_rope", "modulate", "qk_norm_rope"]),
+    ("qwen-image-tiny", ["gated_residual", "joint_qk_norm_rope", "modulate"]),
+    ("z-image-turbo-tiny", ["gated_norm_residual"]),
+])
+def test_fused_kernels_apply_and_match_under_the_triton_interpreter(model, kernels):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", FUSED_SCRIPT, model], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["fused"]["fused"] == {"enabled": True, "kernels": kernels}
+    assert out["default"]["fused"] == {"enabled": False, "kernels": []}
+    a, b = torch.tensor(out["default"]["image"]), torch.tensor(out["fused"]["image"])
+    assert (a - b).abs().max().item() <= 1
 
 
 @pytest.mark.parametrize("kw, frag", [
@@ -81,7 +118,7 @@ GPU_LOSSLESS = [
     ["--attention-backend", "torch_cudnn_sdpa"], ["--attention-backend", "torch_flash_sdpa"],
     ["--attention-backend", "torch_efficient_sdpa"], ["--enable-torch-compile"],
     ["--enable-torch-compile", "--compile-scope", "full"], ["--dit-cpu-offload"], ["--text-encoder-cpu-offload"],
-    ["--vae-cpu-offload"], ["--dit-layerwise-offload"], ["--dit-layerwise-offload", "--dit-resident-layers", "1"],
+    ["--vae-cpu-offload"], ["--fused-kernels"], ["--dit-layerwise-offload"], ["--dit-layerwise-offload", "--dit-resident-layers", "1"],
     ["--dit-layerwise-offload", "--dit-offload-prefetch-size", "0.5", "--no-pin-cpu-memory"],
 ]
 
@@ -105,6 +142,8 @@ def test_lossless_flags_match_default_on_gpu(default_gpu, argv):
         assert m["placement"]["text_encoder"] == m["placement"]["text_encoder_2"] == "cpu_offload"
     if cfg.vae_cpu_offload:
         assert m["placement"]["vae"] == "cpu_offload"
+    if cfg.fused_kernels:
+        assert m["fused_kernels"]["enabled"] and "modulate" in m["fused_kernels"]["kernels"]
     if cfg.dit_layerwise_offload:
         lw = m["layerwise"]
         assert m["placement"]["dit"] == "layerwise_offload" and lw["resident"] == cfg.dit_resident_layers

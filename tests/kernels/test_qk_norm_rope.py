@@ -12,7 +12,6 @@ from dittune.kernels.qk_norm_rope import (
     joint_qk_norm_rope_reference,
     launch,
     launch_joint,
-    norm_rope_reference,
     qk_norm_rope,
     qk_norm_rope_reference,
 )
