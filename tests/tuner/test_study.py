@@ -168,3 +168,29 @@ def test_sigkill_mid_study_loses_nothing_and_resume_finishes(tmp_path):
 
     study = optuna.load_study(study_name=D.studies(db)[0].name, storage=url)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path):
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(here=str(HERE), url=url) + "print('RETURNED')\n")
+    env = dict(os.environ, FAKE_ENGINE_SLEEP="1.0")
+    p = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    seen = 0
+    deadline = time.time() + 120
+    while seen < 2 and time.time() < deadline:
+        if p.stdout.readline().startswith("trial "):
+            seen += 1
+    time.sleep(0.3)  # a trial's worker is running now
+    p.send_signal(signal.SIGINT)  # the orchestrator only, as a terminal's Ctrl-C reaches it
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0 and "RETURNED" in out
+    db = D.open_db(url)
+    assert len([t for t in D.trials(db) if t.status == "complete"]) >= 2
+    import optuna
+
+    study = optuna.load_study(study_name=D.studies(db)[0].name, storage=url)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    # no worker left behind: nothing still runs fake_engine.py
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "fake_engine.py" not in ps
