@@ -114,8 +114,10 @@ class Pipeline:
         if not names:
             raise EngineError(f"{type(self.dit).__name__} declares no repeated blocks for regional compile")
         for name in names:
+            # Compile forward, not the module: Module.compile would trace its hooks too, and
+            # layerwise offload's hooks (stream waits, weight swaps) must stay eager.
             for block in getattr(self.dit, name):
-                block.compile(mode=mode, fullgraph=True)
+                block.forward = torch.compile(block.forward, mode=mode, fullgraph=True)
             self._compiled.append(name)
 
     # --- stages -----------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ GPU_LOSSLESS = [
     ["--enable-torch-compile", "--compile-scope", "full"], ["--dit-cpu-offload"], ["--text-encoder-cpu-offload"],
     ["--vae-cpu-offload"], ["--fused-kernels"], ["--dit-layerwise-offload"], ["--dit-layerwise-offload", "--dit-resident-layers", "1"],
     ["--dit-layerwise-offload", "--dit-offload-prefetch-size", "0.5", "--no-pin-cpu-memory"],
+    ["--dit-layerwise-offload", "--enable-torch-compile"],
 ]
 
 
