@@ -27,6 +27,11 @@ def generate_command(r: Result) -> str:
     return shlex.join(generate_argv(r))
 
 
+def remeasure_command(r: Result) -> str:
+    """The same configuration with a warm-up request and a perf dump: what the tuner measured."""
+    return shlex.join([*generate_argv(r), "--warmup", "1", "--perf-dump-path", "remeasure.json"])
+
+
 def sglang_command(r: Result) -> tuple[str, list[str]]:
     """`sglang generate ...` for the same configuration, and the flags SGLang has no equivalent for."""
     try:
@@ -55,7 +60,7 @@ def to_dict(r: Result) -> dict:
     return {
         "model": r.model, "width": r.width, "height": r.height, "steps": r.steps, "guidance": r.guidance,
         "gpu": r.gpu, "gpu_memory_bytes": r.gpu_memory_bytes, "flags": F.config_to_dict(F.config_from_dict(r.flags), True),
-        "command": generate_command(r), "latency_s": r.latency_s, "step_median_s": r.step_median_s,
+        "command": generate_command(r), "remeasure": remeasure_command(r), "latency_s": r.latency_s, "step_median_s": r.step_median_s,
         "step_spread": r.step_spread, "peak_vram_bytes": r.peak_vram_bytes, "cold_start_s": r.cold_start_s,
         "measured_at": r.measured_at.isoformat(), "study": r.study, "trial_id": r.trial_id, "status": r.status,
         "versions": r.versions, "registry_hash": r.registry_hash, "stale": r.stale,
@@ -97,4 +102,4 @@ def render(results: Iterable[Result], fmt: str) -> str:
 
 
 def render_text(r: Result) -> str:
-    return f"{_evidence(r)}\n  {generate_command(r)}"
+    return f"{_evidence(r)}\n  {generate_command(r)}\n  re-measure: {remeasure_command(r)}"

@@ -246,9 +246,8 @@ def tune(opt: TuneOptions, progress: bool = False, log: Callable[[str], None] | 
             trial = study.ask()
             try:
                 cfg = s.space.suggest(trial)
-            except FlagError as e:
+            except FlagError:  # a registry constraint: costs nothing, the registry refuses it anyway
                 study.tell(trial, state=TrialState.PRUNED)
-                state.note_refused(f"constraint: {e}")
                 continue
             argv = shlex.join(F.config_to_argv(cfg))
             prior = state.tried.get(argv)
@@ -324,9 +323,6 @@ class _State:
         else:
             self.best = min(self.best, rec.latency_s)
             self.since_improvement += 1
-
-    def note_refused(self, why: str) -> None:
-        pass  # constraint violations cost nothing and are not stored: the registry refuses them anyway
 
     def known_infeasible(self, cfg) -> str | None:
         """Monotone rule: if k resident layers ran out of memory, k + 1 will too."""

@@ -45,6 +45,7 @@ def test_recommend_text_and_json(filled):
     (row,) = json.loads(r.stdout)
     assert row["flags"] == FLAGS_SMALL and row["peak_vram_bytes"] == 14 * GiB and row["latency_s"] == 20.0
     assert row["command"].endswith("--dit-layerwise-offload --dit-resident-layers 20")
+    assert row["remeasure"] == row["command"] + " --warmup 1 --perf-dump-path remeasure.json"
     r = run("recommend", "flux-dev", "--db", url, "--vram-budget", "0.5", "--gpu", "H100", "--format", "json")
     assert json.loads(r.stdout)[0]["latency_s"] == 10.0  # 40 GiB fits half of 80 GiB
 
