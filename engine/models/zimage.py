@@ -136,9 +136,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def norm_scale(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """adaLN modulation without shift: rms_norm(x) * scale, scale already 1 + s. [B, L, C]"""
-    return rms_norm(x, weight, eps) * scale
+def rms_norm_modulate(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """adaLN modulation without shift: rms_norm(x) * (1 + scale). [B, L, C]; scale [B, 1, C]"""
+    return rms_norm(x, weight, eps) * (1.0 + scale)
 
 
 def gated_norm_residual(
@@ -155,7 +155,7 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(a) * b
 
 
-def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float) -> torch.Tensor:
+def norm_rope(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float) -> torch.Tensor:
     """Per-head RMSNorm then interleaved-pair RoPE in fp32, as diffusers' complex product.
 
     x: [B, L, H, D]; freqs: [L, D/2, 2] fp32 (cos, sin) -> contiguous [B, H, L, D] in x.dtype.
@@ -165,6 +165,16 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps
     fc = torch.view_as_complex(freqs).unsqueeze(1)  # [L, 1, D/2]
     out = torch.view_as_real(xc * fc).flatten(-2)  # [B, L, H, D] fp32
     return out.transpose(1, 2).to(x.dtype).contiguous()  # .to() alone keeps fp32 strided
+
+
+def qk_norm_rope(
+    q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
+    sin: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm_rope of q and k [B, L, H, D] with cos, sin [L, D/2] fp32 views of one [L, D/2, 2] table:
+    the signature of dittune.kernels.qk_norm_rope."""
+    freqs = torch.stack((cos, sin), dim=-1)  # [L, D/2, 2], small
+    return norm_rope(q, q_weight, freqs, eps), norm_rope(k, k_weight, freqs, eps)
 
 
 def rope_freqs(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> torch.Tensor:
@@ -192,9 +202,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 # Blocks call these through `self.ops`; --fused-kernels swaps in dittune.kernels' ops of the same names.
-# norm_scale (scale already 1 + s) and the complex-table qk_norm_rope have no drop-in kernel yet.
-OPS = reference(("gated_norm_residual",), gated_norm_residual=gated_norm_residual, norm_scale=norm_scale,
-                qk_norm_rope=qk_norm_rope)
+OPS = reference(("gated_norm_residual", "rms_norm_modulate", "qk_norm_rope"), gated_norm_residual=gated_norm_residual,
+                rms_norm_modulate=rms_norm_modulate, qk_norm_rope=qk_norm_rope)
 
 
 class RMSNorm(nn.Module):
@@ -238,26 +247,25 @@ class Block(nn.Module):
         self.ffn_norm2 = RMSNorm(dim, cfg.norm_eps)
         self.adaLN_modulation = nn.Linear(cfg.adaln_dim, 4 * dim) if modulation else None
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        # x [B, L, C]; freqs [L, D/2, 2]; c [B, adaln_dim] or None (context refiner)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        # x [B, L, C]; cos, sin [L, D/2] fp32; c [B, adaln_dim] or None (context refiner)
         eps = self.eps
         if self.adaLN_modulation is not None:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=2)
             gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
-            scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp  # [B, 1, C]
-            h = self.ops.norm_scale(x, self.attention_norm1.weight, scale_msa, eps)
+            h = self.ops.rms_norm_modulate(x, self.attention_norm1.weight, scale_msa, eps)  # scales [B, 1, C]
         else:
             gate_msa = gate_mlp = scale_mlp = None
             h = self.attention_norm1(x)
 
         b, l, _ = h.shape
         q, k, v = self.qkv(h).view(b, l, 3, self.heads, -1).unbind(2)  # [B, L, H, D] each
-        q = self.ops.qk_norm_rope(q, self.norm_q.weight, freqs, self.norm_q.eps)  # [B, H, L, D]
-        k = self.ops.qk_norm_rope(k, self.norm_k.weight, freqs, self.norm_k.eps)
+        # both QK norms use eps 1e-5
+        q, k = self.ops.qk_norm_rope(q, k, self.norm_q.weight, self.norm_k.weight, cos, sin, self.norm_q.eps)  # [B, H, L, D]
         v = v.transpose(1, 2).contiguous()
         x = self.ops.gated_norm_residual(x, gate_msa, self.proj(self.attn(q, k, v)), self.attention_norm2.weight, eps)
 
-        h = self.ffn_norm1(x) if scale_mlp is None else self.ops.norm_scale(x, self.ffn_norm1.weight, scale_mlp, eps)
+        h = self.ffn_norm1(x) if scale_mlp is None else self.ops.rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, eps)
         return self.ops.gated_norm_residual(x, gate_mlp, self.w2(swiglu(self.w13(h))), self.ffn_norm2.weight, eps)
 
 
@@ -323,24 +331,24 @@ class ZImageTransformer(nn.Module):
         cap_len = cap_feats.shape[1] + (-cap_feats.shape[1]) % SEQ_MULTI_OF
 
         freqs = rope_freqs(self.position_ids(h, w, x_len, cap_len, x.device), cfg.axes_dims, cfg.rope_theta)
-        x_freqs, cap_freqs = freqs[:x_len], freqs[x_len:]  # [L, D/2, 2]
+        cos, sin = freqs.unbind(-1)  # [L, D/2] views, image positions first
         c = self.t_embedder(t * cfg.t_scale).to(x.dtype)  # [B, adaln_dim]
 
         x = self.x_embedder(x)  # [B, n_img, C]
         if x_len > n_img:
             x = torch.cat((x, self.x_pad_token.expand(b, x_len - n_img, -1)), dim=1)
         for block in self.noise_refiner:
-            x = block(x, x_freqs, c)
+            x = block(x, cos[:x_len], sin[:x_len], c)
 
         cap = self.cap_proj(self.cap_norm(cap_feats))  # [B, Lc, C]
         if cap_len > cap.shape[1]:
             cap = torch.cat((cap, self.cap_pad_token.expand(b, cap_len - cap.shape[1], -1)), dim=1)
         for block in self.context_refiner:
-            cap = block(cap, cap_freqs, None)
+            cap = block(cap, cos[x_len:], sin[x_len:], None)
 
         x = torch.cat((x, cap), dim=1)  # [B, x_len + cap_len, C]
         for block in self.layers:
-            x = block(x, freqs, c)
+            x = block(x, cos, sin, c)
         return self.final_layer(x[:, :n_img], c)
 
 

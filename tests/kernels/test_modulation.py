@@ -91,7 +91,7 @@ def test_reference_is_the_models_op_sequence(dtype):
     sh, sc = shift[:, None], scale[:, None]
     assert torch.equal(modulate_reference(x, shift, scale), flux.modulate(x, sh, sc))
     assert torch.equal(modulate_reference(x, sh, sc), qwen_image.modulate(x, sh, sc, 1e-6))
-    assert torch.equal(rms_norm_modulate_reference(x, w, sc, 1e-5), zimage.norm_scale(x, w, 1.0 + sc, 1e-5))
+    assert torch.equal(rms_norm_modulate_reference(x, w, sc, 1e-5), zimage.rms_norm_modulate(x, w, sc, 1e-5))
     final = zimage.FinalLayer(zimage.ZImageConfig(dim=48, n_heads=2, axes_dims=(8, 8, 8))).to(dtype)
     c = rand(2, 48, dtype=dtype)
     s = final.adaLN_modulation(F.silu(c))

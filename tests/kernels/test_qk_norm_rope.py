@@ -105,7 +105,9 @@ def test_reference_is_each_models_qk_norm_rope_bit_for_bit(dtype):
         for ours, theirs in zip(joint, model.joint_qk_norm_rope(*joint_args)):
             assert torch.equal(ours, theirs), model.__name__
     freqs = torch.stack([cos, sin], dim=-1)  # [L, D/2, 2], Z-Image's table
-    assert torch.equal(single[0], zimage.qk_norm_rope(q, w[0], freqs, 1e-6)), "zimage"
+    assert torch.equal(single[0], zimage.norm_rope(q, w[0], freqs, 1e-6)), "zimage"
+    for ours, theirs in zip(single, zimage.qk_norm_rope(q, k, *w[:2], cos, sin, 1e-6)):
+        assert torch.equal(ours, theirs), "zimage pair"
 
 
 def test_readable_refusals():
