@@ -103,22 +103,8 @@ class Pipeline:
 
     def _apply_compile(self) -> None:
         f = self.flags
-        if not f.enable_torch_compile:
-            return
-        mode = None if f.compile_mode == "default" else f.compile_mode
-        if f.compile_scope == "full":
-            self.dit.compile(mode=mode, fullgraph=True)
-            self._compiled.append(type(self.dit).__name__)
-            return
-        names = getattr(self.dit, "repeated_blocks", ())
-        if not names:
-            raise EngineError(f"{type(self.dit).__name__} declares no repeated blocks for regional compile")
-        for name in names:
-            # Compile forward, not the module: Module.compile would trace its hooks too, and
-            # layerwise offload's hooks (stream waits, weight swaps) must stay eager.
-            for block in getattr(self.dit, name):
-                block.forward = torch.compile(block.forward, mode=mode, fullgraph=True)
-            self._compiled.append(name)
+        if f.enable_torch_compile:
+            self._compiled = compile_dit(self.dit, f.compile_scope, f.compile_mode)
 
     # --- stages -----------------------------------------------------------------------------------
 
@@ -243,6 +229,24 @@ class Pipeline:
                 "vae": _count(self.vae),
             },
         }
+
+
+def compile_dit(dit: nn.Module, scope: str, mode: str) -> list[str]:
+    """torch.compile the DiT: `regional` compiles each repeated block's forward (one graph per
+    block class, reused), `full` the whole module. Returns what was compiled (for the manifest)."""
+    mode_arg = None if mode == "default" else mode
+    if scope == "full":
+        dit.compile(mode=mode_arg, fullgraph=True)
+        return [type(dit).__name__]
+    names = getattr(dit, "repeated_blocks", ())
+    if not names:
+        raise EngineError(f"{type(dit).__name__} declares no repeated blocks for regional compile")
+    for name in names:
+        # Compile forward, not the module: Module.compile would trace its hooks too, and
+        # layerwise offload's hooks (stream waits, weight swaps) must stay eager.
+        for block in getattr(dit, name):
+            block.forward = torch.compile(block.forward, mode=mode_arg, fullgraph=True)
+    return list(names)
 
 
 def cfg_combine(v: torch.Tensor, v_neg: torch.Tensor, scale: float, style: str, renorm: bool) -> torch.Tensor:

@@ -1,0 +1,164 @@
+"""One denoise step of each workload: dittune's configuration vs diffusers eager, diffusers with
+the same attention kernel, and diffusers + torch.compile, in the same process on the same
+synthetic weights and inputs; medians over warmed-up steps, with the fraction of the compute
+floor reached (exact FLOPs counted on the meta device, divided by a measured matmul peak).
+
+    python bench/bench_e2e.py                                   # H100: all three workloads
+    python bench/bench_e2e.py --models flux-dev --dittune-flags "--attention-backend torch_cudnn_sdpa --fused-kernels --enable-torch-compile"
+    python bench/bench_e2e.py --tiny --device cpu --no-compile  # smoke test of the script
+
+A Qwen-Image step is two DiT passes (true CFG). Compile times are printed per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_dit import DIFFUSERS_BACKEND, case, timeit  # noqa: E402
+
+from dittune.engine import attention  # noqa: E402
+from dittune.engine import flags as F  # noqa: E402
+from dittune.engine.components import default_dtype  # noqa: E402
+from dittune.engine.models import get_family  # noqa: E402
+from dittune.engine.ops import use_fused_kernels  # noqa: E402
+from dittune.engine.pipeline import compile_dit  # noqa: E402
+
+BEST = "--attention-backend torch_cudnn_sdpa --fused-kernels --enable-torch-compile"
+PASSES = {"qwen_image": 2}  # DiT passes per denoise step
+
+
+def flops(model: str, height: int, width: int, text_tokens: int) -> float:
+    """FLOPs of one native DiT forward, counted on the meta device (no memory, no GPU)."""
+    meta = torch.device("meta")
+    _, _, _, our_fwd = case(model, height, width, text_tokens, meta, torch.bfloat16)
+    family = get_family(model)
+    with meta, default_dtype(torch.bfloat16):
+        dit = family.transformer_cls(family.spec.dit_config)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        our_fwd(dit)
+    return float(fc.get_total_flops())
+
+
+def run(model, height, width, tokens, dittune_argv, device, dtype, warmup, iters, compile_diffusers):
+    family = get_family(model)
+    passes = PASSES.get(family.spec.family, 1)
+    ref_cls, ref_cfg, ref_fwd, our_fwd = case(model, height, width, tokens, device, dtype)
+    rows = []
+
+    def step(fn, m):
+        return lambda: [fn(m) for _ in range(passes)]
+
+    with torch.device(device), default_dtype(dtype):
+        ref = ref_cls.from_config({k: v for k, v in ref_cfg.items() if not k.startswith("_")})
+    ref = ref.to(device, dtype).eval().requires_grad_(False)
+    cfg = F.config_from_argv(dittune_argv)
+    with torch.inference_mode():
+        ref_ms = timeit(step(ref_fwd, ref), device, warmup, iters) * 1e3
+        ref_out = ref_fwd(ref).float()
+        rows.append({"config": "diffusers eager", "step_ms": ref_ms})
+        if cfg.attention_backend in DIFFUSERS_BACKEND and DIFFUSERS_BACKEND[cfg.attention_backend]:
+            ref.set_attention_backend(DIFFUSERS_BACKEND[cfg.attention_backend])
+            rows.append({"config": f"diffusers eager, {cfg.attention_backend}",
+                         "step_ms": timeit(step(ref_fwd, ref), device, warmup, iters) * 1e3})
+        if compile_diffusers:
+            t = time.perf_counter()
+            ref.compile_repeated_blocks(fullgraph=True)
+            ref_fwd(ref)
+            compile_s = time.perf_counter() - t
+            rows.append({"config": f"diffusers + regional compile, {cfg.attention_backend}",
+                         "step_ms": timeit(step(ref_fwd, ref), device, warmup, iters) * 1e3, "compile_s": compile_s})
+    sd = {k: v.to("cpu") for k, v in ref.state_dict().items()}
+    del ref
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    with torch.device("meta"), default_dtype(dtype):
+        ours = family.transformer_cls(family.spec.dit_config)
+    ours.load_state_dict({k: v.to(device) for k, v in family.convert_diffusers_state_dict(sd).items()},
+                         strict=True, assign=True)
+    del sd
+    ours = ours.eval().requires_grad_(False)
+    attention.set_backend(ours, cfg.attention_backend)
+    if cfg.fused_kernels:
+        use_fused_kernels(ours, device)
+    with torch.inference_mode():
+        t = time.perf_counter()
+        if cfg.enable_torch_compile:
+            compile_dit(ours, cfg.compile_scope, cfg.compile_mode)
+        out = our_fwd(ours).float()
+        compile_s = time.perf_counter() - t
+        ms = timeit(step(our_fwd, ours), device, warmup, iters) * 1e3
+    rel = ((out - ref_out).norm() / ref_out.norm()).item()
+    rows.append({"config": "dittune " + (shlex.join(dittune_argv) or "(defaults)"), "step_ms": ms,
+                 "compile_s": compile_s if cfg.enable_torch_compile else None, "rel_diff_vs_diffusers": rel})
+    del ours
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows, passes
+
+
+def matmul_peak_tflops(device) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    s = timeit(lambda: a @ b, device, 3, 10)
+    return 2 * 8192**3 / s / 1e12
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=None)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--dittune-flags", default=BEST, help=f"engine flags of dittune's row (default: {BEST!r})")
+    ap.add_argument("--no-compile", action="store_true", help="skip diffusers' compile row")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    models = a.models or (["flux-dev-tiny", "qwen-image-tiny", "z-image-turbo-tiny"] if a.tiny else ["flux-dev", "qwen-image", "z-image-turbo"])
+    size = 64 if a.tiny else a.size
+    peak = matmul_peak_tflops(device) if device.type == "cuda" else None
+    if peak:
+        print(f"bf16 8192^3 matmul: {peak:.0f} TFLOP/s", flush=True)
+    table = []
+    for m in models:
+        tokens = 16 if a.tiny else (512 if m.startswith("flux") else 128)
+        rows, passes = run(m, size, size, tokens, shlex.split(a.dittune_flags), device, dtype, a.warmup, a.iters,
+                           not a.no_compile)
+        fl = flops(m, size, size, tokens) * passes
+        base = rows[0]["step_ms"]
+        comp = next((r["step_ms"] for r in rows if "compile" in r["config"] and r["config"].startswith("diffusers")), None)
+        for r in rows:
+            r.update(model=m, tflop_per_step=fl / 1e12, vs_diffusers_eager=r["step_ms"] / base,
+                     vs_diffusers_compile=r["step_ms"] / comp if comp else None,
+                     floor_fraction=(fl / (peak * 1e12) * 1e3) / r["step_ms"] if peak else None)
+            print(json.dumps(r), flush=True)
+        table += rows
+    if a.json:
+        Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(device) if peak else "cpu",
+                                            "matmul_tflops": peak, "rows": table}, indent=2))
+    print(f"\n{'model':16} {'config':70} {'step ms':>8} {'/eager':>7} {'/compile':>8} {'floor':>6}")
+    for r in table:
+        c = f"{r['vs_diffusers_compile']:.3f}" if r["vs_diffusers_compile"] else "-"
+        fl = f"{r['floor_fraction']:.0%}" if r["floor_fraction"] else "-"
+        print(f"{r['model']:16} {r['config'][:70]:70} {r['step_ms']:8.2f} {r['vs_diffusers_eager']:7.3f} {c:>8} {fl:>6}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
