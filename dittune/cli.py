@@ -90,7 +90,7 @@ def studies(db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)) -> Non
     t = Table("study", "model", "workload", "GPU", "budget", "objective", "trials", "measured", "best (s)", "created")
     for r in rows:
         t.add_row(r.name + (" (stale)" if r.stale else ""), r.model, f"{r.width}x{r.height}, {r.steps} steps", r.gpu,
-                  format_bytes(r.budget_bytes), r.objective, str(r.trials), str(r.measured),
+                  format_bytes(r.budget_bytes) if r.budget_bytes else "-", r.objective, str(r.trials), str(r.measured),
                   f"{r.best_latency_s:.3f}" if r.best_latency_s is not None else "-", f"{r.created_at:%Y-%m-%d %H:%M}")
     out.print(t)
 

@@ -578,7 +578,7 @@ SPECS: dict[str, ModelSpec] = {
         steps=2,
         tiny=True,
         notes="Random tiny Z-Image for CPU tests.",
-        **_COMMON,
+        **{**_COMMON, "hf_repo": None},
     ),
 }
 
