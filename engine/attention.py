@@ -40,19 +40,40 @@ def _forced_sdpa(backend: SDPBackend) -> Callable:
 def _fa(q, k, v, mask):
     if mask is not None:
         raise EngineError("attention backend 'fa' does not take an attention mask")
-    fn = _flash_attn_func()
-    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, L, H, D]
-    out = out[0] if isinstance(out, tuple) else out
-    return out.transpose(1, 2)
+    return torch.ops.dittune.flash_attention(q, k, v)
 
 
 def _sage(q, k, v, mask):
     if mask is not None:
         raise EngineError("attention backend 'sage_attn' does not take an attention mask")
+    return torch.ops.dittune.sage_attention(q, k, v)
+
+
+# Third-party kernels as opaque custom ops: torch.compile keeps them as one node instead of
+# tracing into (and breaking on) their Python launchers.
+@torch.library.custom_op("dittune::flash_attention", mutates_args=())
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, L, H, D]
+    out = out[0] if isinstance(out, tuple) else out
+    return out.transpose(1, 2).contiguous()  # [B, H, L, D]
+
+
+@torch.library.custom_op("dittune::sage_attention", mutates_args=())
+def _sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from sageattention import sageattn
 
     # sageattn 1.x subtracts the mean of K in place by default (smooth_k): give it a copy.
-    return sageattn(q, k.clone(), v, tensor_layout="HND", is_causal=False)
+    return sageattn(q, k.clone(), v, tensor_layout="HND", is_causal=False).contiguous()
+
+
+@_flash_attention.register_fake
+def _(q, k, v):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@_sage_attention.register_fake
+def _(q, k, v):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def _flash_attn_func():

@@ -161,3 +161,17 @@ def test_vram_budget_is_enforced_on_gpu():
 
     with pytest.raises(BudgetExceededError, match="VRAM budget"):
         generate(GenerateRequest(model="flux-dev", steps=1, device="cuda", vram_budget="4GiB"))
+
+
+def test_third_party_attention_kernels_are_opaque_custom_ops():
+    """fa and sage_attn go through dittune:: custom ops, so torch.compile sees one node (their
+    fake implementations give the output shape without the packages installed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import dittune.engine.attention  # noqa: F401  (registers the ops)
+
+    with FakeTensorMode():
+        q = torch.empty(1, 3, 17, 64, dtype=torch.bfloat16)
+        for op in (torch.ops.dittune.flash_attention, torch.ops.dittune.sage_attention):
+            out = op(q, q, q)
+            assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
