@@ -187,6 +187,8 @@ def tune(
     objective: str = typer.Option("frontier", help="frontier (latency and peak VRAM) or latency."),
     confirm: int = typer.Option(3, help="Finalists re-measured at the end."),
     device: Optional[str] = typer.Option(None, help="cpu to tune on the CPU (tiny models) even where a GPU exists."),
+    trial_timeout: Optional[str] = typer.Option(None, help="Cap one trial (load + compile + requests): 300, 5m (default: the preset's)."),
+    measure_steps: Optional[int] = typer.Option(None, help="Denoise steps timed per trial (default: the preset's)."),
 ) -> None:
     """Measure configurations of MODEL on this GPU under the VRAM budget; print the frontier and the fastest command."""
     from dittune.engine.budget import format_bytes
@@ -197,6 +199,7 @@ def tune(
         model=model, vram_budget=vram_budget, trials=trials, timeout_s=parse_duration(timeout) if timeout else None,
         width=width, height=height, steps=steps, guidance=guidance, fix=tuple(fix), allow_lossy=allow_lossy,
         db_url=db, study_name=study, gpu_index=gpu, seed=seed, objective=objective, confirm=confirm, device=device,
+        trial_timeout_s=parse_duration(trial_timeout) if trial_timeout else None, measure_steps=measure_steps,
     )
     res = run_tune(opts, progress=sys.stdout.isatty(), log=None if sys.stdout.isatty() else print)
     out.print(f"study {res.study}: {res.measured} measured trials; stopped: {res.stopped}")

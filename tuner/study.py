@@ -103,6 +103,10 @@ def _setup(opt: TuneOptions) -> _Setup:
         raise TunerError(f"--objective {opt.objective!r}: choose {' or '.join(OBJECTIVES)}")
     if opt.trials < 1:
         raise TunerError(f"--trials {opt.trials}: need at least one trial")
+    if opt.measure_steps is not None and opt.measure_steps < 1:
+        raise TunerError(f"--measure-steps {opt.measure_steps}: need at least one step")
+    if opt.trial_timeout_s is not None and opt.trial_timeout_s <= 0:
+        raise TunerError("--trial-timeout must be positive")
     family = get_family(opt.model)
     spec = family.spec
     preset = load_preset(spec)

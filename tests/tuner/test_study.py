@@ -194,3 +194,16 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path):
     # no worker left behind: nothing still runs fake_engine.py
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "fake_engine.py" not in ps
+
+
+def test_trial_timeout_kills_the_worker_group_and_records_it(tmp_path, monkeypatch):
+    pretend_h100(monkeypatch)
+    monkeypatch.setenv("FAKE_ENGINE_SLEEP", "30")
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    t = time.time()
+    res = tune(TuneOptions("flux-dev", trials=1, db_url=url, worker_cmd=FAKE, confirm=0, patience=100,
+                           trial_timeout_s=1.0, timeout_s=5.0), log=lambda m: None)
+    assert time.time() - t < 20
+    rows = D.trials(D.open_db(url), study_name=res.study)
+    assert rows and all(r.status == "timeout" and "timed out after 1 s" in r.reason for r in rows)
+    assert res.winner is None and res.stopped == "--timeout reached"
