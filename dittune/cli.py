@@ -219,6 +219,26 @@ def tune(
     print(emit.generate_command(res.winner))
 
 
+@app.command()
+@expected_failures
+def compare(
+    before: Path = typer.Argument(..., help="Perf dump (--perf-dump-path) of the baseline."),
+    after: Path = typer.Argument(..., help="Perf dump to compare with it."),
+) -> None:
+    """Stage-by-stage diff of two perf dumps: times, step median, peak VRAM, cold start, flags."""
+    from dittune.engine.perfdiff import compare_dumps, load_dump
+
+    rows, flag_changes = compare_dumps(load_dump(before), load_dump(after))
+    t = Table("figure", "before", "after", "after / before", title=f"{before.name} -> {after.name}")
+    for name, a, b, unit in rows:
+        ratio = f"{b / a:.3f}" if a and b is not None else "-"
+        fmt = (lambda v: "-" if v is None else f"{v:.2f} {unit}".strip())
+        t.add_row(name, fmt(a), fmt(b), ratio)
+    out.print(t)
+    for name, a, b in flag_changes:
+        out.print(f"flag {name}: {a} -> {b}")
+
+
 def _with_engine_flags(fn):
     """Append one typer option per registry flag to `fn`'s signature; `fn` receives them in
     **flags and turns them into an EngineConfig with engine.flags.config_from_dict."""

@@ -167,3 +167,19 @@ def test_generate_bad_input(args, fragment, tmp_path):
     r = run("generate", "--device", "cpu", "--output", str(tmp_path / "x.png"), *args)
     assert r.exit_code == 1 and fragment in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_compare_two_perf_dumps(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for path, extra in ((a, []), (b, ["--vae-precision", "bf16"])):
+        r = run("generate", "--model", "flux-dev-tiny", "--device", "cpu", "--steps", "2", "--width", "64", "--height", "64",
+                "--output", str(tmp_path / "x.png"), "--perf-dump-path", str(path), *extra)
+        assert r.exit_code == 0, r.output
+    r = run("compare", str(a), str(b))
+    assert r.exit_code == 0, r.output
+    assert "denoise step median" in r.stdout and "stage decode" in r.stdout
+    assert "flag vae-precision: fp32 -> bf16" in r.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": 99}')
+    r = run("compare", str(a), str(bad))
+    assert r.exit_code == 1 and "not a dittune perf dump" in r.stderr and r.stderr.count("\n") == 1
