@@ -60,6 +60,15 @@ class GenerateResult:
         return " | ".join(p for p in parts if p)
 
 
+def check_workload(spec, width: int, height: int, steps: int) -> None:
+    m = spec.size_multiple
+    for name, v in (("width", width), ("height", height)):
+        if v <= 0 or v % m:
+            raise EngineError(f"--{name} {v} must be a positive multiple of {m} for {spec.name}")
+    if steps < 1:
+        raise EngineError(f"--steps {steps}: need at least one denoise step")
+
+
 def _resolve(req: GenerateRequest):
     family = get_family(req.model)
     spec = family.spec
@@ -67,12 +76,7 @@ def _resolve(req: GenerateRequest):
     height = req.height if req.height is not None else spec.height
     steps = req.steps if req.steps is not None else spec.steps
     guidance = req.guidance if req.guidance is not None else spec.guidance
-    m = spec.size_multiple
-    for name, v in (("width", width), ("height", height)):
-        if v <= 0 or v % m:
-            raise EngineError(f"--{name} {v} must be a positive multiple of {m} for {spec.name}")
-    if steps < 1:
-        raise EngineError(f"--steps {steps}: need at least one denoise step")
+    check_workload(spec, width, height, steps)
     if req.warmup < 0:
         raise EngineError(f"--warmup {req.warmup} must be >= 0")
     if req.device is None:

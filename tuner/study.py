@@ -7,12 +7,11 @@ import math
 import re
 import shlex
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -23,6 +22,7 @@ from dittune.engine.budget import format_bytes, parse_budget
 from dittune.engine.errors import FlagError
 from dittune.engine.gpu import detect
 from dittune.engine.models import get_family
+from dittune.engine.run import check_workload
 
 from . import memory
 from .errors import TunerError
@@ -113,12 +113,7 @@ def _setup(opt: TuneOptions) -> _Setup:
     width, height = opt.width or preset.width, opt.height or preset.height
     steps = opt.steps if opt.steps is not None else preset.steps
     guidance = opt.guidance if opt.guidance is not None else preset.guidance
-    m = spec.size_multiple
-    for name, v in (("width", width), ("height", height)):
-        if v <= 0 or v % m:
-            raise TunerError(f"--{name} {v} must be a positive multiple of {m} for {spec.name}")
-    if steps < 1:
-        raise TunerError(f"--steps {steps}: need at least one denoise step")
+    check_workload(spec, width, height, steps)
     measure_steps = min(opt.measure_steps or preset.measure_steps, steps)
     fix = F.parse_fix(opt.fix)
 

@@ -16,7 +16,7 @@ Conventions shared by all families:
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 import torch
@@ -51,6 +51,11 @@ class SchedulerSpec:
     time_shift_type: str = "exponential"  # or "linear"
     # Qwen-Image: stretch the shifted sigmas so the last one (before the appended 0) is this.
     shift_terminal: float | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "SchedulerSpec":
+        """From a scheduler_config.json: the fields it has, defaults for the rest."""
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..attention import Attention
 from ..ops import reference
+from .rope import rope
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec
 
@@ -93,18 +94,6 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) in fp32.  x [B, H, L, D]; cos, sin [L, D/2] fp32 -> fp32."""
-    x = x.float().unflatten(-1, (-1, 2))  # [B, H, L, D/2, 2]
-    if torch.compiler.is_compiling():
-        # Inductor generates no complex code; in real arithmetic it fuses norm and rotation.
-        re, im = x.unbind(-1)
-        return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
-    # Eager: one vectorised complex multiply is the fewest passes (broadcast real ops ran slower).
-    freqs = torch.view_as_complex(torch.stack((cos, sin), dim=-1))  # [L, D/2], small
-    return torch.view_as_real(torch.view_as_complex(x) * freqs).flatten(-2)
 
 
 def qk_norm_rope(
@@ -534,10 +523,6 @@ def _load(name: str) -> dict[str, Any]:
     return json.loads((_CONFIGS / name).read_text())
 
 
-def _scheduler(config: Mapping[str, Any]) -> SchedulerSpec:
-    return SchedulerSpec(**{f.name: config[f.name] for f in fields(SchedulerSpec) if f.name in config})
-
-
 def _text_encoders(clip: Mapping, t5: Mapping, t5_length: int) -> tuple[TextEncoderSpec, ...]:
     return (
         TextEncoderSpec(name="text_encoder", arch="clip", config=clip, max_length=77, tokenizer="tokenizer"),
@@ -608,7 +593,7 @@ _TINY_DIT = FluxConfig(
 )
 
 _CLIP, _T5, _VAE = _load("text_encoder.json"), _load("text_encoder_2.json"), _load("vae.json")
-_DEV_SCHEDULER = _scheduler(_load("scheduler_dev.json"))
+_DEV_SCHEDULER = SchedulerSpec.from_config(_load("scheduler_dev.json"))
 
 SPECS: dict[str, ModelSpec] = {
     "flux-dev": ModelSpec(
@@ -630,7 +615,7 @@ SPECS: dict[str, ModelSpec] = {
         dit_config=FluxConfig.from_diffusers(_load("transformer_schnell.json")),
         text_encoders=_text_encoders(_CLIP, _T5, 256),
         vae=VaeSpec(cls="AutoencoderKL", config=_VAE),
-        scheduler=_scheduler(_load("scheduler_schnell.json")),
+        scheduler=SchedulerSpec.from_config(_load("scheduler_schnell.json")),
         steps=4,
         guidance=0.0,
         notes="timestep-distilled, no guidance input",

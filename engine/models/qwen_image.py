@@ -29,6 +29,7 @@ from torch import nn
 
 from ..attention import Attention
 from ..ops import reference
+from .rope import rope
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec
 
@@ -115,18 +116,6 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on interleaved (real, imag) pairs, in fp32. x [B, H, L, D]; cos, sin [L, D/2] fp32."""
-    x = x.float().unflatten(-1, (-1, 2))  # [B, H, L, D/2, 2]
-    if torch.compiler.is_compiling():
-        # Inductor generates no complex code: real arithmetic lets it fuse norm and RoPE.
-        re, im = x.unbind(-1)
-        return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
-    # Eager: one complex multiply is the fewest passes over [B, H, L, D].
-    freqs = torch.view_as_complex(torch.stack((cos, sin), dim=-1))  # [L, D/2], small
-    return torch.view_as_real(torch.view_as_complex(x) * freqs).flatten(-2)
 
 
 def joint_qk_norm_rope(
@@ -485,19 +474,6 @@ class QwenImageFamily(Family):
 # Specs
 
 
-def _scheduler_spec(cfg: Mapping[str, Any]) -> SchedulerSpec:
-    return SchedulerSpec(
-        shift=cfg["shift"],
-        use_dynamic_shifting=cfg["use_dynamic_shifting"],
-        base_shift=cfg["base_shift"],
-        max_shift=cfg["max_shift"],
-        base_image_seq_len=cfg["base_image_seq_len"],
-        max_image_seq_len=cfg["max_image_seq_len"],
-        time_shift_type=cfg["time_shift_type"],
-        shift_terminal=cfg.get("shift_terminal"),
-    )
-
-
 _SCHEDULER = _load_config("scheduler")
 _VAE = _load_config("vae")
 
@@ -556,7 +532,7 @@ SPECS: dict[str, ModelSpec] = {
             ),
         ),
         vae=VaeSpec(cls="AutoencoderKLQwenImage", config=_VAE),
-        scheduler=_scheduler_spec(_SCHEDULER),
+        scheduler=SchedulerSpec.from_config(_SCHEDULER),
         width=1024,
         height=1024,
         steps=50,
@@ -585,7 +561,7 @@ SPECS: dict[str, ModelSpec] = {
             ),
         ),
         vae=VaeSpec(cls="AutoencoderKLQwenImage", config=_TINY_VAE),
-        scheduler=_scheduler_spec(_SCHEDULER),
+        scheduler=SchedulerSpec.from_config(_SCHEDULER),
         width=128,
         height=128,
         steps=4,

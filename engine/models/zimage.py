@@ -504,16 +504,6 @@ def _load(name: str) -> dict[str, Any]:
     return json.loads((_CONFIGS / f"{name}.json").read_text())
 
 
-def _scheduler_spec(cfg: Mapping[str, Any]) -> SchedulerSpec:
-    return SchedulerSpec(
-        shift=cfg.get("shift", 1.0),
-        use_dynamic_shifting=cfg.get("use_dynamic_shifting", False),
-        base_shift=cfg.get("base_shift", 0.5),
-        max_shift=cfg.get("max_shift", 1.15),
-        base_image_seq_len=cfg.get("base_image_seq_len", 256),
-        max_image_seq_len=cfg.get("max_image_seq_len", 4096),
-    )
-
 
 _TINY_DIT = ZImageConfig(dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, cap_feat_dim=32, axes_dims=(4, 6, 6))
 
@@ -544,7 +534,7 @@ _TINY_VAE = {
 
 _REAL_TE = _load("text_encoder")
 _REAL_VAE = _load("vae")
-_REAL_SCHEDULER = _scheduler_spec(_load("scheduler"))
+_REAL_SCHEDULER = SchedulerSpec.from_config(_load("scheduler"))
 
 _COMMON = dict(
     family="zimage",
