@@ -1,0 +1,135 @@
+"""Where one DiT forward spends its time: torch.profiler over dittune's native model (with the
+given engine flags) and, optionally, diffusers' class on the same weights and inputs; prints the
+top kernels / ops by device time and groups them (GEMM, attention, norm/modulation, elementwise,
+copies), and can save a Chrome trace.
+
+    python bench/profile_step.py --model flux-dev --flags="--attention-backend torch_cudnn_sdpa --fused-kernels"
+    python bench/profile_step.py --model flux-dev-tiny --device cpu --no-diffusers   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import shlex
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_dit import DIFFUSERS_BACKEND, case  # noqa: E402
+
+from dittune.engine import attention  # noqa: E402
+from dittune.engine import flags as F  # noqa: E402
+from dittune.engine.components import default_dtype  # noqa: E402
+from dittune.engine.models import get_family  # noqa: E402
+from dittune.engine.ops import use_fused_kernels  # noqa: E402
+from dittune.engine.pipeline import compile_dit  # noqa: E402
+
+GROUPS = (
+    ("attention", ("attention", "flash", "fmha", "cudnn", "sdpa", "softmax")),
+    ("gemm", ("gemm", "matmul", "addmm", "mm", "cutlass", "sm90", "nvjet", "linear")),
+    ("norm/modulation/rope", ("norm", "modulat", "rope", "dittune")),
+    ("copy/layout", ("copy", "cat", "transpose", "contiguous", "clone", "memcpy")),
+)
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for group, keys in GROUPS:
+        if any(k in low for k in keys):
+            return group
+    return "other elementwise"
+
+
+def profile_forward(fn, device, warmup: int, trace: Path | None):
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if trace:
+        prof.export_chrome_trace(str(trace))
+    use_cuda = device.type == "cuda"
+    rows = []
+    for e in prof.key_averages():
+        t = (e.device_time_total if use_cuda else e.self_cpu_time_total) / 1e3  # ms
+        if t > 0 and (not use_cuda or e.device_type == torch.autograd.DeviceType.CUDA or e.device_time_total > 0):
+            rows.append((e.key, e.count, t))
+    if use_cuda:  # kernels only: ops also carry their kernels' time
+        kernels = [r for r in rows if not r[0].startswith("aten::") and not r[0].startswith("dittune::")]
+        rows = kernels or rows
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def report(title: str, rows, top: int) -> None:
+    total = sum(r[2] for r in rows)
+    print(f"\n== {title}: {total:.2f} ms")
+    groups: dict[str, float] = defaultdict(float)
+    for name, _, t in rows:
+        groups[group_of(name)] += t
+    for g, t in sorted(groups.items(), key=lambda x: -x[1]):
+        print(f"   {g:24} {t:9.2f} ms  {t / total:6.1%}")
+    print(f"   top {top}:")
+    for name, count, t in rows[:top]:
+        print(f"   {t:9.2f} ms  x{count:<5} {name[:110]}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="flux-dev")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--flags", default="", help="engine flags for the native model")
+    ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--trace-dir", default=None, help="write Chrome traces here")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    family = get_family(a.model)
+    size = 64 if family.spec.tiny else a.size
+    tokens = 16 if family.spec.tiny else (512 if family.spec.family == "flux" else 128)
+    cfg = F.config_from_argv(shlex.split(a.flags))
+    ref_cls, ref_cfg, ref_fwd, our_fwd = case(a.model, size, size, tokens, device, dtype)
+    trace_dir = Path(a.trace_dir) if a.trace_dir else None
+    if trace_dir:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+
+    with torch.device(device), default_dtype(dtype):
+        ref = ref_cls.from_config({k: v for k, v in ref_cfg.items() if not k.startswith("_")})
+    ref = ref.to(device, dtype).eval().requires_grad_(False)
+    with torch.inference_mode():
+        if not a.no_diffusers:
+            if DIFFUSERS_BACKEND.get(cfg.attention_backend):
+                ref.set_attention_backend(DIFFUSERS_BACKEND[cfg.attention_backend])
+            rows = profile_forward(lambda: ref_fwd(ref), device, a.warmup, trace_dir and trace_dir / "diffusers.json")
+            report(f"diffusers {ref_cls.__name__}", rows, a.top)
+    sd = {k: v.to("cpu") for k, v in ref.state_dict().items()}
+    del ref
+    gc.collect()
+    with torch.device("meta"), default_dtype(dtype):
+        ours = family.transformer_cls(family.spec.dit_config)
+    ours.load_state_dict({k: v.to(device) for k, v in family.convert_diffusers_state_dict(sd).items()}, strict=True, assign=True)
+    ours = ours.eval().requires_grad_(False)
+    attention.set_backend(ours, cfg.attention_backend)
+    if cfg.fused_kernels:
+        use_fused_kernels(ours, device)
+    if cfg.enable_torch_compile:
+        compile_dit(ours, cfg.compile_scope, cfg.compile_mode)
+    with torch.inference_mode():
+        rows = profile_forward(lambda: our_fwd(ours), device, a.warmup, trace_dir and trace_dir / "dittune.json")
+    report(f"dittune {a.model} {shlex.join(F.config_to_argv(cfg)) or '(defaults)'}", rows, a.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
