@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -165,8 +166,10 @@ def build_text_encoder(spec: TextEncoderSpec, device: torch.device, dtype: torch
         randomize_(model, seed)
     else:
         folder = model_path / spec.name
-        # device_map puts the weights straight onto the target device (no CPU copy first).
-        kw = dict(dtype=dtype, device_map=str(device))
+        kw: dict = {"dtype": dtype}
+        if device.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
+            # transformers needs accelerate to put the weights straight onto the device
+            kw["device_map"] = str(device)
         try:
             if spec.arch == "qwen2_5_vl":
                 import transformers as T
@@ -178,6 +181,7 @@ def build_text_encoder(spec: TextEncoderSpec, device: torch.device, dtype: torch
                 model = model_cls.from_pretrained(folder, **kw)
         except (OSError, ValueError) as e:
             raise EngineError(f"cannot load text encoder from {folder}: {str(e).splitlines()[0]}") from None
+        model = model.to(device)
     return model.eval().requires_grad_(False)
 
 
