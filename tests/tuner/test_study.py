@@ -217,3 +217,25 @@ def test_trial_timeout_kills_the_worker_group_and_records_it(tmp_path, monkeypat
     rows = D.trials(D.open_db(url), study_name=res.study)
     assert rows and all(r.status == "timeout" and "timed out after 1 s" in r.reason for r in rows)
     assert res.winner is None and res.stopped == "--timeout reached"
+
+
+def test_seeds_are_repaired_to_fit_the_budget(monkeypatch):
+    """A preset seed predicted over budget is enqueued as its closest fitting variant, keeping as
+    many resident blocks as the memory model allows (monotone)."""
+    from dittune.tuner import memory
+    from dittune.tuner.study import _fit_budget, _setup
+
+    pretend_h100(monkeypatch)
+    s = _setup(TuneOptions("flux-dev", vram_budget="24GiB"))
+    seed = F.config_from_dict({"attention-backend": "torch_cudnn_sdpa", "enable-torch-compile": True})
+    fixed = _fit_budget(seed, s)
+    assert fixed is not None and fixed.dit_layerwise_offload and fixed.text_encoder_cpu_offload
+    assert fixed.attention_backend == "torch_cudnn_sdpa" and fixed.enable_torch_compile
+    assert memory.predict_peak_bytes("flux-dev", fixed, 1024, 1024) <= 24 * GiB
+    more = [r for r in (0, 10, 20, 30, 40, 50) if r > fixed.dit_resident_layers]
+    for r in more:  # one more resident step would not fit
+        import dataclasses
+
+        assert memory.predict_peak_bytes("flux-dev", dataclasses.replace(fixed, dit_resident_layers=r), 1024, 1024) > 24 * GiB
+    roomy = _setup(TuneOptions("flux-dev", vram_budget="80GiB"))
+    assert _fit_budget(seed, roomy) == seed
