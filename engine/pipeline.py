@@ -5,6 +5,7 @@ Every flag either applies here or raises; `manifest()` reports what actually ran
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,22 +109,17 @@ class Pipeline:
 
     # --- stages -----------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
     def _visit(self, names: list[str]):
-        """Context for a stage: onload offloaded components, offload them after."""
-        pipe = self
-
-        class _Visit:
-            def __enter__(self):
-                for n in names:
-                    if n in pipe._offloads:
-                        pipe._offloads[n].onload()
-
-            def __exit__(self, *exc):
-                for n in names:
-                    if n in pipe._offloads:
-                        pipe._offloads[n].offload()
-
-        return _Visit()
+        """A stage: onload the offloaded components it uses, offload them after."""
+        visiting = [self._offloads[n] for n in names if n in self._offloads]
+        for o in visiting:
+            o.onload()
+        try:
+            yield
+        finally:
+            for o in visiting:
+                o.offload()
 
     @torch.inference_mode()
     def encode(self, prompt: str) -> dict[str, torch.Tensor]:
