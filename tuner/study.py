@@ -95,6 +95,7 @@ class _Setup:
     space: Space
     seeds: tuple[dict[str, Any], ...]
     fix: dict[str, Any]
+    free_bytes: int | None = None  # NVML's free memory on the GPU at start
 
 
 def _setup(opt: TuneOptions) -> _Setup:
@@ -127,7 +128,7 @@ def _setup(opt: TuneOptions) -> _Setup:
             raise TunerError(f"--vram-budget needs an NVIDIA GPU ({det.reason or 'running on the CPU'})")
         device = "cpu"
         gpu = D.GpuKey("cpu", 0, "", "", 0)
-        budget = None
+        budget = free = None
     else:
         if not 0 <= opt.gpu_index < len(det.gpus):
             raise TunerError(f"--gpu {opt.gpu_index}: this machine has GPUs 0..{len(det.gpus) - 1}")
@@ -135,6 +136,7 @@ def _setup(opt: TuneOptions) -> _Setup:
         device = f"cuda:{opt.gpu_index}"
         gpu = D.GpuKey(g.name, g.total_bytes, g.driver, f"{g.compute_capability[0]}.{g.compute_capability[1]}", g.count)
         budget = parse_budget(opt.vram_budget or "100%").resolve(g.total_bytes)
+        free = g.free_bytes
         if budget > g.total_bytes:
             raise TunerError(f"--vram-budget {opt.vram_budget} exceeds the card's {format_bytes(g.total_bytes)}")
 
@@ -142,7 +144,7 @@ def _setup(opt: TuneOptions) -> _Setup:
     space = build_space(supported_values(torch.device(device)), preset.space, fix, opt.allow_lossy, num_blocks,
                         gpu_count=max(1, gpu.count))
     return _Setup(spec, width, height, steps, guidance, measure_steps, preset.warmup,
-                  opt.trial_timeout_s or preset.timeout_s, device, gpu, budget, space, preset.seeds, fix)
+                  opt.trial_timeout_s or preset.timeout_s, device, gpu, budget, space, preset.seeds, fix, free)
 
 
 def _default_name(opt: TuneOptions, s: _Setup) -> str:
@@ -226,6 +228,9 @@ def tune(opt: TuneOptions, progress: bool = False, log: Callable[[str], None] | 
     bar = _Progress(opt.trials, progress)
     say = log or bar.log
     stopped = "trial budget reached"
+    if s.budget_bytes is not None and s.free_bytes is not None and s.free_bytes < s.budget_bytes:
+        say(f"warning: only {format_bytes(s.free_bytes)} of the GPU is free (other processes hold the rest), "
+            f"less than the budget {format_bytes(s.budget_bytes)}: configurations near the budget will run out of memory")
     try:
         asks = 0
         while state.measured < opt.trials:

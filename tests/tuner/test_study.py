@@ -239,3 +239,17 @@ def test_seeds_are_repaired_to_fit_the_budget(monkeypatch):
         assert memory.predict_peak_bytes("flux-dev", dataclasses.replace(fixed, dit_resident_layers=r), 1024, 1024) > 24 * GiB
     roomy = _setup(TuneOptions("flux-dev", vram_budget="80GiB"))
     assert _fit_budget(seed, roomy) == seed
+
+
+def test_warns_when_the_card_is_busy(tmp_path, monkeypatch):
+    import dataclasses
+
+    import dittune.tuner.study as study
+
+    pretend_h100(monkeypatch)
+    busy = dataclasses.replace(H100, free_bytes=10 * GiB)
+    monkeypatch.setattr(study, "detect", lambda: Detection((busy,)))
+    said = []
+    tune(TuneOptions("flux-dev", vram_budget="24GiB", trials=1, db_url=f"sqlite:///{tmp_path / 't.db'}", worker_cmd=FAKE,
+                     confirm=0), log=said.append)
+    assert any(m.startswith("warning: only 10.00 GiB of the GPU is free") for m in said)
