@@ -290,7 +290,8 @@ def tune(opt: TuneOptions, progress: bool = False, log: Callable[[str], None] | 
     finally:
         bar.stop()
 
-    if not stopped.startswith("interrupted") and opt.confirm > 0:
+    # An interrupted or timed-out run is not the end of the study: the rerun that finishes it confirms.
+    if not stopped.startswith("interrupted") and stopped != "--timeout reached" and opt.confirm > 0:
         _confirm(db, study_id, s, state, opt, env, say)
     return _result(db, name, state, stopped, s)
 
