@@ -437,7 +437,9 @@ def _confirm(db, study_id: int, s: _Setup, state: _State, opt: TuneOptions, env,
     fits = [(argv, r) for argv, r in state.tried.items() if r.status == "complete"
             and (s.budget_bytes is None or (r.peak_vram_bytes or 0) <= s.budget_bytes)]
     finalists = sorted(fits, key=lambda x: x[1].latency_s)[: opt.confirm]
-    if len(finalists) < 1:
+    confirmed = {t.argv for t in D.trials(db, study_id=study_id) if t.status == "confirmed"}
+    finalists = [(argv, r) for argv, r in finalists if argv not in confirmed]  # a rerun does not redo them
+    if not finalists:
         return
     say(f"confirming the {len(finalists)} fastest configurations")
     for argv, first in finalists:

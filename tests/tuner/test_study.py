@@ -253,3 +253,14 @@ def test_warns_when_the_card_is_busy(tmp_path, monkeypatch):
     tune(TuneOptions("flux-dev", vram_budget="24GiB", trials=1, db_url=f"sqlite:///{tmp_path / 't.db'}", worker_cmd=FAKE,
                      confirm=0), log=said.append)
     assert any(m.startswith("warning: only 10.00 GiB of the GPU is free") for m in said)
+
+
+def test_rerunning_a_finished_study_measures_nothing_again(tmp_path, monkeypatch):
+    pretend_h100(monkeypatch)
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    opts = TuneOptions("flux-dev", trials=5, db_url=url, worker_cmd=FAKE, confirm=2, patience=100)
+    first = tune(opts, log=lambda m: None)
+    n = len(D.trials(D.open_db(url)))
+    again = tune(opts, log=lambda m: None)
+    assert len(D.trials(D.open_db(url))) == n  # no new trial, no new confirmation
+    assert again.winner.trial_id == first.winner.trial_id
