@@ -107,3 +107,4 @@ def test_layerwise_composes_with_regional_compile():
         for _ in range(2):
             torch.testing.assert_close(fwd(dit), want, rtol=1e-4, atol=1e-4)
     assert lw.misses == 1 and lw.hits > 0
+
