@@ -1,5 +1,6 @@
 import torch
 
+
 def test_synthetic_tokenizer_counts_like_a_real_one():
     from dittune.engine.components import SyntheticTokenizer
     from dittune.engine.models import qwen_image as qi
