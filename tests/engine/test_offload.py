@@ -50,7 +50,7 @@ def test_layerwise_streaming_reproduces_the_resident_model(model, prefetch, resi
     fam = get_family(model)
     fwd = _inputs(model)
     dit = build_dit(fam, torch.device("cpu"), torch.float32, None, seed=3)
-    with torch.no_grad():
+    with torch.inference_mode():  # as the pipeline runs
         want = fwd(dit)
         n = sum(len(getattr(dit, name)) for name in dit.repeated_blocks)
         if resident >= n:
@@ -78,7 +78,7 @@ def test_layerwise_with_many_blocks(prefetch, resident):
     dit = flux.FluxTransformer(cfg)
     randomize_(dit, seed=5)
     fwd = _inputs("flux-dev-tiny")
-    with torch.no_grad():
+    with torch.inference_mode():  # as the pipeline runs
         want = fwd(dit)
         lw = LayerwiseOffload(dit, torch.device("cpu"), prefetch, resident, pin=False)
         for _ in range(3):
@@ -98,7 +98,7 @@ def test_layerwise_composes_with_regional_compile():
     dit = flux.FluxTransformer(cfg)
     randomize_(dit, seed=5)
     fwd = _inputs("flux-dev-tiny")
-    with torch.no_grad():
+    with torch.inference_mode():  # as the pipeline runs
         want = fwd(dit)
         lw = LayerwiseOffload(dit, torch.device("cpu"), 1, 1, pin=False)
         for name in dit.repeated_blocks:
