@@ -43,7 +43,10 @@ class PinnedArena:
 
     def __del__(self):
         if getattr(self, "pinned", False):
-            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            try:
+                torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            except Exception:  # interpreter shutdown: CUDA may already be gone, and so is the memory
+                pass
 
 
 class ComponentOffload:
