@@ -121,13 +121,34 @@ def case(model: str, height: int, width: int, text_tokens: int, device, dtype):
     raise SystemExit(f"no bench case for {model}")
 
 
+def build_reference(ref_cls, ref_cfg: dict, device, dtype):
+    """diffusers' class with its own random init, straight on the device in the bench dtype."""
+    with torch.device(device), default_dtype(dtype):
+        ref = ref_cls.from_config({k: v for k, v in ref_cfg.items() if not k.startswith("_")})
+    return ref.to(device, dtype).eval().requires_grad_(False)
+
+
+def free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def native_from(family, sd: dict, device, dtype):
+    """The native DiT holding the weights of diffusers' state dict `sd` (kept on the CPU meanwhile,
+    so both models never need GPU memory at once)."""
+    with torch.device("meta"), default_dtype(dtype):
+        ours = family.transformer_cls(family.spec.dit_config)
+    ours.load_state_dict({k: v.to(device) for k, v in family.convert_diffusers_state_dict(sd).items()},
+                         strict=True, assign=True)
+    return ours.eval().requires_grad_(False)
+
+
 def run(model: str, height: int, width: int, text_tokens: int, backends: list[str], device, dtype, warmup: int, iters: int):
     family = get_family(model)
     ref_cls, ref_cfg, ref_fwd, our_fwd = case(model, height, width, text_tokens, device, dtype)
     rows = []
-    with torch.device(device), default_dtype(dtype):
-        ref = ref_cls.from_config({k: v for k, v in ref_cfg.items() if not k.startswith("_")})
-    ref = ref.to(device, dtype).eval().requires_grad_(False)
+    ref = build_reference(ref_cls, ref_cfg, device, dtype)
     ref_ms, ref_out = {}, {}
     with torch.inference_mode():
         for b in backends:
@@ -139,15 +160,9 @@ def run(model: str, height: int, width: int, text_tokens: int, backends: list[st
             ref_out[b] = ref_fwd(ref).float()
     sd = {k: v.to("cpu") for k, v in ref.state_dict().items()}
     del ref
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    with torch.device("meta"), default_dtype(dtype):
-        ours = family.transformer_cls(family.spec.dit_config)
-    converted = {k: v.to(device) for k, v in family.convert_diffusers_state_dict(sd).items()}
+    free(device)
+    ours = native_from(family, sd, device, dtype)
     del sd
-    ours.load_state_dict(converted, strict=True, assign=True)
-    ours = ours.eval().requires_grad_(False)
     with torch.inference_mode():
         for b in backends:
             attention.set_backend(ours, b)
@@ -156,10 +171,8 @@ def run(model: str, height: int, width: int, text_tokens: int, backends: list[st
             rel = ((out - ref_out[b]).norm() / ref_out[b].norm()).item()
             rows.append({"model": model, "backend": b, "diffusers_ms": ref_ms[b], "dittune_ms": ms,
                          "ratio": ms / ref_ms[b], "rel_diff": rel})
-    del ours, converted
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    del ours
+    free(device)
     return rows
 
 

@@ -13,7 +13,6 @@ A Qwen-Image step is two DiT passes (true CFG). Compile times are printed per ro
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shlex
 import sys
@@ -24,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_dit import DIFFUSERS_BACKEND, case, timeit  # noqa: E402
+from bench_dit import DIFFUSERS_BACKEND, build_reference, case, free, native_from, timeit  # noqa: E402
 
 from dittune.engine import attention  # noqa: E402
 from dittune.engine import flags as F  # noqa: E402
@@ -58,9 +57,7 @@ def run(model, height, width, tokens, dittune_argv, device, dtype, warmup, iters
     def step(fn, m):
         return lambda: [fn(m) for _ in range(passes)]
 
-    with torch.device(device), default_dtype(dtype):
-        ref = ref_cls.from_config({k: v for k, v in ref_cfg.items() if not k.startswith("_")})
-    ref = ref.to(device, dtype).eval().requires_grad_(False)
+    ref = build_reference(ref_cls, ref_cfg, device, dtype)
     cfg = F.config_from_argv(dittune_argv)
     with torch.inference_mode():
         ref_ms = timeit(step(ref_fwd, ref), device, warmup, iters) * 1e3
@@ -79,16 +76,9 @@ def run(model, height, width, tokens, dittune_argv, device, dtype, warmup, iters
                          "step_ms": timeit(step(ref_fwd, ref), device, warmup, iters) * 1e3, "compile_s": compile_s})
     sd = {k: v.to("cpu") for k, v in ref.state_dict().items()}
     del ref
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-    with torch.device("meta"), default_dtype(dtype):
-        ours = family.transformer_cls(family.spec.dit_config)
-    ours.load_state_dict({k: v.to(device) for k, v in family.convert_diffusers_state_dict(sd).items()},
-                         strict=True, assign=True)
+    free(device)
+    ours = native_from(family, sd, device, dtype)
     del sd
-    ours = ours.eval().requires_grad_(False)
     attention.set_backend(ours, cfg.attention_backend)
     if cfg.fused_kernels:
         use_fused_kernels(ours, device)
@@ -103,9 +93,7 @@ def run(model, height, width, tokens, dittune_argv, device, dtype, warmup, iters
     rows.append({"config": "dittune " + (shlex.join(dittune_argv) or "(defaults)"), "step_ms": ms,
                  "compile_s": compile_s if cfg.enable_torch_compile else None, "rel_diff_vs_diffusers": rel})
     del ours
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free(device)
     return rows, passes
 
 

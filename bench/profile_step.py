@@ -10,7 +10,6 @@ copies), and can save a Chrome trace.
 from __future__ import annotations
 
 import argparse
-import gc
 import shlex
 import sys
 from collections import defaultdict
@@ -20,11 +19,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_dit import DIFFUSERS_BACKEND, case  # noqa: E402
+from bench_dit import DIFFUSERS_BACKEND, build_reference, case, free, native_from  # noqa: E402
 
 from dittune.engine import attention  # noqa: E402
 from dittune.engine import flags as F  # noqa: E402
-from dittune.engine.components import default_dtype  # noqa: E402
 from dittune.engine.models import get_family  # noqa: E402
 from dittune.engine.ops import use_fused_kernels  # noqa: E402
 from dittune.engine.pipeline import compile_dit  # noqa: E402
@@ -104,9 +102,7 @@ def main(argv=None) -> int:
     if trace_dir:
         trace_dir.mkdir(parents=True, exist_ok=True)
 
-    with torch.device(device), default_dtype(dtype):
-        ref = ref_cls.from_config({k: v for k, v in ref_cfg.items() if not k.startswith("_")})
-    ref = ref.to(device, dtype).eval().requires_grad_(False)
+    ref = build_reference(ref_cls, ref_cfg, device, dtype)
     with torch.inference_mode():
         if not a.no_diffusers:
             if DIFFUSERS_BACKEND.get(cfg.attention_backend):
@@ -115,11 +111,9 @@ def main(argv=None) -> int:
             report(f"diffusers {ref_cls.__name__}", rows, a.top)
     sd = {k: v.to("cpu") for k, v in ref.state_dict().items()}
     del ref
-    gc.collect()
-    with torch.device("meta"), default_dtype(dtype):
-        ours = family.transformer_cls(family.spec.dit_config)
-    ours.load_state_dict({k: v.to(device) for k, v in family.convert_diffusers_state_dict(sd).items()}, strict=True, assign=True)
-    ours = ours.eval().requires_grad_(False)
+    free(device)
+    ours = native_from(family, sd, device, dtype)
+    del sd
     attention.set_backend(ours, cfg.attention_backend)
     if cfg.fused_kernels:
         use_fused_kernels(ours, device)
