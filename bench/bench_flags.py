@@ -25,6 +25,8 @@ CONFIGS: dict[str, list[str]] = {
     "cudnn": ["--attention-backend", "torch_cudnn_sdpa"],
     "flash": ["--attention-backend", "torch_flash_sdpa"],
     "efficient": ["--attention-backend", "torch_efficient_sdpa"],
+    "sage": ["--attention-backend", "sage_attn"],  # lossy
+    "fa": ["--attention-backend", "fa"],  # only where flash-attn is installed
     "compile-regional": ["--enable-torch-compile"],
     "compile-full": ["--enable-torch-compile", "--compile-scope", "full"],
     "fused": ["--fused-kernels"],

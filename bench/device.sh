@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the device machine (see ../shared/device/README.md): install the project, then one named
 # stage that fits a 10-minute call. Logs and JSON go to $OUT (default ./out).
-#   bash bench/device.sh gpu-tests | flags-a | flags-b | e2e | tune DB_FILE
+#   bash bench/device.sh STAGE...   (gpu-tests flags-a flags-b e2e profile tune; tune needs TUNE_DB=file)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 if ! python3 -c "import dittune" 2>/dev/null; then
@@ -11,24 +11,35 @@ if ! python3 -c "import dittune" 2>/dev/null; then
 fi
 export PYTHONPATH=${PYTHONPATH:-/tmp/site} PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-case "${1:-}" in
+# Several stages may share one call: each gets at most what is left of DEADLINE seconds.
+DEADLINE=${DEADLINE:-585}; T0=$(date +%s)
+left() { local l=$(( DEADLINE - ($(date +%s) - T0) )); (( l > $1 )) && l=$1; (( l < 5 )) && l=5; echo $l; }
+stage() {
+  case "$1" in
   gpu-tests)
-    timeout 560 python3 -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT/gpu_tests.log" 2>&1
-    echo "rc=$?"; grep -E "passed|failed|FAILED" "$OUT/gpu_tests.log" | tail -15 ;;
+    timeout "$(left 400)" python3 -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT/gpu_tests.log" 2>&1
+    echo "gpu-tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -15 ;;
   flags-a)  # attention backends, compile, fused, component offloads
-    timeout 560 python3 bench/bench_flags.py --no-diffusers --json "$OUT/flags_a.json" \
-      --only default,cudnn,flash,efficient,compile-regional,fused,te+vae-offload,dit-cpu-offload > "$OUT/flags_a.log" 2>&1
-    echo "rc=$?"; tail -12 "$OUT/flags_a.log" ;;
+    timeout "$(left 560)" python3 bench/bench_flags.py --no-diffusers --json "$OUT/flags_a.json" \
+      --only default,cudnn,flash,efficient,sage,compile-regional,fused,te+vae-offload,dit-cpu-offload > "$OUT/flags_a.log" 2>&1
+    echo "flags-a rc=$?"; tail -12 "$OUT/flags_a.log" ;;
   flags-b)  # layerwise ladder, full compile, diffusers group offload in the same run
-    timeout 560 python3 bench/bench_flags.py --json "$OUT/flags_b.json" \
+    timeout "$(left 560)" python3 bench/bench_flags.py --json "$OUT/flags_b.json" \
       --only layerwise-p1,layerwise-p2,layerwise-p4,layerwise-r20,layerwise-r40,compile-full > "$OUT/flags_b.log" 2>&1
-    echo "rc=$?"; tail -10 "$OUT/flags_b.log" ;;
+    echo "flags-b rc=$?"; tail -10 "$OUT/flags_b.log" ;;
   e2e)
-    timeout 560 python3 bench/bench_e2e.py --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
-    echo "rc=$?"; tail -14 "$OUT/e2e.log" ;;
+    timeout "$(left 560)" python3 bench/bench_e2e.py --json "$OUT/e2e.json" ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
+    echo "e2e rc=$?"; tail -14 "$OUT/e2e.log" ;;
+  profile)  # one FLUX forward, dittune's fast path vs diffusers, kernel by kernel
+    timeout "$(left 300)" python3 bench/profile_step.py --model "${PROFILE_MODEL:-flux-dev}" \
+      --flags="${PROFILE_FLAGS:---attention-backend torch_cudnn_sdpa --fused-kernels}" > "$OUT/profile.log" 2>&1
+    echo "profile rc=$?"; tail -30 "$OUT/profile.log" ;;
   tune)  # resumable: carry the SQLite file back and forth; each call stops itself before the limit
-    db=${2:?database file}
-    timeout 580 dittune tune flux-dev --trials 30 --timeout 520 --trial-timeout 5m --db "sqlite:///$db" > "$OUT/tune.log" 2>&1
-    echo "rc=$?"; tail -25 "$OUT/tune.log"; cp "$db" "$OUT/" ;;
-  *) echo "usage: bash bench/device.sh gpu-tests|flags-a|flags-b|e2e|tune DB_FILE"; exit 2 ;;
-esac
+    db=${TUNE_DB:?set TUNE_DB to the database file}
+    timeout "$(left 580)" dittune tune flux-dev --trials 30 --timeout $(( $(left 580) - 60 )) --trial-timeout 5m \
+      --db "sqlite:///$db" ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
+    echo "tune rc=$?"; tail -25 "$OUT/tune.log"; cp "$db" "$OUT/" ;;
+  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests flags-a flags-b e2e profile tune)"; exit 2 ;;
+  esac
+}
+for s in "$@"; do stage "$s"; done
