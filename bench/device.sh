@@ -4,7 +4,7 @@
 #   bash bench/device.sh STAGE...   (gpu-tests flags-a flags-b e2e profile tune; tune needs TUNE_DB=file)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
-if ! python3 -c "import dittune" 2>/dev/null; then
+if ! (cd /tmp && PYTHONPATH=/tmp/site python3 -c "import dittune.engine, dittune.db" 2>/dev/null); then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
