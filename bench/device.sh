@@ -30,10 +30,12 @@ stage() {
   e2e)
     timeout "$(left 560)" python3 bench/bench_e2e.py --json "$OUT/e2e.json" ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
     echo "e2e rc=$?"; tail -14 "$OUT/e2e.log" ;;
-  profile)  # one FLUX forward, dittune's fast path vs diffusers, kernel by kernel
-    timeout "$(left 300)" python3 bench/profile_step.py --model "${PROFILE_MODEL:-flux-dev}" \
-      --flags="${PROFILE_FLAGS:---attention-backend torch_cudnn_sdpa --fused-kernels}" > "$OUT/profile.log" 2>&1
-    echo "profile rc=$?"; tail -30 "$OUT/profile.log" ;;
+  profile)  # one forward per model, dittune's fast path vs diffusers eager, kernel by kernel
+    for m in ${PROFILE_MODELS:-flux-dev qwen-image z-image-turbo}; do
+      timeout "$(left 200)" python3 bench/profile_step.py --model "$m" --json "$OUT/profile_$m.json" \
+        --flags="${PROFILE_FLAGS:---attention-backend torch_cudnn_sdpa --fused-kernels --enable-torch-compile}" > "$OUT/profile_$m.log" 2>&1
+      echo "profile $m rc=$?"; grep -A7 "^== " "$OUT/profile_$m.log" | grep -v "^--"
+    done ;;
   tune)  # resumable: carry the SQLite file back and forth; each call stops itself before the limit
     db=${TUNE_DB:?set TUNE_DB to the database file}
     timeout "$(left 580)" dittune tune flux-dev --trials 30 --timeout $(( $(left 580) - 60 )) --trial-timeout 5m \

@@ -10,6 +10,7 @@ copies), and can save a Chrome trace.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from collections import defaultdict
@@ -44,32 +45,44 @@ def group_of(name: str) -> str:
 
 
 def profile_forward(fn, device, warmup: int, trace: Path | None):
+    """(kernel rows sorted by device time, wall ms of one forward timed outside the profiler)."""
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
+    use_cuda = device.type == "cuda"
+    wall = None
+    if use_cuda:
         torch.cuda.synchronize(device)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        wall = start.elapsed_time(end)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
     with profile(activities=acts) as prof:
         fn()
-        if device.type == "cuda":
+        if use_cuda:
             torch.cuda.synchronize(device)
     if trace:
         prof.export_chrome_trace(str(trace))
-    use_cuda = device.type == "cuda"
     rows = []
     for e in prof.key_averages():
-        t = (e.device_time_total if use_cuda else e.self_cpu_time_total) / 1e3  # ms
-        if t > 0 and (not use_cuda or e.device_type == torch.autograd.DeviceType.CUDA or e.device_time_total > 0):
+        if use_cuda:
+            # Kernels only: CPU-side ops (aten::, dittune::, compiled-region markers, Triton
+            # launchers) carry their kernels' time again and would count it twice.
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            t = e.device_time_total / 1e3
+        else:
+            t = e.self_cpu_time_total / 1e3
+        if t > 0:
             rows.append((e.key, e.count, t))
-    if use_cuda:  # kernels only: ops also carry their kernels' time
-        kernels = [r for r in rows if not r[0].startswith("aten::") and not r[0].startswith("dittune::")]
-        rows = kernels or rows
-    return sorted(rows, key=lambda r: -r[2])
+    return sorted(rows, key=lambda r: -r[2]), wall
 
 
-def report(title: str, rows, top: int) -> None:
+def report(title: str, rows, top: int, wall: float | None, out: dict) -> None:
     total = sum(r[2] for r in rows)
-    print(f"\n== {title}: {total:.2f} ms")
+    print(f"\n== {title}: kernels {total:.2f} ms" + (f", forward wall {wall:.2f} ms (gaps {wall - total:.2f} ms)" if wall else ""))
     groups: dict[str, float] = defaultdict(float)
     for name, _, t in rows:
         groups[group_of(name)] += t
@@ -77,7 +90,9 @@ def report(title: str, rows, top: int) -> None:
         print(f"   {g:24} {t:9.2f} ms  {t / total:6.1%}")
     print(f"   top {top}:")
     for name, count, t in rows[:top]:
-        print(f"   {t:9.2f} ms  x{count:<5} {name[:110]}")
+        print(f"   {t:9.2f} ms  x{count:<5} {group_of(name)[:10]:10} {name[:100]}")
+    out[title] = {"kernels_ms": total, "wall_ms": wall, "groups": dict(groups),
+                  "kernels": [{"name": n, "count": c, "ms": t} for n, c, t in rows]}
 
 
 def main(argv=None) -> int:
@@ -87,7 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--flags", default="", help="engine flags for the native model")
     ap.add_argument("--no-diffusers", action="store_true")
-    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--json", default=None, help="write every kernel row here")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--trace-dir", default=None, help="write Chrome traces here")
     a = ap.parse_args(argv)
@@ -102,13 +118,14 @@ def main(argv=None) -> int:
     if trace_dir:
         trace_dir.mkdir(parents=True, exist_ok=True)
 
+    out: dict = {}
     ref = build_reference(ref_cls, ref_cfg, device, dtype)
     with torch.inference_mode():
         if not a.no_diffusers:
             if DIFFUSERS_BACKEND.get(cfg.attention_backend):
                 ref.set_attention_backend(DIFFUSERS_BACKEND[cfg.attention_backend])
-            rows = profile_forward(lambda: ref_fwd(ref), device, a.warmup, trace_dir and trace_dir / "diffusers.json")
-            report(f"diffusers {ref_cls.__name__}", rows, a.top)
+            rows, wall = profile_forward(lambda: ref_fwd(ref), device, a.warmup, trace_dir and trace_dir / "diffusers.json")
+            report(f"diffusers {ref_cls.__name__}", rows, a.top, wall, out)
     sd = {k: v.to("cpu") for k, v in ref.state_dict().items()}
     del ref
     free(device)
@@ -120,8 +137,10 @@ def main(argv=None) -> int:
     if cfg.enable_torch_compile:
         compile_dit(ours, cfg.compile_scope, cfg.compile_mode)
     with torch.inference_mode():
-        rows = profile_forward(lambda: our_fwd(ours), device, a.warmup, trace_dir and trace_dir / "dittune.json")
-    report(f"dittune {a.model} {shlex.join(F.config_to_argv(cfg)) or '(defaults)'}", rows, a.top)
+        rows, wall = profile_forward(lambda: our_fwd(ours), device, a.warmup, trace_dir and trace_dir / "dittune.json")
+    report(f"dittune {a.model} {shlex.join(F.config_to_argv(cfg)) or '(defaults)'}", rows, a.top, wall, out)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
     return 0
 
 
