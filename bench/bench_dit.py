@@ -67,7 +67,8 @@ def _tiny_config(ref_cls, c) -> dict:
 
 
 def case(model: str, height: int, width: int, text_tokens: int, device, dtype):
-    """(diffusers class, its config, diffusers forward(ref), native forward(ours)) on shared inputs."""
+    """(diffusers class, its config, diffusers forward(ref), native forward(ours, step_cache=None)) on
+    shared inputs; the step cache is what the passes of one true-CFG step share."""
     import diffusers
 
     family = get_family(model)
@@ -92,7 +93,7 @@ def case(model: str, height: int, width: int, text_tokens: int, device, dtype):
         )
         ref_cls = diffusers.FluxTransformer2DModel
         ref_cfg = _tiny_config(ref_cls, c) if spec.tiny else flux._load("transformer_dev.json")
-        return ref_cls, ref_cfg, (lambda m: m(**x, return_dict=False)[0]), (lambda m: m(**x))
+        return ref_cls, ref_cfg, (lambda m: m(**x, return_dict=False)[0]), (lambda m, step_cache=None: m(**x))
     if spec.family == "qwen_image":
         from dittune.engine.models import qwen_image as qi
 
@@ -104,7 +105,7 @@ def case(model: str, height: int, width: int, text_tokens: int, device, dtype):
         ref_cfg = _tiny_config(ref_cls, c) if spec.tiny else qi._load_config("transformer")
         return (ref_cls, ref_cfg,
                 lambda m: m(hidden_states=img, encoder_hidden_states=txt, timestep=t, img_shapes=[[(1, gh, gw)]], return_dict=False)[0],
-                lambda m: m(img, txt, None, t, gh, gw))
+                lambda m, step_cache=None: m(img, txt, None, t, gh, gw, step_cache))
     if spec.family == "zimage":
         from dittune.engine.models import zimage as zi
 
@@ -117,7 +118,7 @@ def case(model: str, height: int, width: int, text_tokens: int, device, dtype):
         ref_cfg = _tiny_config(ref_cls, c) if spec.tiny else zi._load("transformer")
         return (ref_cls, ref_cfg,
                 lambda m: torch.stack(m(list(lat.unsqueeze(2).unbind(0)), t, list(cap.unbind(0)), return_dict=False)[0]).squeeze(2),
-                lambda m: zi.unpack_latents(m(packed, cap, t, gh, gw), gh, gw))
+                lambda m, step_cache=None: zi.unpack_latents(m(packed, cap, t, gh, gw), gh, gw))
     raise SystemExit(f"no bench case for {model}")
 
 
@@ -144,6 +145,21 @@ def native_from(family, sd: dict, device, dtype):
     return ours.eval().requires_grad_(False)
 
 
+def prepare_native(ours, cfg, device) -> None:
+    """The engine's DiT-level setup for a resident DiT, as Pipeline does it: packed modulation,
+    attention backend, fused kernels, compile."""
+    from dittune.engine.models.base import pack_modulation
+    from dittune.engine.ops import use_fused_kernels
+    from dittune.engine.pipeline import compile_dit
+
+    pack_modulation(ours)
+    attention.set_backend(ours, cfg.attention_backend)
+    if cfg.fused_kernels:
+        use_fused_kernels(ours, device)
+    if cfg.enable_torch_compile:
+        compile_dit(ours, cfg.compile_scope, cfg.compile_mode)
+
+
 def run(model: str, height: int, width: int, text_tokens: int, backends: list[str], device, dtype, warmup: int, iters: int):
     family = get_family(model)
     ref_cls, ref_cfg, ref_fwd, our_fwd = case(model, height, width, text_tokens, device, dtype)
@@ -163,6 +179,9 @@ def run(model: str, height: int, width: int, text_tokens: int, backends: list[st
     free(device)
     ours = native_from(family, sd, device, dtype)
     del sd
+    from dittune.engine.models.base import pack_modulation
+
+    pack_modulation(ours)  # as the engine runs a resident DiT
     with torch.inference_mode():
         for b in backends:
             attention.set_backend(ours, b)

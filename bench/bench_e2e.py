@@ -23,14 +23,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_dit import DIFFUSERS_BACKEND, build_reference, case, free, native_from, timeit  # noqa: E402
+from bench_dit import DIFFUSERS_BACKEND, build_reference, case, free, native_from, prepare_native, timeit  # noqa: E402
 
-from dittune.engine import attention  # noqa: E402
 from dittune.engine import flags as F  # noqa: E402
 from dittune.engine.components import default_dtype  # noqa: E402
 from dittune.engine.models import get_family  # noqa: E402
-from dittune.engine.ops import use_fused_kernels  # noqa: E402
-from dittune.engine.pipeline import compile_dit  # noqa: E402
 
 BEST = "--attention-backend torch_cudnn_sdpa --fused-kernels --enable-torch-compile"
 PASSES = {"qwen_image": 2}  # DiT passes per denoise step
@@ -79,16 +76,18 @@ def run(model, height, width, tokens, dittune_argv, device, dtype, warmup, iters
     free(device)
     ours = native_from(family, sd, device, dtype)
     del sd
-    attention.set_backend(ours, cfg.attention_backend)
-    if cfg.fused_kernels:
-        use_fused_kernels(ours, device)
     with torch.inference_mode():
         t = time.perf_counter()
-        if cfg.enable_torch_compile:
-            compile_dit(ours, cfg.compile_scope, cfg.compile_mode)
+        prepare_native(ours, cfg, device)
         out = our_fwd(ours).float()
         compile_s = time.perf_counter() - t
-        ms = timeit(step(our_fwd, ours), device, warmup, iters) * 1e3
+
+        def our_step():  # the passes of one step share its cache, as in Pipeline.generate
+            cache: dict = {}
+            for _ in range(passes):
+                our_fwd(ours, cache)
+
+        ms = timeit(our_step, device, warmup, iters) * 1e3
     rel = ((out - ref_out).norm() / ref_out.norm()).item()
     rows.append({"config": "dittune " + (shlex.join(dittune_argv) or "(defaults)"), "step_ms": ms,
                  "compile_s": compile_s if cfg.enable_torch_compile else None, "rel_diff_vs_diffusers": rel})

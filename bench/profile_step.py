@@ -20,13 +20,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_dit import DIFFUSERS_BACKEND, build_reference, case, free, native_from  # noqa: E402
+from bench_dit import DIFFUSERS_BACKEND, build_reference, case, free, native_from, prepare_native  # noqa: E402
 
-from dittune.engine import attention  # noqa: E402
 from dittune.engine import flags as F  # noqa: E402
 from dittune.engine.models import get_family  # noqa: E402
-from dittune.engine.ops import use_fused_kernels  # noqa: E402
-from dittune.engine.pipeline import compile_dit  # noqa: E402
 
 GROUPS = (
     ("attention", ("attention", "flash", "fmha", "cudnn", "sdpa", "softmax")),
@@ -131,11 +128,7 @@ def main(argv=None) -> int:
     free(device)
     ours = native_from(family, sd, device, dtype)
     del sd
-    attention.set_backend(ours, cfg.attention_backend)
-    if cfg.fused_kernels:
-        use_fused_kernels(ours, device)
-    if cfg.enable_torch_compile:
-        compile_dit(ours, cfg.compile_scope, cfg.compile_mode)
+    prepare_native(ours, cfg, device)
     with torch.inference_mode():
         rows, wall = profile_forward(lambda: our_fwd(ours), device, a.warmup, trace_dir and trace_dir / "dittune.json")
     report(f"dittune {a.model} {shlex.join(F.config_to_argv(cfg)) or '(defaults)'}", rows, a.top, wall, out)

@@ -17,7 +17,7 @@ from torch import nn
 from . import attention, components, scheduler
 from .errors import EngineError
 from .flags import config_to_dict
-from .models.base import Family
+from .models.base import Family, pack_modulation
 from .offload import ComponentOffload, LayerwiseOffload
 from .ops import use_fused_kernels
 from .perf import StepTimer, sync
@@ -79,6 +79,8 @@ class Pipeline:
             self.layerwise = LayerwiseOffload(self.dit, device, flags.dit_offload_prefetch_size,
                                               flags.dit_resident_layers, pin)
 
+        # One GEMV for every block's modulation, when the DiT stays whole on the device.
+        self.packed_modulation = self.layerwise is None and not flags.dit_cpu_offload and pack_modulation(self.dit)
         attention.set_backend(self.dit, flags.attention_backend)
         self.fused = use_fused_kernels(self.dit, device) if flags.fused_kernels else []
         self._apply_compile()
@@ -162,9 +164,10 @@ class Pipeline:
             for i in range(steps):
                 timer.start()
                 sigma = torch.full((1,), sig[i], device=dev, dtype=torch.float32)
-                v = self.family.predict(self.dit, latents, sigma, cond, guidance, height, width)
+                step_cache: dict = {}
+                v = self.family.predict(self.dit, latents, sigma, cond, guidance, height, width, step_cache)
                 if do_cfg:
-                    v_neg = self.family.predict(self.dit, latents, sigma, neg, guidance, height, width)
+                    v_neg = self.family.predict(self.dit, latents, sigma, neg, guidance, height, width, step_cache)
                     v = cfg_combine(v, v_neg, guidance, self.spec.cfg_style, self.spec.cfg_renorm)
                 latents = scheduler.euler_step(latents, v, sig[i], sig[i + 1])
                 timer.stop()
@@ -210,6 +213,7 @@ class Pipeline:
                 "compiled": list(self._compiled),
             },
             "fused_kernels": {"enabled": bool(self.fused), "kernels": self.fused},
+            "modulation": "packed" if self.packed_modulation else "per_block",
             "placement": {
                 "dit": place("dit"),
                 **{name: place(name) for name in self.text_encoders},

@@ -22,7 +22,7 @@ from ..attention import Attention
 from ..ops import reference
 from .rope import rope
 from ..errors import EngineError
-from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec
+from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec, modulations
 
 _CONFIGS = Path(__file__).parent.parent / "configs" / "flux"
 
@@ -227,10 +227,12 @@ class DoubleStreamBlock(nn.Module):
         vec: torch.Tensor,  # [B, D], silu(temb)
         cos: torch.Tensor,  # [Lt + Li, hd/2] fp32
         sin: torch.Tensor,
+        mod: torch.Tensor | None = None,  # [B, 12 D] = [img_mod(vec) | txt_mod(vec)], precomputed (packed DiT)
     ) -> tuple[torch.Tensor, torch.Tensor]:
         lt = txt.shape[1]
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)[:, None].chunk(6, dim=-1)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)[:, None].chunk(6, dim=-1)
+        im, tm = (self.img_mod(vec), self.txt_mod(vec)) if mod is None else mod.chunk(2, dim=-1)
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = im[:, None].chunk(6, dim=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = tm[:, None].chunk(6, dim=-1)
 
         iq, ik, iv = split_heads(self.img_qkv(self.ops.modulate(img, i_shift1, i_scale1)), self.heads)  # [B, Li, H, hd]
         tq, tk, tv = split_heads(self.txt_qkv(self.ops.modulate(txt, t_shift1, t_scale1)), self.heads)  # [B, Lt, H, hd]
@@ -275,8 +277,9 @@ class SingleStreamBlock(nn.Module):
         vec: torch.Tensor,  # [B, D]
         cos: torch.Tensor,  # [L, hd/2] fp32
         sin: torch.Tensor,
+        mod: torch.Tensor | None = None,  # [B, 3 D] = self.mod(vec), precomputed (packed DiT)
     ) -> torch.Tensor:
-        shift, scale, gate = self.mod(vec)[:, None].chunk(3, dim=-1)
+        shift, scale, gate = (self.mod(vec) if mod is None else mod)[:, None].chunk(3, dim=-1)
         h = self.ops.modulate(x, shift, scale)
         q, k, v = split_heads(self.qkv(h), self.heads)  # [B, L, H, hd] views
         mlp = F.gelu(self.mlp_in(h), approximate="tanh")  # [B, L, M]
@@ -337,15 +340,21 @@ class FluxTransformer(nn.Module):
 
         cos, sin = rope_tables(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope, self.config.rope_theta)
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, cos, sin)
+        mods = modulations(self, vec) or [None] * (len(self.double_blocks) + len(self.single_blocks) + 1)
+        nd = len(self.double_blocks)
+        for block, mod in zip(self.double_blocks, mods):
+            img, txt = block(img, txt, vec, cos, sin, mod)
         x = torch.cat([txt, img], dim=1)  # [B, Lt + Li, D]
-        for block in self.single_blocks:
-            x = block(x, vec, cos, sin)
+        for block, mod in zip(self.single_blocks, mods[nd:]):
+            x = block(x, vec, cos, sin, mod)
         img = x[:, lt:]
 
-        scale, shift = self.norm_out(vec)[:, None].chunk(2, dim=-1)
+        scale, shift = (self.norm_out(vec) if mods[-1] is None else mods[-1])[:, None].chunk(2, dim=-1)
         return self.proj_out(self.ops.modulate(img, shift, scale))  # [B, Li, out_channels]
+
+    def modulation_groups(self) -> list[list[nn.Linear]]:
+        """The adaLN Linears of vec, per consumer in forward order (see base.pack_modulation)."""
+        return [[b.img_mod, b.txt_mod] for b in self.double_blocks] + [[b.mod] for b in self.single_blocks] + [[self.norm_out]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +474,7 @@ class FluxFamily(Family):
         guidance: float,
         height: int,
         width: int,
+        step_cache: dict | None = None,  # unused: nothing here depends on the timestep alone
     ) -> torch.Tensor:
         b, dtype, device = latents.shape[0], latents.dtype, latents.device
         img_ids = self._image_ids(height, width, device)

@@ -31,7 +31,7 @@ from ..attention import Attention
 from ..ops import reference
 from .rope import rope
 from ..errors import EngineError
-from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec
+from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec, modulations
 
 # QwenImageFamily.prompt_text applies this before tokenizing; encode_prompt drops the DROP_IDX
 # tokens of its system prefix ("<|im_start|>system\n...<|im_end|>\n<|im_start|>user\n") and keeps
@@ -259,8 +259,9 @@ class DualStreamBlock(nn.Module):
         cos: torch.Tensor,  # [Lt + Li, D/2] fp32, text first
         sin: torch.Tensor,
         mask: torch.Tensor | None,  # [B, 1, 1, Lt + Li] bool, or None
+        mod: torch.Tensor | None = None,  # [B, 12 C] = self.mod(temb), precomputed (packed DiT)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        mod = self.mod(temb)[:, None].chunk(12, dim=-1)  # 12 x [B, 1, C]
+        mod = (self.mod(temb) if mod is None else mod)[:, None].chunk(12, dim=-1)  # 12 x [B, 1, C]
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mod[:6]
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod[6:]
         h, d, eps, lt = self.heads, self.head_dim, self.eps, txt.shape[1]
@@ -306,25 +307,39 @@ class QwenImageTransformer(nn.Module):
         timestep: torch.Tensor,  # [B], sigma in [0, 1]
         grid_h: int,  # image tokens per column (latent height / patch)
         grid_w: int,  # image tokens per row
+        step_cache: dict | None = None,  # shared by the passes of one denoise step (true CFG)
     ) -> torch.Tensor:  # [B, Li, patch^2 * out_channels]
         cfg = self.cfg
         if img.shape[1] != grid_h * grid_w:
             raise EngineError(f"{img.shape[1]} image tokens do not form a {grid_h}x{grid_w} grid")
         img = self.img_in(img)
         txt = self.txt_in(rms_norm(txt, self.txt_norm, cfg.eps))
-        temb = self.time_embed(timestep_embedding(timestep.to(img.dtype)).to(img.dtype))
-        temb = F.silu(temb)  # every consumer (block and output modulation) takes SiLU(temb)
+        # temb and the modulations depend on the timestep alone, so the passes of one step (true
+        # CFG: conditional and negative prompt) compute them once.
+        cached = step_cache.get("qwen_image_temb") if step_cache is not None else None
+        if cached is not None and cached[0].shape[0] == img.shape[0]:
+            temb, mods = cached
+        else:
+            temb = self.time_embed(timestep_embedding(timestep.to(img.dtype)).to(img.dtype))
+            temb = F.silu(temb)  # every consumer (block and output modulation) takes SiLU(temb)
+            mods = modulations(self, temb) or [None] * (len(self.blocks) + 1)
+            if step_cache is not None:
+                step_cache["qwen_image_temb"] = (temb, mods)
         cos, sin = rope_tables(grid_h, grid_w, txt.shape[1], cfg.axes_dims_rope, cfg.rope_theta, img.device)
         mask = None
         if txt_mask is not None:
             img_mask = txt_mask.new_ones(img.shape[:2], dtype=torch.bool)
             mask = torch.cat([txt_mask.bool(), img_mask], dim=1)[:, None, None, :]  # [B, 1, 1, L]
 
-        for block in self.blocks:
-            img, txt = block(img, txt, temb, cos, sin, mask)
+        for block, mod in zip(self.blocks, mods):
+            img, txt = block(img, txt, temb, cos, sin, mask, mod)
 
-        scale, shift = self.norm_out(temb)[:, None].chunk(2, dim=-1)
+        scale, shift = (self.norm_out(temb) if mods[-1] is None else mods[-1])[:, None].chunk(2, dim=-1)
         return self.proj_out(modulate(img, shift, scale, cfg.eps))
+
+    def modulation_groups(self) -> list[list[nn.Linear]]:
+        """The adaLN Linears of temb, per consumer in forward order (see base.pack_modulation)."""
+        return [[b.mod] for b in self.blocks] + [[self.norm_out]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,12 +465,13 @@ class QwenImageFamily(Family):
         guidance: float,  # true CFG is mixed by the pipeline; the DiT takes no guidance input
         height: int,
         width: int,
+        step_cache: dict | None = None,
     ) -> torch.Tensor:
         h, w = self._latent_size(height, width)
         # The pipeline passes (t = 1000 * sigma) cast to the latent dtype, then divided by 1000.
         t = ((sigma.float() * 1000).to(latents.dtype) / 1000).expand(latents.shape[0])
         txt = cond["prompt_embeds"].to(latents.dtype)
-        return dit(latents, txt, cond.get("prompt_mask"), t, h // 2, w // 2)
+        return dit(latents, txt, cond.get("prompt_mask"), t, h // 2, w // 2, step_cache)
 
     def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         h, w = self._latent_size(height, width)

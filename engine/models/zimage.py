@@ -478,6 +478,7 @@ class ZImageFamily(Family):
         guidance: float,
         height: int,
         width: int,
+        step_cache: dict | None = None,  # unused: nothing here depends on the timestep alone
     ) -> torch.Tensor:
         h, w = self._grid(height, width)
         if sigma.dim() == 0:

@@ -145,6 +145,8 @@ def test_lossless_flags_match_default_on_gpu(default_gpu, argv):
         assert m["placement"]["vae"] == "cpu_offload"
     if cfg.fused_kernels:
         assert m["fused_kernels"]["enabled"] and "modulate" in m["fused_kernels"]["kernels"]
+    whole = not (cfg.dit_layerwise_offload or cfg.dit_cpu_offload)
+    assert m["modulation"] == ("packed" if whole else "per_block")
     if cfg.dit_layerwise_offload:
         lw = m["layerwise"]
         assert m["placement"]["dit"] == "layerwise_offload" and lw["resident"] == cfg.dit_resident_layers
