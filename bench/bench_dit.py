@@ -145,14 +145,15 @@ def native_from(family, sd: dict, device, dtype):
     return ours.eval().requires_grad_(False)
 
 
-def prepare_native(ours, cfg, device) -> None:
+def prepare_native(ours, cfg, device, pack: bool = True) -> None:
     """The engine's DiT-level setup for a resident DiT, as Pipeline does it: packed modulation,
     attention backend, fused kernels, compile."""
     from dittune.engine.models.base import pack_modulation
     from dittune.engine.ops import use_fused_kernels
     from dittune.engine.pipeline import compile_dit
 
-    pack_modulation(ours)
+    if pack:
+        pack_modulation(ours)
     attention.set_backend(ours, cfg.attention_backend)
     if cfg.fused_kernels:
         use_fused_kernels(ours, device)

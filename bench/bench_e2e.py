@@ -45,7 +45,7 @@ def flops(model: str, height: int, width: int, text_tokens: int) -> float:
     return float(fc.get_total_flops())
 
 
-def run(model, height, width, tokens, dittune_argv, device, dtype, warmup, iters, compile_diffusers):
+def run(model, height, width, tokens, dittune_argv, device, dtype, warmup, iters, compile_diffusers, also_unpacked=False):
     family = get_family(model)
     passes = PASSES.get(family.spec.family, 1)
     ref_cls, ref_cfg, ref_fwd, our_fwd = case(model, height, width, tokens, device, dtype)
@@ -74,25 +74,27 @@ def run(model, height, width, tokens, dittune_argv, device, dtype, warmup, iters
     sd = {k: v.to("cpu") for k, v in ref.state_dict().items()}
     del ref
     free(device)
-    ours = native_from(family, sd, device, dtype)
+    for pack in (True, False) if also_unpacked else (True,):
+        ours = native_from(family, sd, device, dtype)
+        with torch.inference_mode():
+            t = time.perf_counter()
+            prepare_native(ours, cfg, device, pack=pack)
+            out = our_fwd(ours).float()
+            compile_s = time.perf_counter() - t
+
+            def our_step():  # the passes of one step share its cache, as in Pipeline.generate
+                cache: dict = {}
+                for _ in range(passes):
+                    our_fwd(ours, cache)
+
+            ms = timeit(our_step, device, warmup, iters) * 1e3
+        rel = ((out - ref_out).norm() / ref_out.norm()).item()
+        name = "dittune " + (shlex.join(dittune_argv) or "(defaults)") + ("" if pack else " [per-block modulation]")
+        rows.append({"config": name, "step_ms": ms, "compile_s": compile_s if cfg.enable_torch_compile else None,
+                     "rel_diff_vs_diffusers": rel})
+        del ours, our_step
+        free(device)
     del sd
-    with torch.inference_mode():
-        t = time.perf_counter()
-        prepare_native(ours, cfg, device)
-        out = our_fwd(ours).float()
-        compile_s = time.perf_counter() - t
-
-        def our_step():  # the passes of one step share its cache, as in Pipeline.generate
-            cache: dict = {}
-            for _ in range(passes):
-                our_fwd(ours, cache)
-
-        ms = timeit(our_step, device, warmup, iters) * 1e3
-    rel = ((out - ref_out).norm() / ref_out.norm()).item()
-    rows.append({"config": "dittune " + (shlex.join(dittune_argv) or "(defaults)"), "step_ms": ms,
-                 "compile_s": compile_s if cfg.enable_torch_compile else None, "rel_diff_vs_diffusers": rel})
-    del ours
-    free(device)
     return rows, passes
 
 
@@ -111,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--dittune-flags", default=BEST, help=f"engine flags of dittune's row (default: {BEST!r})")
     ap.add_argument("--no-compile", action="store_true", help="skip diffusers' compile row")
+    ap.add_argument("--also-unpacked", action="store_true",
+                    help="add a dittune row with per-block modulation (the engine's path before packing)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None)
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
     for m in models:
         tokens = 16 if a.tiny else (512 if m.startswith("flux") else 128)
         rows, passes = run(m, size, size, tokens, shlex.split(a.dittune_flags), device, dtype, a.warmup, a.iters,
-                           not a.no_compile)
+                           not a.no_compile, a.also_unpacked)
         fl = flops(m, size, size, tokens) * passes
         base = rows[0]["step_ms"]
         comp = next((r["step_ms"] for r in rows if "compile" in r["config"] and r["config"].startswith("diffusers")), None)
@@ -143,7 +147,7 @@ def main(argv=None) -> int:
     for r in table:
         c = f"{r['vs_diffusers_compile']:.3f}" if r["vs_diffusers_compile"] else "-"
         fl = f"{r['floor_fraction']:.0%}" if r["floor_fraction"] else "-"
-        print(f"{r['model']:16} {r['config'][:70]:70} {r['step_ms']:8.2f} {r['vs_diffusers_eager']:7.3f} {c:>8} {fl:>6}")
+        print(f"{r['model']:16} {r['config'][-70:]:70} {r['step_ms']:8.2f} {r['vs_diffusers_eager']:7.3f} {c:>8} {fl:>6}")
     return 0
 
 
