@@ -71,19 +71,83 @@ class ComponentOffload:
             t.data = self.cpu[name]
 
 
+def _bit_reversal_order(n: int) -> list[int]:
+    """0..n-1 in van der Corput order: bit-reversed j = 0..m-1 (m the power of two >= n) scaled
+    onto n indices, duplicates skipped. The first 2**p entries of bit-reversal order are the
+    multiples of m / 2**p, whose images floor(c * n / 2**p) lie at most ceil(n / 2**p) apart
+    (cyclically), so every prefix of length k has cyclic gaps <= ceil(n / P), P the largest power
+    of two <= k: at most about twice the even spacing n / k, for every k at once."""
+    if n <= 0:
+        return []
+    bits = (n - 1).bit_length()
+    m = 1 << bits
+    seen: set[int] = set()
+    out: list[int] = []
+    for j in range(m):
+        rev = int(format(j, f"0{bits}b")[::-1], 2) if bits else 0
+        i = rev * n // m
+        if i not in seen:
+            seen.add(i)
+            out.append(i)
+    return out
+
+
+def resident_order(n: int) -> list[int]:
+    """The order in which a DiT's n blocks become resident as --dit-resident-layers grows: the
+    even blocks first, in bit-reversal order, then the odd ones in reverse bit-reversal order.
+
+    Every resident set is a prefix of this one order, so the sets are nested and the memory kept
+    on the GPU grows with k. Both the resident set and its complement, the streamed blocks, are
+    spread over the stack, so the copy of each streamed block overlaps the compute of the resident
+    blocks before it. With half = ceil(n/2), P(x) the largest power of two <= x, and runs counted
+    cyclically (the last block of a step is followed by the first of the next):
+    - k <= half: the resident blocks are even, so no two are neighbours, and they are 2x the
+      k-prefix of _bit_reversal_order(half), whose gaps are <= ceil(half / P(k)): every run of
+      streamed blocks is at most 2 * ceil(half / P(k)) - 1 long.
+    - k >= half: the streamed blocks are odd, 2x + 1 for the (n - k)-prefix of
+      _bit_reversal_order(n // 2): no two are neighbours and every run of resident blocks is at
+      most 2 * ceil((n // 2) / P(n - k)) long.
+    As P(k) > k / 2, these give streamed runs <= 2 * ceil((n - k) / k) + 1 and resident runs
+    <= 2 * ceil(k / (n - k)) + 2: about twice the even spacing at worst (no nested family of sets
+    can be even for every k at once)."""
+    half = (n + 1) // 2
+    evens = [2 * i for i in _bit_reversal_order(half)]
+    odds = [2 * i + 1 for i in _bit_reversal_order(n - half)]
+    return evens + odds[::-1]
+
+
+def resident_set(n: int, k: int) -> frozenset[int]:
+    """The k of n blocks kept resident: resident_set(n, k) is a subset of resident_set(n, k + 1)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"{k} resident blocks of {n}")
+    return frozenset(resident_order(n)[:k])
+
+
+def prefetch_window(streamed: int, prefetch: float) -> int:
+    """Streamed blocks loaded ahead of the running one (--dit-offload-prefetch-size: < 1 a fraction
+    of the streamed blocks, >= 1 a count); the GPU holds window + 1 slots (at most `streamed`)."""
+    if streamed == 0:
+        return 0
+    return min(streamed - 1, math.ceil(prefetch * streamed) if prefetch < 1 else int(prefetch))
+
+
 class LayerwiseOffload:
     """Stream a DiT's repeated blocks from (pinned) CPU memory, overlapping the copy of the next
     blocks (on a copy stream) with the compute of the current one.
 
-    The first `resident` blocks stay on the GPU for good (partial residency). The streamed blocks
-    are packed block by block into one pinned arena; the GPU holds `window + 1` fixed slots, each
-    the size of the largest block. Loading a block is one copy of its byte range into the next
-    slot (round robin in load order), after the compute stream has finished with that slot's
-    previous block (a GPU-side event wait: the CPU never blocks and the caching allocator is not
-    involved, so reserved memory stays at what is really used). Before block i runs, its copy is
-    waited for (done synchronously on a miss), its parameters are pointed at views of its slot, and
-    the next `window` streamed blocks are prefetched, wrapping around to the first streamed blocks
-    of the next step. After it runs, its parameters point back at their CPU copies.
+    `resident` blocks stay on the GPU for good (partial residency): resident_set(n, resident),
+    spread evenly over the stack, so that the copy of each streamed block overlaps the compute of
+    the resident blocks before it (kept leading, the resident blocks would leave the copy stream
+    idle once `window` blocks are prefetched, and the streamed tail copy-bound with nothing to
+    overlap). The streamed blocks are packed block by block into one pinned arena; the GPU holds
+    `window + 1` fixed slots, each the size of the largest streamed block. Loading a block is one
+    copy of its byte range into the next slot (round robin in load order), after the compute stream
+    has finished with that slot's previous block (a GPU-side event wait: the CPU never blocks and
+    the caching allocator is not involved, so reserved memory stays at what is really used). Before
+    streamed block i runs, its copy is waited for (done synchronously on a miss), its parameters
+    are pointed at views of its slot, and the next `window` streamed blocks in execution order are
+    prefetched, wrapping around to the first streamed blocks of the next step. After it runs, its
+    parameters point back at their CPU copies.
 
     On a CPU device the same bookkeeping runs with plain copies (used by the tests)."""
 
@@ -97,8 +161,11 @@ class LayerwiseOffload:
             raise EngineError(f"--dit-resident-layers {resident}: this DiT has {n} blocks")
         self.device, self.pin, self.resident = device, pin, resident
         self.cuda = device.type == "cuda"
-        streamed = n - resident
-        self.window = 0 if streamed == 0 else min(streamed - 1, math.ceil(prefetch * streamed) if prefetch < 1 else int(prefetch))
+        kept = resident_set(n, resident)
+        self.resident_blocks: list[int] = sorted(kept)
+        self.streamed: list[int] = [i for i in range(n) if i not in kept]  # block indices, execution order
+        self.position = {i: p for p, i in enumerate(self.streamed)}  # block index -> index in self.streamed
+        self.window = prefetch_window(len(self.streamed), prefetch)
         block_ids = {id(b) for b in self.blocks}
         # Everything but the streamed blocks lives on the GPU.
         for name, child in dit.named_children():
@@ -106,10 +173,10 @@ class LayerwiseOffload:
                 child.to(device)
         for p in dit.parameters(recurse=False):
             p.data = p.data.to(device)
-        for b in self.blocks[:resident]:
-            b.to(device)
+        for i in self.resident_blocks:
+            self.blocks[i].to(device)
 
-        per_block = [self._tensors(b) for b in self.blocks[resident:]]
+        per_block = [self._tensors(self.blocks[i]) for i in self.streamed]
         self.arena = PinnedArena([t for ts in per_block for t in ts], pin)
         self.streamed_bytes = self.arena.nbytes
         base = self.arena.buf.data_ptr()
@@ -128,7 +195,7 @@ class LayerwiseOffload:
                 lo = hi = 0
             self.ranges.append((lo, hi))
 
-        nslots = min(self.window + 1, streamed)
+        nslots = min(self.window + 1, len(self.streamed))
         slot_bytes = max((hi - lo for lo, hi in self.ranges), default=0)
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(nslots)]
         self.slot_free: list = [None] * nslots  # compute-stream event: the slot's last user is done
@@ -138,7 +205,7 @@ class LayerwiseOffload:
         self.ready: dict[int, object] = {}  # block index -> copy-done event (None on the CPU)
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.hits = self.misses = 0
-        for i in range(resident, n):
+        for i in self.streamed:
             self.blocks[i].register_forward_pre_hook(self._pre_hook(i))
             self.blocks[i].register_forward_hook(self._post_hook(i))
 
@@ -153,7 +220,7 @@ class LayerwiseOffload:
         if owner is not None and owner in self.ready:  # prefetched but never run: evict it
             del self.ready[owner]
             del self.slot_of[owner]
-        lo, hi = self.ranges[i - self.resident]
+        lo, hi = self.ranges[self.position[i]]
         dst, src = self.slots[s][: hi - lo], self.arena.buf[lo:hi]
         ev = None
         if self.cuda:
@@ -170,10 +237,12 @@ class LayerwiseOffload:
         self.slot_owner[s] = i
 
     def _next_streamed(self, i: int, k: int) -> int:
-        n, r = len(self.blocks), self.resident
-        return r + (i - r + k) % (n - r)
+        """The streamed block k places after streamed block i in execution order, across steps."""
+        return self.streamed[(self.position[i] + k) % len(self.streamed)]
 
     def _pre_hook(self, i: int):
+        p = self.position[i]
+
         def hook(module, args):
             if i in self.ready:
                 self.hits += 1
@@ -184,8 +253,8 @@ class LayerwiseOffload:
             if ev is not None:
                 torch.cuda.current_stream(self.device).wait_event(ev)
             buf = self.slots[self.slot_of[i]]
-            base = self.arena.buf.data_ptr() + self.ranges[i - self.resident][0]
-            for t, c in zip(self._tensors(module), self.cpu[i - self.resident]):
+            base = self.arena.buf.data_ptr() + self.ranges[p][0]
+            for t, c in zip(self._tensors(module), self.cpu[p]):
                 off = c.data_ptr() - base
                 t.data = buf[off : off + c.numel() * c.element_size()].view(c.dtype).view(c.shape)
             for k in range(1, self.window + 1):
@@ -196,20 +265,23 @@ class LayerwiseOffload:
         return hook
 
     def _post_hook(self, i: int):
+        p = self.position[i]
+
         def hook(module, args, output):
             s = self.slot_of.pop(i)
             if self.cuda:
                 ev = torch.cuda.Event()
                 ev.record(torch.cuda.current_stream(self.device))
                 self.slot_free[s] = ev
-            for t, c in zip(self._tensors(module), self.cpu[i - self.resident]):
+            for t, c in zip(self._tensors(module), self.cpu[p]):
                 t.data = c
 
         return hook
 
     def manifest(self) -> dict:
         return {
-            "blocks": len(self.blocks), "resident": self.resident, "streamed": len(self.blocks) - self.resident,
+            "blocks": len(self.blocks), "resident": self.resident, "streamed": len(self.streamed),
+            "resident_blocks": list(self.resident_blocks),
             "prefetch_window": self.window, "gpu_slots": len(self.slots),
             "slot_bytes": self.slots[0].numel() if self.slots else 0, "streamed_bytes": self.streamed_bytes,
             "pinned": self.arena.pinned, "prefetch_hits": self.hits, "misses": self.misses,

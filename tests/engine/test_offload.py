@@ -20,7 +20,7 @@ import pytest
 
 from dittune.engine.components import build_dit
 from dittune.engine.models import get_family
-from dittune.engine.offload import LayerwiseOffload
+from dittune.engine.offload import LayerwiseOffload, prefetch_window, resident_order, resident_set
 
 
 def _inputs(model: str):
@@ -43,7 +43,7 @@ def _inputs(model: str):
 
 
 @pytest.mark.parametrize("model", ["flux-dev-tiny", "z-image-turbo-tiny"])
-@pytest.mark.parametrize("prefetch, resident", [(1, 0), (2, 0), (0.5, 1), (1, 1), (4, 0)])
+@pytest.mark.parametrize("prefetch, resident", [(1, 0), (2, 0), (0.5, 1), (1, 1), (4, 0), (1, 2), (2, 3)])
 def test_layerwise_streaming_reproduces_the_resident_model(model, prefetch, resident):
     """The slot bookkeeping (byte ranges, views, round-robin slots, wrap-around, eviction) on the
     CPU: several forwards through the streamed model equal the resident one exactly."""
@@ -53,22 +53,36 @@ def test_layerwise_streaming_reproduces_the_resident_model(model, prefetch, resi
     with torch.inference_mode():  # as the pipeline runs
         want = fwd(dit)
         n = sum(len(getattr(dit, name)) for name in dit.repeated_blocks)
-        if resident >= n:
-            pytest.skip("nothing streamed")
+        if resident > n:
+            pytest.skip(f"{n} blocks")
         lw = LayerwiseOffload(dit, torch.device("cpu"), prefetch, resident, pin=False)
         for _ in range(3):  # steps: prefetch wraps into the next one
             torch.testing.assert_close(fwd(dit), want, rtol=0, atol=0)
     m = lw.manifest()
-    assert m["misses"] >= 1 and m["resident"] == resident and m["gpu_slots"] == min(lw.window + 1, n - resident)
+    assert m["resident"] == resident and m["gpu_slots"] == min(lw.window + 1, n - resident)
+    assert m["misses"] >= 1 if resident < n else m["misses"] == m["prefetch_hits"] == 0
+    assert m["resident_blocks"] == sorted(resident_set(n, resident)) and m["streamed"] == n - resident
     if n - resident > 1:
         assert m["prefetch_hits"] > 0
-    for block in lw.blocks[resident:]:  # between forwards every streamed weight is back on its CPU copy
+    _check_placement(lw)
+
+
+def _check_placement(lw):
+    """Between forwards every streamed weight is back on its CPU copy in the arena; resident
+    blocks are not in the arena; the slots fit the largest streamed block."""
+    arena = lw.arena.buf.untyped_storage().data_ptr()
+    for i, block in enumerate(lw.blocks):
         for t in block.parameters():
-            assert t.untyped_storage().data_ptr() == lw.arena.buf.untyped_storage().data_ptr()
+            assert (t.untyped_storage().data_ptr() == arena) == (i in lw.streamed)
+    widest = max((sum(t.numel() * t.element_size() for t in lw._tensors(lw.blocks[i])) for i in lw.streamed), default=0)
+    assert all(widest <= s.numel() < widest + PinnedArena.ALIGN * 64 for s in lw.slots)
 
 
-@pytest.mark.parametrize("prefetch, resident", [(2, 2), (3, 0), (0.25, 1)])
+@pytest.mark.parametrize("prefetch, resident", [(2, 2), (3, 0), (0.25, 1), (1, 0), (1, 1), (1, 4), (2, 5),
+                                               (0.5, 7), (1, 8), (4, 8), (1, 9)])
 def test_layerwise_with_many_blocks(prefetch, resident):
+    """Double and single blocks of different sizes, resident blocks interleaved with streamed
+    ones: bit-identical over several steps, every streamed block prefetched after the very first."""
     import dataclasses
 
     from dittune.engine.components import randomize_
@@ -83,7 +97,43 @@ def test_layerwise_with_many_blocks(prefetch, resident):
         lw = LayerwiseOffload(dit, torch.device("cpu"), prefetch, resident, pin=False)
         for _ in range(3):
             torch.testing.assert_close(fwd(dit), want, rtol=0, atol=0)
-    assert lw.misses == 1 and lw.hits == 3 * (9 - resident) - 1
+    streamed = 9 - resident
+    m = lw.manifest()
+    assert m["resident_blocks"] == sorted(resident_set(9, resident))
+    assert lw.streamed == sorted(set(range(9)) - set(m["resident_blocks"]))
+    assert m["streamed"] == streamed and m["prefetch_window"] == prefetch_window(streamed, prefetch)
+    if streamed == 0:
+        assert lw.misses == lw.hits == 0 and lw.slots == [] and m["slot_bytes"] == 0
+    elif streamed == 1:  # one slot: the only streamed block cannot be prefetched while it is in use
+        assert lw.misses == 3 and lw.hits == 0
+    else:
+        assert lw.misses == 1 and lw.hits == 3 * streamed - 1
+    _check_placement(lw)
+
+
+def test_layerwise_prefetches_the_next_streamed_block_across_resident_ones():
+    """With resident blocks between streamed ones, the prefetch skips them and wraps into the
+    next step; a block prefetched but not run is evicted when its slot is reused."""
+    import dataclasses
+
+    from dittune.engine.components import randomize_
+    from dittune.engine.models import flux
+
+    cfg = dataclasses.replace(get_family("flux-dev-tiny").spec.dit_config, num_layers=2, num_single_layers=4)
+    dit = flux.FluxTransformer(cfg)
+    randomize_(dit, seed=5)
+    lw = LayerwiseOffload(dit, torch.device("cpu"), 1, 3, pin=False)
+    assert lw.resident_blocks == sorted(resident_set(6, 3)) == [0, 2, 4] and lw.streamed == [1, 3, 5]
+    assert [lw._next_streamed(i, 1) for i in lw.streamed] == [3, 5, 1]
+    assert [lw._next_streamed(i, 2) for i in lw.streamed] == [5, 1, 3]
+    with torch.inference_mode():
+        lw._pre_hook(3)(lw.blocks[3], ())  # a miss: loads 3 into slot 0, prefetches 5 into slot 1
+        assert lw.misses == 1 and set(lw.ready) == {5} and lw.slot_of == {3: 0, 5: 1}
+        lw._post_hook(3)(lw.blocks[3], (), None)
+        lw._pre_hook(1)(lw.blocks[1], ())  # 5 skipped: a miss loads 1 into slot 0, the prefetch of 3
+        assert lw.misses == 2 and set(lw.ready) == {3}  # evicts the unused 5 from slot 1
+        assert lw.slot_of == {1: 0, 3: 1}
+        lw._post_hook(1)(lw.blocks[1], (), None)
 
 
 def test_layerwise_composes_with_regional_compile():
@@ -108,3 +158,62 @@ def test_layerwise_composes_with_regional_compile():
             torch.testing.assert_close(fwd(dit), want, rtol=1e-4, atol=1e-4)
     assert lw.misses == 1 and lw.hits > 0
 
+
+
+# --- which blocks stay resident -------------------------------------------------------------------
+
+
+def _cyclic_runs(mask: list[bool], value: bool) -> int:
+    """Longest run of `value` in `mask`, read cyclically (the blocks of one step follow those of
+    the previous one)."""
+    if all(m == value for m in mask):
+        return len(mask)
+    best = cur = 0
+    for m in mask + mask:
+        cur = cur + 1 if m == value else 0
+        best = max(best, cur)
+    return best
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (x.bit_length() - 1)
+
+
+@pytest.mark.parametrize("n", range(0, 81))
+def test_resident_order_is_a_permutation_with_nested_evenly_spread_sets(n):
+    """Every k: resident_set(n, k) is the k-prefix of one permutation (nested, so VRAM grows with
+    k), and both it and the streamed complement are spread over the stack. The bounds, proven in
+    resident_order's docstring: up to half = ceil(n/2) resident blocks, no two resident blocks are
+    neighbours and every run of streamed blocks is at most 2 * ceil(half / P(k)) - 1 long; from
+    half on, no two streamed blocks are neighbours and every run of resident blocks is at most
+    2 * ceil(floor(n/2) / P(n - k)) long (P(x) the largest power of two <= x, runs cyclic)."""
+    order = resident_order(n)
+    assert sorted(order) == list(range(n))
+    half = (n + 1) // 2
+    prev: frozenset[int] = frozenset()
+    for k in range(n + 1):
+        s = resident_set(n, k)
+        assert len(s) == k and prev <= s and s == frozenset(order[:k])
+        prev = s
+        mask = [i in s for i in range(n)]
+        if 1 <= k <= half:
+            assert _cyclic_runs(mask, False) <= 2 * -(-half // _pow2_floor(k)) - 1
+            assert not any(mask[i] and mask[i + 1] for i in range(n - 1))
+        if half <= k < n:
+            assert _cyclic_runs(mask, True) <= 2 * -(-(n // 2) // _pow2_floor(n - k))
+            assert all(mask[i] or mask[i + 1] for i in range(n - 1))
+        # their corollary in terms of the even spacing alone: runs at most about twice as long
+        if 0 < k < n:
+            assert _cyclic_runs(mask, False) <= 2 * -(-(n - k) // k) + 1
+            assert _cyclic_runs(mask, True) <= 2 * -(-k // (n - k)) + 2
+    with pytest.raises(ValueError):
+        resident_set(n, n + 1)
+
+
+def test_resident_order_spreads_flux():
+    """FLUX.1-dev's 57 blocks (19 double, then 38 single): a quarter resident keeps blocks from
+    both kinds and from the whole stack; no streamed run is longer than 7 blocks."""
+    for k in (14, 20, 28, 40, 42):
+        s = resident_set(57, k)
+        assert min(s) < 10 and max(s) > 47 and any(i < 19 for i in s) and any(i >= 19 for i in s)
+    assert _cyclic_runs([i in resident_set(57, 14) for i in range(57)], False) <= 7
