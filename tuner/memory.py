@@ -8,14 +8,13 @@ prediction and measurement side by side for every trial so the error is always v
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-from dittune.engine import components
+from dittune.engine import components, offload
 from dittune.engine.models import get_family
 
 # Bytes of live activations per (token x hidden) element during one DiT forward (bf16 q/k/v,
@@ -76,6 +75,18 @@ def footprint(model: str, dtype_name: str = "bf16") -> Footprint:
     )
 
 
+def layerwise_bytes(fp: Footprint, resident: int, prefetch: float) -> tuple[int, int]:
+    """(resident, visiting) DiT bytes under layerwise offload, as LayerwiseOffload places them: the
+    blocks of resident_set and the rest of the DiT stay; window + 1 fixed slots, each the size of
+    the largest streamed block, hold the running block and the prefetched ones."""
+    n = len(fp.dit_block_bytes)
+    kept = offload.resident_set(n, min(resident, n))
+    streamed = [b for i, b in enumerate(fp.dit_block_bytes) if i not in kept]
+    slots = min(offload.prefetch_window(len(streamed), prefetch) + 1, len(streamed))
+    dit_resident = fp.dit_other_bytes + sum(b for i, b in enumerate(fp.dit_block_bytes) if i in kept)
+    return dit_resident, slots * max(streamed, default=0)
+
+
 def predict_peak_bytes(model: str, cfg, width: int, height: int, dtype_name: str = "bf16") -> int:
     fp = footprint(model, dtype_name)
     family = get_family(model)
@@ -85,13 +96,7 @@ def predict_peak_bytes(model: str, cfg, width: int, height: int, dtype_name: str
     vae_elem = 4 if cfg.vae_precision == "fp32" else 2
 
     if cfg.dit_layerwise_offload:
-        n = len(fp.dit_block_bytes)
-        prefetch = cfg.dit_offload_prefetch_size
-        window = math.ceil(prefetch * n) if prefetch < 1 else int(prefetch)
-        resident = min(cfg.dit_resident_layers, n)
-        streamed = fp.dit_block_bytes[resident:]
-        dit_resident = fp.dit_other_bytes + sum(fp.dit_block_bytes[:resident])
-        dit_visiting = sum(sorted(streamed, reverse=True)[: window + 1])  # current block + prefetched ones
+        dit_resident, dit_visiting = layerwise_bytes(fp, cfg.dit_resident_layers, cfg.dit_offload_prefetch_size)
     elif cfg.dit_cpu_offload:
         dit_resident, dit_visiting = 0, fp.dit_bytes
     else:

@@ -394,7 +394,8 @@ def _enqueue_seeds(study, s: _Setup) -> None:
 
 def _fit_budget(cfg, s: _Setup):
     """`cfg`, or the closest variant predicted to fit: offload the text encoders and VAE, then
-    stream the DiT keeping as many leading blocks resident as fit, then whole-DiT offload."""
+    stream the DiT keeping as many blocks resident as fit (engine.offload.resident_set: nested, so
+    the memory model's peak grows with their number), then whole-DiT offload."""
 
     def fits(c) -> bool:
         try:

@@ -76,7 +76,7 @@ def test_finds_the_optimum_within_the_trial_budget(tmp_path, monkeypatch, object
 def test_budget_prunes_without_running_and_result_fits(tmp_path, monkeypatch):
     pretend_h100(monkeypatch)
     url = f"sqlite:///{tmp_path / 't.db'}"
-    res = tune(TuneOptions("flux-dev", vram_budget="24GiB", trials=15, db_url=url, worker_cmd=FAKE, confirm=1, patience=30),
+    res = tune(TuneOptions("flux-dev", vram_budget="24GiB", trials=30, db_url=url, worker_cmd=FAKE, confirm=1, patience=30),
                log=lambda m: None)
     assert res.budget_bytes == 24 * GiB
     assert res.winner.peak_vram_bytes <= 24 * GiB
