@@ -112,7 +112,8 @@ FLAGS: tuple[Flag, ...] = (
          "Blocks prefetched ahead under layerwise offload: < 1 is a fraction of the blocks, >= 1 a count.",
          minimum=0.0, requires="dit-layerwise-offload", sglang="dit-offload-prefetch-size"),
     Flag("dit-resident-layers", int, 0,
-         "Leading DiT blocks kept resident on the GPU under layerwise offload (partial residency).",
+         "DiT blocks kept resident on the GPU under layerwise offload, spread evenly over the stack so "
+         "streamed copies overlap resident compute (partial residency).",
          minimum=0, requires="dit-layerwise-offload"),
     Flag("pin-cpu-memory", bool, True, "Pin the CPU copies of offloaded weights (faster transfers).",
          sglang="pin-cpu-memory"),
