@@ -1,4 +1,5 @@
-"""Fused Triton kernels, each beside its pure-torch reference (the fallback off CUDA).
+"""Fused Triton kernels (and cuBLASLt GEMM epilogues, epilogue.py), each beside its pure-torch
+reference (the fallback off CUDA).
 
 Every op is a torch custom op `dittune::<name>` (one node under torch.compile, no graph break):
 Triton for CUDA tensors, the torch reference otherwise (and on CUDA without triton). Inference
@@ -19,11 +20,14 @@ _WHERE = {
     "rms_norm": "rmsnorm",
     "qk_norm_rope": "qk_norm_rope",
     "joint_qk_norm_rope": "qk_norm_rope",
+    "linear_gelu": "epilogue",
+    "linear_concat": "epilogue",
 }
 
-KERNELS: tuple[str, ...] = tuple(_WHERE)
+KERNELS: tuple[str, ...] = tuple(n for n, where in _WHERE.items() if where != "epilogue")  # Triton
+EPILOGUES: tuple[str, ...] = tuple(n for n, where in _WHERE.items() if where == "epilogue")  # cuBLASLt
 
-__all__ = [*KERNELS, "KERNELS", "triton_available"]
+__all__ = [*KERNELS, *EPILOGUES, "KERNELS", "EPILOGUES", "triton_available"]
 
 
 def triton_available(device=None) -> bool:

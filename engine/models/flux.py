@@ -139,6 +139,16 @@ def joint_qk_norm_rope(
     return one(q_txt, q_img, q_weight_txt, q_weight_img), one(k_txt, k_img, k_weight_txt, k_weight_img)
 
 
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The MLPs' first layer and its activation (GELU, tanh approximation)."""
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def linear_concat(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The single block's output projection of [attention | MLP]."""
+    return F.linear(torch.cat([a, b], dim=-1), weight, bias)
+
+
 def joint_heads(txt: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
     """txt [B, Lt, H, D], img [B, Li, H, D] (strided views) -> contiguous [B, H, Lt + Li, D].
 
@@ -180,8 +190,9 @@ def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
 
 
 # Blocks call these through `self.ops`; --fused-kernels swaps in dittune.kernels' ops of the same names.
-OPS = reference(("modulate", "gated_residual", "qk_norm_rope", "joint_qk_norm_rope"), modulate=modulate,
-                gated_residual=gated_residual, qk_norm_rope=qk_norm_rope, joint_qk_norm_rope=joint_qk_norm_rope)
+OPS = reference(("modulate", "gated_residual", "qk_norm_rope", "joint_qk_norm_rope", "linear_gelu", "linear_concat"),
+                modulate=modulate, gated_residual=gated_residual, qk_norm_rope=qk_norm_rope,
+                joint_qk_norm_rope=joint_qk_norm_rope, linear_gelu=linear_gelu, linear_concat=linear_concat)
 
 
 class MLPEmbedder(nn.Module):
@@ -242,11 +253,11 @@ class DoubleStreamBlock(nn.Module):
         out = self.attn(q, k, joint_heads(tv, iv))  # [B, L, D]
 
         img = self.ops.gated_residual(img, i_gate1, self.img_proj(out[:, lt:]))
-        h = F.gelu(self.img_mlp_in(self.ops.modulate(img, i_shift2, i_scale2)), approximate="tanh")
+        h = self.ops.linear_gelu(self.ops.modulate(img, i_shift2, i_scale2), self.img_mlp_in.weight, self.img_mlp_in.bias)
         img = self.ops.gated_residual(img, i_gate2, self.img_mlp_out(h))
 
         txt = self.ops.gated_residual(txt, t_gate1, self.txt_proj(out[:, :lt]))
-        h = F.gelu(self.txt_mlp_in(self.ops.modulate(txt, t_shift2, t_scale2)), approximate="tanh")
+        h = self.ops.linear_gelu(self.ops.modulate(txt, t_shift2, t_scale2), self.txt_mlp_in.weight, self.txt_mlp_in.bias)
         txt = self.ops.gated_residual(txt, t_gate2, self.txt_mlp_out(h))
         if txt.dtype == torch.float16:  # as diffusers: the text stream overflows fp16
             txt = txt.clip(-65504, 65504)
@@ -282,10 +293,10 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = (self.mod(vec) if mod is None else mod)[:, None].chunk(3, dim=-1)
         h = self.ops.modulate(x, shift, scale)
         q, k, v = split_heads(self.qkv(h), self.heads)  # [B, L, H, hd] views
-        mlp = F.gelu(self.mlp_in(h), approximate="tanh")  # [B, L, M]
+        mlp = self.ops.linear_gelu(h, self.mlp_in.weight, self.mlp_in.bias)  # [B, L, M]
         q, k = self.ops.qk_norm_rope(q, k, self.norm_q, self.norm_k, cos, sin)  # [B, H, L, hd]
         out = self.attn(q, k, v.transpose(1, 2).contiguous())  # [B, L, D]
-        x = self.ops.gated_residual(x, gate, self.proj_out(torch.cat([out, mlp], dim=-1)))
+        x = self.ops.gated_residual(x, gate, self.ops.linear_concat(out, mlp, self.proj_out.weight, self.proj_out.bias))
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x

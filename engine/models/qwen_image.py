@@ -204,14 +204,20 @@ def rope_tables(
 # Building blocks
 
 
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The MLP's first layer and its activation (GELU, tanh approximation)."""
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.ops = OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(self.ops.linear_gelu(x, self.fc1.weight, self.fc1.bias))
 
 
 class TimestepMLP(nn.Module):
@@ -225,8 +231,8 @@ class TimestepMLP(nn.Module):
 
 
 # Blocks call these through `self.ops`; --fused-kernels swaps in dittune.kernels' ops of the same names.
-OPS = reference(("modulate", "gated_residual", "joint_qk_norm_rope"), modulate=modulate, gated_residual=gated_residual,
-                joint_qk_norm_rope=joint_qk_norm_rope)
+OPS = reference(("modulate", "gated_residual", "joint_qk_norm_rope", "linear_gelu"), modulate=modulate,
+                gated_residual=gated_residual, joint_qk_norm_rope=joint_qk_norm_rope, linear_gelu=linear_gelu)
 
 
 class DualStreamBlock(nn.Module):
