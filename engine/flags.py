@@ -96,7 +96,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("compile-mode", str, "default", "torch.compile mode.",
          choices=("default", "max-autotune-no-cudagraphs"), requires="enable-torch-compile"),
     Flag("fused-kernels", bool, False,
-         "Use dittune's fused Triton kernels (modulation, gated residual, RMSNorm, QK-norm+RoPE)."),
+         "Use dittune's fused kernels (Triton: modulation, gated residual, RMSNorm, QK-norm+RoPE; "
+         "cuBLASLt epilogues: GEMM+GELU, split output projection)."),
+    Flag("enable-cuda-graph", bool, False,
+         "Capture each denoise step's DiT passes as one CUDA graph and replay it (no launch gaps). "
+         "The DiT must stay resident: excludes --dit-cpu-offload and --dit-layerwise-offload."),
     Flag("dit-cpu-offload", bool, False,
          "Keep the DiT in CPU memory; move it to the GPU for the denoise stage only.",
          sglang="dit-cpu-offload"),
@@ -146,6 +150,10 @@ CONSTRAINTS: tuple[Constraint, ...] = (
     Constraint("full-compile-excludes-layerwise",
                lambda c: c.enable_torch_compile and c.compile_scope == "full" and c.dit_layerwise_offload,
                "--compile-scope full cannot trace through layerwise offload hooks; use --compile-scope regional"),
+    Constraint("cuda-graph-needs-resident-dit",
+               lambda c: c.enable_cuda_graph and (c.dit_cpu_offload or c.dit_layerwise_offload),
+               "--enable-cuda-graph replays fixed weight addresses; --dit-cpu-offload and --dit-layerwise-offload "
+               "move the DiT's weights"),
     Constraint("unpinned-needs-offload",
                lambda c: not c.pin_cpu_memory and not (c.dit_cpu_offload or c.text_encoder_cpu_offload
                                                        or c.vae_cpu_offload or c.dit_layerwise_offload),
@@ -258,9 +266,14 @@ def is_lossless(cfg: Any) -> bool:
     return all(getattr(cfg, f.attr) not in f.lossy_values for f in FLAGS if is_active(f, cfg))
 
 
+# Bump when what a flag does changes without its declaration changing, so stored measurements of
+# the old meaning stop answering for the new one. 2: --dit-resident-layers spreads its blocks.
+SEMANTICS_VERSION = 2
+
+
 def registry_hash() -> str:
     """Short hash of everything that defines the flag space and its semantics."""
-    desc = [
+    desc: list = [{"semantics": SEMANTICS_VERSION}] + [
         {
             "name": f.name, "type": f.type.__name__, "default": f.default,
             "choices": list(f.choices) if f.choices else None, "minimum": f.minimum,

@@ -17,12 +17,14 @@ from torch import nn
 from . import attention, components, scheduler
 from .errors import EngineError
 from .flags import config_to_dict
+from .cudagraph import GraphedPasses
 from .models.base import Family, pack_modulation
 from .offload import ComponentOffload, LayerwiseOffload
 from .ops import use_fused_kernels
 from .perf import StepTimer, sync
 
-CUDA_ONLY_FLAGS = ("dit_cpu_offload", "text_encoder_cpu_offload", "vae_cpu_offload", "dit_layerwise_offload")
+CUDA_ONLY_FLAGS = ("dit_cpu_offload", "text_encoder_cpu_offload", "vae_cpu_offload", "dit_layerwise_offload",
+                   "enable_cuda_graph")
 
 
 def supported_values(device: torch.device) -> dict[str, tuple]:
@@ -84,6 +86,7 @@ class Pipeline:
         attention.set_backend(self.dit, flags.attention_backend)
         self.fused = use_fused_kernels(self.dit, device) if flags.fused_kernels else []
         self._apply_compile()
+        self.graphed = GraphedPasses(self._passes, device) if flags.enable_cuda_graph else None
         sync(device)
         self.load_s = time.perf_counter() - t0
 
@@ -164,11 +167,10 @@ class Pipeline:
             for i in range(steps):
                 timer.start()
                 sigma = torch.full((1,), sig[i], device=dev, dtype=torch.float32)
-                step_cache: dict = {}
-                v = self.family.predict(self.dit, latents, sigma, cond, guidance, height, width, step_cache)
-                if do_cfg:
-                    v_neg = self.family.predict(self.dit, latents, sigma, neg, guidance, height, width, step_cache)
-                    v = cfg_combine(v, v_neg, guidance, self.spec.cfg_style, self.spec.cfg_renorm)
+                conds = [cond, neg] if do_cfg else [cond]
+                run = self._passes if self.graphed is None else self.graphed
+                vs = run(latents, sigma, conds, (guidance, height, width))
+                v = cfg_combine(vs[0], vs[1], guidance, self.spec.cfg_style, self.spec.cfg_renorm) if do_cfg else vs[0]
                 latents = scheduler.euler_step(latents, v, sig[i], sig[i + 1])
                 timer.stop()
                 if on_step is not None:
@@ -187,6 +189,13 @@ class Pipeline:
         sync(dev)
         times.stages["decode_s"] = time.perf_counter() - t
         return image, times
+
+    def _passes(self, latents: torch.Tensor, sigma: torch.Tensor, conds: list, static: tuple) -> list[torch.Tensor]:
+        """The DiT passes of one denoise step (conditional, then negative under true CFG); they
+        share one step cache. What --enable-cuda-graph captures."""
+        guidance, height, width = static
+        step_cache: dict = {}
+        return [self.family.predict(self.dit, latents, sigma, c, guidance, height, width, step_cache) for c in conds]
 
     # --- manifest ---------------------------------------------------------------------------------
 
@@ -214,6 +223,7 @@ class Pipeline:
             },
             "fused_kernels": {"enabled": bool(self.fused), "kernels": self.fused},
             "modulation": "packed" if self.packed_modulation else "per_block",
+            "cuda_graph": self.graphed.manifest() if self.graphed is not None else {"enabled": False},
             "placement": {
                 "dit": place("dit"),
                 **{name: place(name) for name in self.text_encoders},

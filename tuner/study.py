@@ -280,6 +280,9 @@ def tune(opt: TuneOptions, progress: bool = False, log: Callable[[str], None] | 
             _tell(study, trial, rec, s.budget_bytes, opt.objective)
             if rec.status == "complete":
                 say(f"trial {trial.number}: {rec.latency_s:.3f} s, peak {format_bytes(rec.peak_vram_bytes)}: {argv or '(defaults)'}")
+                climb = _residency_climb(cfg, rec, s, state)
+                if climb is not None:
+                    study.enqueue_trial(s.space.params(climb), skip_if_exists=True)
             else:
                 say(f"trial {trial.number}: {rec.status} ({rec.reason[:160]}): {argv or '(defaults)'}")
             bar.update(state.measured, state.best_text())
@@ -413,7 +416,7 @@ def _fit_budget(cfg, s: _Setup):
         if fits(c):
             return c
     base = replace(cfg, text_encoder_cpu_offload=True, vae_cpu_offload=True, dit_cpu_offload=False,
-                   dit_layerwise_offload=True)
+                   dit_layerwise_offload=True, enable_cuda_graph=False)  # graphs need a resident DiT
     if base.enable_torch_compile:
         base = replace(base, compile_scope="regional")
     residents = next((d.values for d in s.space.dims if d.flag.name == "dit-resident-layers"), (0,))
@@ -421,8 +424,30 @@ def _fit_budget(cfg, s: _Setup):
         c = replace(base, dit_resident_layers=r)
         if fits(c):
             return c
-    c = replace(cfg, text_encoder_cpu_offload=True, vae_cpu_offload=True, dit_cpu_offload=True)
+    c = replace(cfg, text_encoder_cpu_offload=True, vae_cpu_offload=True, dit_cpu_offload=True, enable_cuda_graph=False)
     return c if fits(c) else None
+
+
+def _residency_climb(cfg, rec: D.TrialRecord, s: _Setup, state: "_State"):
+    """After a layerwise trial fits the budget, the same configuration with the most resident
+    blocks that should still fit, judged from the *measured* peak plus the memory model's
+    difference between the two residencies (so the model's absolute error cancels out): more
+    resident blocks stream fewer bytes, and under a budget that is usually the largest win.
+    None when there is nothing to climb."""
+    if s.budget_bytes is None or not cfg.dit_layerwise_offload or not rec.peak_vram_bytes:
+        return None
+    if rec.peak_vram_bytes > s.budget_bytes:
+        return None
+    residents = next((d.values for d in s.space.dims if d.flag.name == "dit-resident-layers"), ())
+    base = memory.predict_peak_bytes(s.spec.name, cfg, s.width, s.height)
+    for r in sorted((r for r in residents if r > cfg.dit_resident_layers), reverse=True):
+        c = replace(cfg, dit_resident_layers=r)
+        if shlex.join(F.config_to_argv(c)) in state.tried or state.known_infeasible(c):
+            continue
+        extra = memory.predict_peak_bytes(s.spec.name, c, s.width, s.height) - base
+        if rec.peak_vram_bytes + extra <= s.budget_bytes:
+            return c
+    return None
 
 
 def _job(s: _Setup, cfg, seed: int = 0) -> dict[str, Any]:

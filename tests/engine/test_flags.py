@@ -92,6 +92,10 @@ BAD_AND_GOOD = {
         {"enable-torch-compile": True, "compile-scope": "full", "dit-layerwise-offload": True},
         {"enable-torch-compile": True, "compile-scope": "regional", "dit-layerwise-offload": True},
     ),
+    "cuda-graph-needs-resident-dit": (
+        {"enable-cuda-graph": True, "dit-layerwise-offload": True},
+        {"enable-cuda-graph": True, "text-encoder-cpu-offload": True, "vae-cpu-offload": True},
+    ),
     "unpinned-needs-offload": (
         {"pin-cpu-memory": False},
         {"pin-cpu-memory": False, "dit-cpu-offload": True},
