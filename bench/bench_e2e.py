@@ -29,7 +29,8 @@ from dittune.engine import flags as F  # noqa: E402
 from dittune.engine.components import default_dtype  # noqa: E402
 from dittune.engine.models import get_family  # noqa: E402
 
-BEST = "--attention-backend torch_cudnn_sdpa --fused-kernels --enable-torch-compile"
+BEST = "--attention-backend torch_cudnn_sdpa --fused-kernels --enable-torch-compile --enable-cuda-graph"
+DEFAULT_ROWS = [BEST, BEST.removesuffix(" --enable-cuda-graph")]  # the second: what graphs add, same run
 PASSES = {"qwen_image": 2}  # DiT passes per denoise step
 
 
@@ -45,7 +46,7 @@ def flops(model: str, height: int, width: int, text_tokens: int) -> float:
     return float(fc.get_total_flops())
 
 
-def run(model, height, width, tokens, dittune_argv, device, dtype, warmup, iters, compile_diffusers, also_unpacked=False):
+def run(model, height, width, tokens, dittune_argvs, device, dtype, warmup, iters, compile_diffusers, also_unpacked=False):
     family = get_family(model)
     passes = PASSES.get(family.spec.family, 1)
     ref_cls, ref_cfg, ref_fwd, our_fwd = case(model, height, width, tokens, device, dtype)
@@ -55,7 +56,7 @@ def run(model, height, width, tokens, dittune_argv, device, dtype, warmup, iters
         return lambda: [fn(m) for _ in range(passes)]
 
     ref = build_reference(ref_cls, ref_cfg, device, dtype)
-    cfg = F.config_from_argv(dittune_argv)
+    cfg = F.config_from_argv(dittune_argvs[0])  # its attention backend for diffusers' rows
     with torch.inference_mode():
         ref_ms = timeit(step(ref_fwd, ref), device, warmup, iters) * 1e3
         ref_out = ref_fwd(ref).float()
@@ -74,7 +75,9 @@ def run(model, height, width, tokens, dittune_argv, device, dtype, warmup, iters
     sd = {k: v.to("cpu") for k, v in ref.state_dict().items()}
     del ref
     free(device)
-    for pack in (True, False) if also_unpacked else (True,):
+    variants = [(argv, True) for argv in dittune_argvs] + ([(dittune_argvs[0], False)] if also_unpacked else [])
+    for dittune_argv, pack in variants:
+        cfg = F.config_from_argv(dittune_argv)
         ours = native_from(family, sd, device, dtype)
         with torch.inference_mode():
             t = time.perf_counter()
@@ -87,12 +90,26 @@ def run(model, height, width, tokens, dittune_argv, device, dtype, warmup, iters
                 for _ in range(passes):
                     our_fwd(ours, cache)
 
-            ms = timeit(our_step, device, warmup, iters) * 1e3
+            timed = our_step
+            if cfg.enable_cuda_graph:  # as engine/cudagraph.py: warm up on a side stream, capture the step
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        our_step()
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    our_step()
+                timed = graph.replay
+            ms = timeit(timed, device, warmup, iters) * 1e3
         rel = ((out - ref_out).norm() / ref_out.norm()).item()
         name = "dittune " + (shlex.join(dittune_argv) or "(defaults)") + ("" if pack else " [per-block modulation]")
         rows.append({"config": name, "step_ms": ms, "compile_s": compile_s if cfg.enable_torch_compile else None,
                      "rel_diff_vs_diffusers": rel})
-        del ours, our_step
+        del ours, our_step, timed
+        if cfg.enable_cuda_graph:
+            del graph
         free(device)
     del sd
     return rows, passes
@@ -111,7 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--dittune-flags", default=BEST, help=f"engine flags of dittune's row (default: {BEST!r})")
+    ap.add_argument("--dittune-flags", action="append", default=None,
+                    help=f"engine flags of a dittune row; repeat for more rows (default: {DEFAULT_ROWS})")
     ap.add_argument("--no-compile", action="store_true", help="skip diffusers' compile row")
     ap.add_argument("--also-unpacked", action="store_true",
                     help="add a dittune row with per-block modulation (the engine's path before packing)")
@@ -129,7 +147,7 @@ def main(argv=None) -> int:
     table = []
     for m in models:
         tokens = 16 if a.tiny else (512 if m.startswith("flux") else 128)
-        rows, passes = run(m, size, size, tokens, shlex.split(a.dittune_flags), device, dtype, a.warmup, a.iters,
+        rows, passes = run(m, size, size, tokens, [shlex.split(f) for f in a.dittune_flags or DEFAULT_ROWS], device, dtype, a.warmup, a.iters,
                            not a.no_compile, a.also_unpacked)
         fl = flops(m, size, size, tokens) * passes
         base = rows[0]["step_ms"]

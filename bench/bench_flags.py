@@ -20,6 +20,9 @@ import torch
 from dittune.engine import flags as F
 from dittune.engine.run import GenerateRequest, generate
 
+FAST = ["--attention-backend", "torch_cudnn_sdpa", "--fused-kernels", "--enable-torch-compile"]
+STREAM = ["--text-encoder-cpu-offload", "--vae-cpu-offload", "--dit-layerwise-offload"]
+
 CONFIGS: dict[str, list[str]] = {
     "default": [],
     "cudnn": ["--attention-backend", "torch_cudnn_sdpa"],
@@ -37,7 +40,18 @@ CONFIGS: dict[str, list[str]] = {
     "layerwise-p4": ["--dit-layerwise-offload", "--dit-offload-prefetch-size", "4"],
     "layerwise-r20": ["--dit-layerwise-offload", "--dit-resident-layers", "20"],
     "layerwise-r40": ["--dit-layerwise-offload", "--dit-resident-layers", "40"],
+    "cuda-graph": ["--enable-cuda-graph"],
+    "best-no-graph": [*FAST],
+    "best": [*FAST, "--enable-cuda-graph"],
+    # Under a VRAM budget (the engine caps the process at it, so a row that completes fits): the
+    # fast path with the encoders offloaded and the DiT streamed, resident blocks picked with the
+    # memory model (tuner/memory.py) to fit.
+    "b24-r28": [*FAST, *STREAM, "--dit-resident-layers", "28"],
+    "b24-r32": [*FAST, *STREAM, "--dit-resident-layers", "32"],
+    "b16-r8": [*FAST, *STREAM, "--dit-resident-layers", "8"],
+    "b16-r12": [*FAST, *STREAM, "--dit-resident-layers", "12"],
 }
+BUDGETS = {"b24-r28": "24GiB", "b24-r32": "24GiB", "b16-r8": "16GiB", "b16-r12": "16GiB"}
 
 
 def pinned_bandwidth(device, nbytes: int = 1 << 30) -> float:
@@ -116,10 +130,10 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         try:
             r = generate(GenerateRequest(model=a.model, width=a.size, height=a.size, steps=a.steps, warmup=1,
-                                         flags=F.config_from_argv(argv_)))
+                                         flags=F.config_from_argv(argv_), vram_budget=BUDGETS.get(name)))
             d = r.dump
             lw = d["manifest"]["layerwise"]
-            row = {"name": name, "argv": " ".join(argv_), "step_ms": d["step_median_s"] * 1e3,
+            row = {"name": name, "argv": " ".join(argv_), "budget": BUDGETS.get(name), "step_ms": d["step_median_s"] * 1e3,
                    "spread": d["step_spread"], "peak_gib": d["peak_vram"]["torch_max_reserved_bytes"] / 2**30,
                    "cold_s": d["cold_start"]["total_s"], "compile_s": d["manifest"]["compile"].get("compile_s"),
                    "latency_s": d["latency_s"], "stages": d["stages"]}

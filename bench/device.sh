@@ -27,6 +27,16 @@ stage() {
     timeout "$(left 560)" python3 bench/bench_flags.py --json "$OUT/flags_b.json" \
       --only layerwise-p1,layerwise-p2,layerwise-p4,layerwise-r20,layerwise-r40,compile-full > "$OUT/flags_b.log" 2>&1
     echo "flags-b rc=$?"; tail -10 "$OUT/flags_b.log" ;;
+  flags-c)  # CUDA graphs, the fast path, spread residency, the fast path under 24 and 16 GiB budgets
+    timeout "$(left 560)" python3 bench/bench_flags.py --no-diffusers --json "$OUT/flags_c.json" \
+      --only cuda-graph,best-no-graph,best,layerwise-p1,layerwise-r20,layerwise-r40,b24-r28,b24-r32,b16-r8,b16-r12 > "$OUT/flags_c.log" 2>&1
+    echo "flags-c rc=$?"; tail -13 "$OUT/flags_c.log" ;;
+  cold)  # cold start of the fast path: fresh process, empty compile cache, load + compile + first request
+    export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d)
+    timeout "$(left 240)" dittune generate --model flux-dev --attention-backend torch_cudnn_sdpa \
+      --fused-kernels --enable-torch-compile --enable-cuda-graph --perf-dump-path "$OUT/cold.json" --output "$OUT/cold.png" > "$OUT/cold.log" 2>&1
+    echo "cold rc=$?"; tail -3 "$OUT/cold.log"
+    python3 -c "import json; d=json.load(open('$OUT/cold.json')); print('cold_start', d['cold_start'], 'step', d['step_median_s'])" ;;
   e2e)
     timeout "$(left 560)" python3 bench/bench_e2e.py --json "$OUT/e2e.json" ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
     echo "e2e rc=$?"; tail -14 "$OUT/e2e.log" ;;

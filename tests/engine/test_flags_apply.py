@@ -120,7 +120,8 @@ GPU_LOSSLESS = [
     ["--enable-torch-compile", "--compile-scope", "full"], ["--dit-cpu-offload"], ["--text-encoder-cpu-offload"],
     ["--vae-cpu-offload"], ["--fused-kernels"], ["--dit-layerwise-offload"], ["--dit-layerwise-offload", "--dit-resident-layers", "1"],
     ["--dit-layerwise-offload", "--dit-offload-prefetch-size", "0.5", "--no-pin-cpu-memory"],
-    ["--dit-layerwise-offload", "--enable-torch-compile"],
+    ["--dit-layerwise-offload", "--enable-torch-compile"], ["--enable-cuda-graph"],
+    ["--attention-backend", "torch_cudnn_sdpa", "--fused-kernels", "--enable-torch-compile", "--enable-cuda-graph"],
 ]
 
 
@@ -145,6 +146,8 @@ def test_lossless_flags_match_default_on_gpu(default_gpu, argv):
         assert m["placement"]["vae"] == "cpu_offload"
     if cfg.fused_kernels:
         assert m["fused_kernels"]["enabled"] and "modulate" in m["fused_kernels"]["kernels"]
+    if cfg.enable_cuda_graph:  # one graph (one shape), replayed for every step of both requests
+        assert m["cuda_graph"]["enabled"] and m["cuda_graph"]["graphs"] == 1 and m["cuda_graph"]["replays"] >= 2
     whole = not (cfg.dit_layerwise_offload or cfg.dit_cpu_offload)
     assert m["modulation"] == ("packed" if whole else "per_block")
     if cfg.dit_layerwise_offload:
@@ -155,6 +158,29 @@ def test_lossless_flags_match_default_on_gpu(default_gpu, argv):
             assert lw["prefetch_hits"] > 0
     # bf16: a different kernel or fusion order moves a few pixels by a few levels
     _close(r, default_gpu, max_abs=16, max_mean=1.0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_with_true_cfg_new_prompts_and_shapes():
+    """Qwen-Image (two passes per step, sharing the step cache) from one Pipeline: a graph per
+    shape, a new request's prompts copied into the captured buffers, outputs as eager's."""
+    from dittune.engine.models import get_family
+    from dittune.engine.pipeline import Pipeline
+
+    def requests(argv):
+        pipe = Pipeline(get_family("qwen-image-tiny"), F.config_from_argv(argv), torch.device("cuda"), torch.bfloat16)
+        # the second request has other prompts of the same token counts: same graph, new embeddings
+        out = [pipe("a red fox", "blurry", 64, 64, 3, 4.0, 0)[0], pipe("a big cat", "hazy", 64, 64, 3, 4.0, 1)[0],
+               pipe("a red fox", "blurry", 96, 64, 3, 4.0, 0)[0]]
+        return out, pipe.manifest()
+
+    eager, _ = requests([])
+    graphed, m = requests(["--enable-cuda-graph"])
+    assert m["cuda_graph"]["graphs"] == 2 and m["cuda_graph"]["replays"] == 9  # 64x64 and 96x64; 3 steps x 3
+    assert not torch.equal(eager[0], eager[1])
+    for a, b in zip(graphed, eager):
+        diff = (a.int() - b.int()).abs()
+        assert diff.max().item() <= 1, diff.max().item()
 
 
 @pytest.mark.gpu
