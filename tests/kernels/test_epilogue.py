@@ -90,8 +90,11 @@ def test_readable_refusals(call, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_full_shapes(dtype):
+    # fp32: both sides accumulate 3072-15360 products in fp32, in different orders (5.6e-6 apart
+    # at values ~5, measured); bf16/fp16: the outputs round alike within 2 units.
+    ulps = 64 if dtype == torch.float32 else 2
     for l in (4608, 4096, 512, 128):  # FLUX joint / image / text tokens; Qwen-Image text
         x, w, b = _gelu_inputs(l, 3072, 12288, dtype, "cuda")
-        assert_close(linear_gelu(x, w, b), linear_gelu_reference(x, w, b))
+        assert_close(linear_gelu(x, w, b), linear_gelu_reference(x, w, b), ulps)
     a, m, w, b = _concat_inputs(4608, 3072, 12288, 3072, dtype, "cuda")
-    assert_close(linear_concat(a, m, w, b), linear_concat_reference(a, m, w, b))
+    assert_close(linear_concat(a, m, w, b), linear_concat_reference(a, m, w, b), ulps)
