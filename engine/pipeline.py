@@ -83,6 +83,8 @@ class Pipeline:
 
         # One GEMV for every block's modulation, when the DiT stays whole on the device.
         self.packed_modulation = self.layerwise is None and not flags.dit_cpu_offload and pack_modulation(self.dit)
+        if self.packed_modulation and device.type == "cuda":
+            torch.cuda.empty_cache()  # the per-block weights it replaced would stay reserved (6 GiB for FLUX)
         attention.set_backend(self.dit, flags.attention_backend)
         self.fused = use_fused_kernels(self.dit, device) if flags.fused_kernels else []
         self._apply_compile()

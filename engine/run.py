@@ -10,12 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+# Expandable segments let the caching allocator grow and shrink segments in place instead of
+# keeping stage-sized blocks it cannot reuse: what the process reserves stays near what it
+# allocates, so a configuration fits a smaller VRAM budget. Read when CUDA first allocates; a
+# user's own setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from .errors import BudgetExceededError, EngineError
-from .flags import EngineConfig, validate
-from .models import get_family
-from .perf import memory, summarize_steps, versions
+import torch  # noqa: E402
+
+from .errors import BudgetExceededError, EngineError  # noqa: E402
+from .flags import EngineConfig, validate  # noqa: E402
+from .models import get_family  # noqa: E402
+from .perf import memory, summarize_steps, versions  # noqa: E402
 
 PERF_DUMP_SCHEMA = 1
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -159,6 +165,7 @@ def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
         if req.flags.enable_torch_compile:
             manifest["compile"]["compile_s"] = max(0.0, warm[0][1].stages["denoise_s"] - st["denoise_s"])
     manifest["versions"] = versions()
+    manifest["cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     manifest["vram_budget_bytes"] = budget
     dump = {
         "schema": PERF_DUMP_SCHEMA,
