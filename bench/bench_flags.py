@@ -48,10 +48,11 @@ CONFIGS: dict[str, list[str]] = {
     # memory model (tuner/memory.py) to fit.
     "b24-r28": [*FAST, *STREAM, "--dit-resident-layers", "28"],
     "b24-r32": [*FAST, *STREAM, "--dit-resident-layers", "32"],
+    "b24-r36": [*FAST, *STREAM, "--dit-resident-layers", "36"],
     "b16-r8": [*FAST, *STREAM, "--dit-resident-layers", "8"],
     "b16-r12": [*FAST, *STREAM, "--dit-resident-layers", "12"],
 }
-BUDGETS = {"b24-r28": "24GiB", "b24-r32": "24GiB", "b16-r8": "16GiB", "b16-r12": "16GiB"}
+BUDGETS = {"b24-r28": "24GiB", "b24-r32": "24GiB", "b24-r36": "24GiB", "b16-r8": "16GiB", "b16-r12": "16GiB"}
 
 
 def pinned_bandwidth(device, nbytes: int = 1 << 30) -> float:
