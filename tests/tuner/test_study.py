@@ -42,8 +42,10 @@ def optimum(budget=None):
     through (the search is tested here, the memory model against real measurements)."""
     from dittune.tuner import memory
 
-    space = build_space({"attention-backend": ALL_BACKENDS}, {"dit-offload-prefetch-size": [1, 2, 4],
-                        "dit-resident-layers": [0, 10, 20, 30, 40, 50]}, {}, False, 57)
+    from dittune.engine.models import get_family
+    from dittune.tuner.presets import load_preset
+
+    space = build_space({"attention-backend": ALL_BACKENDS}, load_preset(get_family("flux-dev").spec).space, {}, False, 57)
     best = None
     for c in space.configs():
         lat, peak = fake_engine.cost(F.config_to_dict(c))
