@@ -165,6 +165,11 @@ def build_text_encoder(spec: TextEncoderSpec, device: torch.device, dtype: torch
         with torch.device(device), default_dtype(dtype), no_init_weights():
             model = model_cls(config)
         randomize_(model, seed)
+        if spec.arch == "t5" and model.shared.weight is not model.encoder.embed_tokens.weight:
+            # no_init_weights skips the tie a checkpoint load (and a plain build) makes: one
+            # embedding, not an unused 0.25 GB copy in `shared`. Tied to the weight the encoder
+            # reads, so its outputs stay those of the untied build.
+            model.shared.weight = model.encoder.embed_tokens.weight
     else:
         folder = model_path / spec.name
         kw: dict = {"dtype": dtype}

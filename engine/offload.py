@@ -1,6 +1,7 @@
 """Offload: weights that live in (pinned) CPU memory and visit the GPU when needed.
 
-ComponentOffload moves a whole component for its stage; LayerwiseOffload streams a DiT's blocks.
+ComponentOffload moves a whole component for its stage; LayerwiseOffload streams a DiT's blocks;
+TextEncoderOffload streams a text encoder's layers and moves the rest of it for the encode stage.
 Weights are frozen, so the CPU copy stays valid: moving to the GPU copies each tensor once, and
 moving back just points the parameters at the CPU copies again (no device-to-host copy)."""
 
@@ -50,8 +51,11 @@ class PinnedArena:
 
 
 class ComponentOffload:
-    def __init__(self, module: nn.Module, device: torch.device, pin: bool):
-        self.module, self.device, self.pin = module, device, pin
+    """A component's weights (all of them, or all but the tensors in `skip`, by identity) live in
+    a pinned arena and visit the GPU for its stage: onload copies them, offload points them back."""
+
+    def __init__(self, module: nn.Module, device: torch.device, pin: bool, skip: frozenset[int] = frozenset()):
+        self.module, self.device, self.pin, self.skip = module, device, pin, skip
         names, tensors = zip(*self._tensors())
         self.arena = PinnedArena(list(tensors), pin)
         self.cpu: dict[str, torch.Tensor] = dict(zip(names, self.arena.views))
@@ -59,8 +63,9 @@ class ComponentOffload:
         self.bytes = self.arena.nbytes
 
     def _tensors(self):
-        yield from self.module.named_parameters()
-        yield from self.module.named_buffers()
+        for name, t in (*self.module.named_parameters(), *self.module.named_buffers()):
+            if id(t) not in self.skip:
+                yield name, t
 
     def onload(self) -> None:
         for name, t in self._tensors():
@@ -149,11 +154,22 @@ class LayerwiseOffload:
     prefetched, wrapping around to the first streamed blocks of the next step. After it runs, its
     parameters point back at their CPU copies.
 
-    On a CPU device the same bookkeeping runs with plain copies (used by the tests)."""
+    On a CPU device the same bookkeeping runs with plain copies (used by the tests).
 
-    def __init__(self, dit: nn.Module, device: torch.device, prefetch: float, resident: int, pin: bool):
-        names = getattr(dit, "repeated_blocks", ())
-        self.blocks: list[nn.Module] = [b for n in names for b in getattr(dit, n)]
+    `blocks=None` (a DiT): the blocks are the DiT's `repeated_blocks`, everything else moves to the
+    GPU for good, the slots are allocated here and kept, and the prefetch wraps around into the
+    next step. Given `blocks` (a text encoder's layers, TextEncoderOffload), only they are handled:
+    the rest of the module is the caller's, the slots exist between `begin()` and `end()` (one
+    stage: an encode), the first streamed block is prefetched by `begin()` and the prefetch stops
+    at the last block (there is no next step to wrap into)."""
+
+    def __init__(self, dit: nn.Module, device: torch.device, prefetch: float, resident: int, pin: bool,
+                 blocks: list[nn.Module] | None = None):
+        self.per_stage = blocks is not None
+        if blocks is None:
+            names = getattr(dit, "repeated_blocks", ())
+            blocks = [b for n in names for b in getattr(dit, n)]
+        self.blocks: list[nn.Module] = list(blocks)
         n = len(self.blocks)
         if not 0 <= resident <= n:
             from .errors import EngineError
@@ -166,13 +182,14 @@ class LayerwiseOffload:
         self.streamed: list[int] = [i for i in range(n) if i not in kept]  # block indices, execution order
         self.position = {i: p for p, i in enumerate(self.streamed)}  # block index -> index in self.streamed
         self.window = prefetch_window(len(self.streamed), prefetch)
-        block_ids = {id(b) for b in self.blocks}
-        # Everything but the streamed blocks lives on the GPU.
-        for name, child in dit.named_children():
-            if not isinstance(child, nn.ModuleList) or not any(id(b) in block_ids for b in child):
-                child.to(device)
-        for p in dit.parameters(recurse=False):
-            p.data = p.data.to(device)
+        if not self.per_stage:
+            block_ids = {id(b) for b in self.blocks}
+            # Everything but the streamed blocks lives on the GPU.
+            for name, child in dit.named_children():
+                if not isinstance(child, nn.ModuleList) or not any(id(b) in block_ids for b in child):
+                    child.to(device)
+            for p in dit.parameters(recurse=False):
+                p.data = p.data.to(device)
         for i in self.resident_blocks:
             self.blocks[i].to(device)
 
@@ -195,14 +212,12 @@ class LayerwiseOffload:
                 lo = hi = 0
             self.ranges.append((lo, hi))
 
-        nslots = min(self.window + 1, len(self.streamed))
-        slot_bytes = max((hi - lo for lo, hi in self.ranges), default=0)
-        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(nslots)]
-        self.slot_free: list = [None] * nslots  # compute-stream event: the slot's last user is done
-        self.slot_owner: list[int | None] = [None] * nslots
-        self.next_slot = 0
-        self.slot_of: dict[int, int] = {}
-        self.ready: dict[int, object] = {}  # block index -> copy-done event (None on the CPU)
+        self.nslots = min(self.window + 1, len(self.streamed))
+        self.slot_bytes = max((hi - lo for lo, hi in self.ranges), default=0)
+        self.slots: list[torch.Tensor] = []
+        self._reset_slots()
+        if not self.per_stage:
+            self._allocate_slots()
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.hits = self.misses = 0
         for i in self.streamed:
@@ -213,7 +228,45 @@ class LayerwiseOffload:
     def _tensors(block: nn.Module) -> list[torch.Tensor]:
         return [*block.parameters(), *block.buffers()]
 
+    def _allocate_slots(self) -> None:
+        self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.nslots)]
+
+    def _reset_slots(self) -> None:
+        self.slot_free: list = [None] * self.nslots  # compute-stream event: the slot's last user is done
+        self.slot_owner: list[int | None] = [None] * self.nslots
+        self.next_slot = 0
+        self.slot_of: dict[int, int] = {}
+        self.ready: dict[int, object] = {}  # block index -> copy-done event (None on the CPU)
+
+    def begin(self) -> None:
+        """Per-stage streaming: allocate the slots and prefetch the first streamed block. The
+        allocator hands the slots out ordered on the compute stream only (their memory may still be
+        read by kernels queued before); the copy stream waits for those before its first copies."""
+        self._allocate_slots()
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self.slot_free = [ev] * self.nslots
+        if self.streamed:
+            self._load(self.streamed[0])
+
+    def end(self) -> None:
+        """Per-stage streaming: free the slots. Every streamed block points back at its CPU copy
+        (also after a forward that raised between a block's hooks), and the compute stream waits
+        for the copy stream first, so no copy still in flight can write into freed memory."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        for p, i in enumerate(self.streamed):
+            for t, c in zip(self._tensors(self.blocks[i]), self.cpu[p]):
+                t.data = c
+        self.slots = []
+        self._reset_slots()
+
     def _load(self, i: int) -> None:
+        if not self.slots:
+            from .errors import EngineError
+
+            raise EngineError("a streamed layer ran outside its stage (no GPU slots: onload the component first)")
         s = self.next_slot
         self.next_slot = (s + 1) % len(self.slots)
         owner = self.slot_owner[s]
@@ -237,8 +290,12 @@ class LayerwiseOffload:
         self.slot_owner[s] = i
 
     def _next_streamed(self, i: int, k: int) -> int:
-        """The streamed block k places after streamed block i in execution order, across steps."""
-        return self.streamed[(self.position[i] + k) % len(self.streamed)]
+        """The streamed block k places after streamed block i in execution order, across steps;
+        None past the last block when streaming per stage (nothing follows)."""
+        q = self.position[i] + k
+        if self.per_stage and q >= len(self.streamed):
+            return None
+        return self.streamed[q % len(self.streamed)]
 
     def _pre_hook(self, i: int):
         p = self.position[i]
@@ -259,6 +316,8 @@ class LayerwiseOffload:
                 t.data = buf[off : off + c.numel() * c.element_size()].view(c.dtype).view(c.shape)
             for k in range(1, self.window + 1):
                 j = self._next_streamed(i, k)
+                if j is None:
+                    break
                 if j not in self.ready and j != i:
                     self._load(j)
 
@@ -282,7 +341,56 @@ class LayerwiseOffload:
         return {
             "blocks": len(self.blocks), "resident": self.resident, "streamed": len(self.streamed),
             "resident_blocks": list(self.resident_blocks),
-            "prefetch_window": self.window, "gpu_slots": len(self.slots),
-            "slot_bytes": self.slots[0].numel() if self.slots else 0, "streamed_bytes": self.streamed_bytes,
+            "prefetch_window": self.window, "gpu_slots": self.nslots,
+            "slot_bytes": self.slot_bytes if self.nslots else 0, "streamed_bytes": self.streamed_bytes,
             "pinned": self.arena.pinned, "prefetch_hits": self.hits, "misses": self.misses,
         }
+
+
+TEXT_ENCODER_PREFETCH = 1  # streamed text-encoder layers loaded ahead of the running one
+
+
+def repeated_layers(module: nn.Module) -> list[nn.Module]:
+    """A model's repeated layers: the largest nn.ModuleList (most entries, then most parameters)
+    whose entries are all of one class. T5: `encoder.block`; CLIP: `encoder.layers`; Qwen: `layers`.
+    A ModuleList inside a layer (T5Block.layer: attention, then MLP) mixes classes and never wins."""
+    best: list[nn.Module] = []
+    key = (0, 0)
+    for m in module.modules():
+        if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1:
+            k = (len(m), sum(p.numel() for p in m.parameters()))
+            if k > key:
+                best, key = list(m), k
+    return best
+
+
+class TextEncoderOffload:
+    """--text-encoder-cpu-offload: the encoder's repeated layers (repeated_layers) stream during
+    the encode stage as a DiT's blocks do (pinned arena, window + 1 GPU slots, copy stream, events,
+    prefetch of the next layer; none resident), and the rest of it (embeddings, final norm, rotary
+    tables) visits the GPU for the stage as ComponentOffload moves a component. Between stages the
+    encoder holds no GPU memory: the slots are freed after each encode. Same bytes copied per
+    encode as moving the whole encoder, but only the non-layer weights and two layers at a time on
+    the GPU (T5-XXL: 0.3 + 2 x 0.4 GB instead of 9.5 GB)."""
+
+    def __init__(self, encoder: nn.Module, device: torch.device, pin: bool):
+        layers = repeated_layers(encoder)
+        if not layers:
+            from .errors import EngineError
+
+            raise EngineError(f"{type(encoder).__name__} has no repeated layers to stream")
+        in_layers = frozenset(id(t) for b in layers for t in LayerwiseOffload._tensors(b))
+        self.rest = ComponentOffload(encoder, device, pin, skip=in_layers)
+        self.layers = LayerwiseOffload(encoder, device, TEXT_ENCODER_PREFETCH, 0, pin, blocks=layers)
+        self.bytes = self.rest.bytes + self.layers.streamed_bytes
+
+    def onload(self) -> None:
+        self.rest.onload()
+        self.layers.begin()
+
+    def offload(self) -> None:
+        self.layers.end()
+        self.rest.offload()
+
+    def manifest(self) -> dict:
+        return {**self.layers.manifest(), "other_bytes": self.rest.bytes}

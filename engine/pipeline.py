@@ -19,7 +19,7 @@ from .errors import EngineError
 from .flags import config_to_dict
 from .cudagraph import GraphedPasses
 from .models.base import Family, pack_modulation
-from .offload import ComponentOffload, LayerwiseOffload
+from .offload import ComponentOffload, LayerwiseOffload, TextEncoderOffload
 from .ops import use_fused_kernels
 from .perf import StepTimer, sync
 
@@ -55,7 +55,7 @@ class Pipeline:
         self._check_supported()
         if model_path is not None:
             components.check_checkpoint_dir(model_path, family)
-        self._offloads: dict[str, ComponentOffload] = {}
+        self._offloads: dict[str, ComponentOffload | TextEncoderOffload] = {}
         self._compiled: list[str] = []
 
         t0 = time.perf_counter()
@@ -70,8 +70,9 @@ class Pipeline:
 
         pin = flags.pin_cpu_memory
         if flags.text_encoder_cpu_offload:
+            # Layers streamed during encode, the rest visiting for it: never the whole encoder on the GPU.
             for name, enc in self.text_encoders.items():
-                self._offloads[name] = ComponentOffload(enc, device, pin)
+                self._offloads[name] = TextEncoderOffload(enc, device, pin)
         if flags.vae_cpu_offload:
             self._offloads["vae"] = ComponentOffload(self.vae, device, pin)
         if flags.dit_cpu_offload:
@@ -118,7 +119,8 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _visit(self, names: list[str]):
-        """A stage: onload the offloaded components it uses, offload them after."""
+        """A stage: onload the offloaded components it uses, offload them after (a streamed text
+        encoder: its non-layer weights and its layer slots)."""
         visiting = [self._offloads[n] for n in names if n in self._offloads]
         for o in visiting:
             o.onload()
@@ -207,6 +209,8 @@ class Pipeline:
         def place(name: str) -> str:
             if name == "dit" and self.layerwise is not None:
                 return "layerwise_offload"
+            if isinstance(self._offloads.get(name), TextEncoderOffload):
+                return "layerwise_offload"
             return "cpu_offload" if name in self._offloads else "resident"
 
         return {
@@ -234,6 +238,9 @@ class Pipeline:
             "offloaded_bytes": {n: o.bytes for n, o in self._offloads.items()},
             "pinned": bool(self._offloads) and f.pin_cpu_memory,
             "layerwise": self.layerwise.manifest() if self.layerwise else None,
+            "text_encoder_layerwise": {
+                n: o.manifest() for n, o in self._offloads.items() if isinstance(o, TextEncoderOffload)
+            } or None,
             "vae_dtype": str(self.vae_dtype).removeprefix("torch."),
             "parameters": {
                 "dit": _count(self.dit),

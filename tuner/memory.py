@@ -2,7 +2,9 @@
 an activation term, so that configurations far over budget are pruned without GPU time.
 
 Peak = max over the stages (load, encode, denoise, decode) of what is on the GPU then: the
-resident set, the component visiting for that stage, and that stage's activations. The
+resident set, what visits for that stage (an offloaded VAE or DiT whole; a DiT or text encoder
+under layerwise streaming only its non-resident part and its GPU slots), and that stage's
+activations. The
 activation coefficients are estimates to be calibrated against measured peaks; the tuner stores
 prediction and measurement side by side for every trial so the error is always visible."""
 
@@ -35,6 +37,9 @@ class Footprint:
     vae_bytes: int
     hidden: int
     text_tokens: int
+    # per text encoder: the weights outside its repeated layers, and each layer's (execution order)
+    text_encoder_other_bytes: tuple[int, ...] = ()
+    text_encoder_layer_bytes: tuple[tuple[int, ...], ...] = ()
 
     @property
     def dit_bytes(self) -> int:
@@ -57,10 +62,16 @@ def footprint(model: str, dtype_name: str = "bf16") -> Footprint:
     blocks = [b for name in dit.repeated_blocks for b in getattr(dit, name)]
     block_bytes = tuple(_bytes(b) for b in blocks)
     te_bytes = 0
+    te_other: list[int] = []
+    te_layers: list[tuple[int, ...]] = []
     for te in spec.text_encoders:
         config_cls, model_cls = components._text_classes(te.arch)
         with meta, components.default_dtype(dtype):
-            te_bytes += _bytes(model_cls(config_cls(**te.config)))
+            enc = model_cls(config_cls(**te.config))
+        layers = tuple(_bytes(b) for b in offload.repeated_layers(enc))
+        te_bytes += _bytes(enc)
+        te_other.append(_bytes(enc) - sum(layers))
+        te_layers.append(layers)
     import diffusers
 
     with meta:
@@ -72,6 +83,7 @@ def footprint(model: str, dtype_name: str = "bf16") -> Footprint:
     return Footprint(
         dit_other_bytes=_bytes(dit) - sum(block_bytes), dit_block_bytes=block_bytes, text_encoder_bytes=te_bytes,
         vae_bytes=vae_params * 4, hidden=hidden, text_tokens=text_tokens,
+        text_encoder_other_bytes=tuple(te_other), text_encoder_layer_bytes=tuple(te_layers),
     )
 
 
@@ -85,6 +97,17 @@ def layerwise_bytes(fp: Footprint, resident: int, prefetch: float) -> tuple[int,
     slots = min(offload.prefetch_window(len(streamed), prefetch) + 1, len(streamed))
     dit_resident = fp.dit_other_bytes + sum(b for i, b in enumerate(fp.dit_block_bytes) if i in kept)
     return dit_resident, slots * max(streamed, default=0)
+
+
+def text_encoder_stream_bytes(fp: Footprint) -> int:
+    """GPU bytes of the text encoders during encode under --text-encoder-cpu-offload, as
+    TextEncoderOffload places them: the pipeline onloads every encoder for the stage, each with
+    its non-layer weights and window + 1 slots the size of its largest layer (none resident)."""
+    total = 0
+    for other, layers in zip(fp.text_encoder_other_bytes, fp.text_encoder_layer_bytes):
+        slots = min(offload.prefetch_window(len(layers), offload.TEXT_ENCODER_PREFETCH) + 1, len(layers))
+        total += other + slots * max(layers, default=0)
+    return total
 
 
 def predict_peak_bytes(model: str, cfg, width: int, height: int, dtype_name: str = "bf16") -> int:
@@ -110,7 +133,7 @@ def predict_peak_bytes(model: str, cfg, width: int, height: int, dtype_name: str
     te_act = 64 * fp.text_tokens * 4096 * elem
     stages = [
         resident,
-        resident + (fp.text_encoder_bytes if cfg.text_encoder_cpu_offload else 0) + te_act,
+        resident + (text_encoder_stream_bytes(fp) if cfg.text_encoder_cpu_offload else 0) + te_act,
         resident + dit_visiting + dit_act,
         resident + (vae_bytes if cfg.vae_cpu_offload else 0) + vae_act,
     ]

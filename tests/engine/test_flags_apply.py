@@ -30,7 +30,7 @@ def test_default_manifest(default_cpu):
     m = default_cpu.dump["manifest"]
     assert m["attention"]["backend"] == "torch_sdpa" and m["attention"]["calls"]["torch_sdpa"] > 0
     assert m["compile"]["enabled"] is False and m["compile"]["compiled"] == []
-    assert set(m["placement"].values()) == {"resident"} and m["layerwise"] is None
+    assert set(m["placement"].values()) == {"resident"} and m["layerwise"] is None and m["text_encoder_layerwise"] is None
     assert m["flags"] == F.config_to_dict(F.EngineConfig())
 
 
@@ -141,7 +141,15 @@ def test_lossless_flags_match_default_on_gpu(default_gpu, argv):
     if cfg.dit_cpu_offload:
         assert m["placement"]["dit"] == "cpu_offload"
     if cfg.text_encoder_cpu_offload:
-        assert m["placement"]["text_encoder"] == m["placement"]["text_encoder_2"] == "cpu_offload"
+        # layers streamed during encode, the rest visiting for it (TextEncoderOffload)
+        assert m["placement"]["text_encoder"] == m["placement"]["text_encoder_2"] == "layerwise_offload"
+        for name in ("text_encoder", "text_encoder_2"):
+            te = m["text_encoder_layerwise"][name]
+            assert te["resident"] == 0 and te["streamed"] == te["blocks"] >= 2 and te["gpu_slots"] == 2
+            assert te["misses"] == 0 and te["prefetch_hits"] > 0 and te["prefetch_hits"] % te["blocks"] == 0
+            assert m["offloaded_bytes"][name] == te["streamed_bytes"] + te["other_bytes"]
+    else:
+        assert m["text_encoder_layerwise"] is None
     if cfg.vae_cpu_offload:
         assert m["placement"]["vae"] == "cpu_offload"
     if cfg.fused_kernels:

@@ -217,3 +217,129 @@ def test_resident_order_spreads_flux():
         s = resident_set(57, k)
         assert min(s) < 10 and max(s) > 47 and any(i < 19 for i in s) and any(i >= 19 for i in s)
     assert _cyclic_runs([i in resident_set(57, 14) for i in range(57)], False) <= 7
+
+
+# --- text encoders: layers streamed during encode, the rest visiting for it -----------------------
+
+_LAYER_CLASSES = {"clip": "CLIPEncoderLayer", "t5": "T5Block", "qwen2_5_vl": "Qwen2_5_VLDecoderLayer",
+                  "qwen3": "Qwen3DecoderLayer"}
+_TEXT_MODELS = ["flux-dev-tiny", "qwen-image-tiny", "z-image-turbo-tiny"]
+
+
+def _encoders(model: str, layers: int | None):
+    """The family's tiny text encoders as the pipeline builds them (fp32 on the CPU), with
+    `layers` repeated layers instead of the spec's (more than the two slots: slots are reused)."""
+    import dataclasses
+
+    from dittune.engine.components import build_text_encoder, build_tokenizer
+
+    fam = get_family(model)
+    encoders, tokens = {}, {}
+    for i, te in enumerate(fam.spec.text_encoders):
+        if layers is not None:
+            key = "num_layers" if te.arch == "t5" else "num_hidden_layers"
+            te = dataclasses.replace(te, config={**te.config, key: layers})
+        encoders[te.name] = build_text_encoder(te, torch.device("cpu"), torch.float32, None, seed=i + 1)
+        tokens[te.name] = build_tokenizer(te, None)(fam.prompt_text(te.name, "a red fox, in the snow at dusk"))
+    return fam, encoders, tokens
+
+
+@pytest.mark.parametrize("model", _TEXT_MODELS)
+def test_repeated_layers_finds_each_text_encoders_layers(model):
+    from dittune.engine.offload import repeated_layers
+
+    fam, encoders, _ = _encoders(model, None)
+    for te in fam.spec.text_encoders:
+        enc = encoders[te.name]
+        want = [m for m in enc.modules() if type(m).__name__ == _LAYER_CLASSES[te.arch]]
+        got = repeated_layers(enc)
+        assert len(want) == 2 and [id(m) for m in got] == [id(m) for m in want]
+    assert repeated_layers(torch.nn.Linear(2, 2)) == []
+
+
+@pytest.mark.parametrize("model", _TEXT_MODELS)
+@pytest.mark.parametrize("layers", [None, 5])
+def test_text_encoder_streaming_reproduces_the_resident_encoders(model, layers):
+    """Every encoder of the family streamed as the pipeline's _visit runs it (all onloaded, the
+    family's encode_prompt, all offloaded), twice: outputs bit-identical to the resident encoders
+    (T5's relative-attention bias, computed in block 0 and handed on, included); every layer runs
+    from a slot and is prefetched (the first by onload); the non-layer weights are on their CPU
+    copies again after the stage and the slots are freed."""
+    from dittune.engine.offload import TextEncoderOffload, repeated_layers
+
+    fam, encoders, tokens = _encoders(model, layers)
+    with torch.inference_mode():  # as the pipeline runs
+        want = fam.encode_prompt(encoders, tokens)
+        offs = {n: TextEncoderOffload(enc, torch.device("cpu"), pin=False) for n, enc in encoders.items()}
+        in_slot: list[bool] = []
+        for o in offs.values():
+            for b in o.layers.blocks:  # registered after the streaming hook: sees the block's weights in its slot
+                b.register_forward_pre_hook(lambda m, a, o=o: in_slot.append(
+                    {p.untyped_storage().data_ptr() for p in m.parameters()}
+                    <= {s.untyped_storage().data_ptr() for s in o.layers.slots}))
+        for _ in range(2):
+            for o in offs.values():
+                o.onload()
+                assert len(o.layers.slots) == 2
+            got = fam.encode_prompt(encoders, tokens)
+            for o in offs.values():
+                o.offload()
+            assert got.keys() == want.keys()
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    assert in_slot and all(in_slot)
+    for name, o in offs.items():
+        n = len(repeated_layers(encoders[name]))
+        m = o.manifest()
+        assert m["blocks"] == m["streamed"] == n == (layers or 2) and m["resident"] == 0
+        assert m["prefetch_window"] == 1 and m["gpu_slots"] == 2 and m["pinned"] is False
+        assert m["prefetch_hits"] == 2 * n and m["misses"] == 0
+        assert o.layers.slots == [] and o.layers.ready == {} and o.layers.slot_of == {}
+        assert o.bytes == o.rest.bytes + o.layers.streamed_bytes
+        # between stages every weight is on a CPU copy: the layers' in their arena, the rest in its own
+        layer_ids = {id(t) for b in o.layers.blocks for t in o.layers._tensors(b)}
+        arenas = {o.layers.arena.buf.untyped_storage().data_ptr(), o.rest.arena.buf.untyped_storage().data_ptr()}
+        for t in (*encoders[name].parameters(), *encoders[name].buffers()):
+            home = o.layers.arena if id(t) in layer_ids else o.rest.arena
+            assert t.device.type == "cpu" and t.untyped_storage().data_ptr() == home.buf.untyped_storage().data_ptr()
+        assert arenas and len(arenas) == 2
+
+
+def test_text_encoder_stage_end_restores_weights_after_a_failed_forward():
+    """A forward that raises inside a layer leaves that layer on its slot (no post hook): offload
+    points it back at its CPU copy and frees the slots all the same, and the next stage runs."""
+    from dittune.engine.offload import TextEncoderOffload
+
+    fam, encoders, tokens = _encoders("flux-dev-tiny", 4)
+    with torch.inference_mode():
+        want = fam.encode_prompt(encoders, tokens)
+        offs = {n: TextEncoderOffload(enc, torch.device("cpu"), pin=False) for n, enc in encoders.items()}
+        t5 = offs["text_encoder_2"].layers
+        boom = t5.blocks[2].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("boom")))
+        for o in offs.values():
+            o.onload()
+        with pytest.raises(RuntimeError, match="boom"):
+            fam.encode_prompt(encoders, tokens)
+        for o in offs.values():
+            o.offload()
+        arena = t5.arena.buf.untyped_storage().data_ptr()
+        assert all(p.untyped_storage().data_ptr() == arena for b in t5.blocks for p in b.parameters())
+        assert t5.slots == [] and t5.ready == {} and t5.slot_of == {}
+        boom.remove()
+        for o in offs.values():
+            o.onload()
+        got = fam.encode_prompt(encoders, tokens)
+        for o in offs.values():
+            o.offload()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+def test_text_encoder_outside_its_stage_is_refused():
+    from dittune.engine.errors import EngineError
+    from dittune.engine.offload import TextEncoderOffload
+
+    fam, encoders, tokens = _encoders("z-image-turbo-tiny", None)
+    TextEncoderOffload(encoders["text_encoder"], torch.device("cpu"), pin=False)
+    with torch.inference_mode(), pytest.raises(EngineError, match="outside its stage"):
+        fam.encode_prompt(encoders, tokens)
