@@ -268,8 +268,9 @@ def is_lossless(cfg: Any) -> bool:
 
 # Bump when what a flag does changes without its declaration changing, so stored measurements of
 # the old meaning stop answering for the new one. 2: --dit-resident-layers spreads its blocks;
-# 3: the engine reserves through expandable segments (peaks measured before are not comparable).
-SEMANTICS_VERSION = 3
+# 3: the engine reserves through expandable segments (peaks measured before are not comparable);
+# 4: --text-encoder-cpu-offload streams the encoders' layers during encode.
+SEMANTICS_VERSION = 4
 
 
 def registry_hash() -> str:
