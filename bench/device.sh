@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the device machine (see ../shared/device/README.md): install the project, then one named
 # stage that fits a 10-minute call. Logs and JSON go to $OUT (default ./out).
-#   bash bench/device.sh STAGE...   (gpu-tests flags-a flags-b e2e profile tune; tune needs TUNE_DB=file)
+#   bash bench/device.sh STAGE...   (gpu-tests flags-a flags-b flags-c flags-e e2e profile cold tune winner;
+#   tune and winner need TUNE_DB=file, tune takes TUNE_ARGS such as --vram-budget 24GiB)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 if ! (cd /tmp && PYTHONPATH=/tmp/site python3 -c "import dittune.engine, dittune.db" 2>/dev/null); then
@@ -37,6 +38,19 @@ stage() {
       --fused-kernels --enable-torch-compile --enable-cuda-graph --perf-dump-path "$OUT/cold.json" --output "$OUT/cold.png" > "$OUT/cold.log" 2>&1
     echo "cold rc=$?"; tail -3 "$OUT/cold.log"
     python3 -c "import json; d=json.load(open('$OUT/cold.json')); print('cold_start', d['cold_start'], 'step', d['step_median_s'])" ;;
+  flags-e)  # budgets with the text encoders streamed: resident counts the memory model now allows
+    timeout "$(left 560)" python3 bench/bench_flags.py --no-diffusers --json "$OUT/flags_e.json" \
+      --only best,b24-r40,b24-r44,b24-r46,b16-r20,b16-r24,b16-r26,layerwise-p1 > "$OUT/flags_e.log" 2>&1
+    echo "flags-e rc=$?"; tail -11 "$OUT/flags_e.log" ;;
+  winner)  # the tuner's recommended command through `dittune generate` vs the single-flag rows, same call
+    db=${TUNE_DB:?set TUNE_DB to the database file}
+    cmd=$(dittune export --model flux-dev --format sh --db "sqlite:///$db" | grep '^dittune generate' | head -1)
+    echo "recommended: $cmd"
+    timeout "$(left 200)" $cmd --warmup 1 --perf-dump-path "$OUT/winner.json" --output "$OUT/winner.png" > "$OUT/winner.log" 2>&1
+    echo "winner rc=$?"; tail -2 "$OUT/winner.log"
+    timeout "$(left 400)" python3 bench/bench_flags.py --no-diffusers --steps 28 --json "$OUT/single_flags.json" \
+      --only default,cudnn,flash,efficient,compile-regional,fused,cuda-graph,te+vae-offload,dit-cpu-offload > "$OUT/single_flags.log" 2>&1
+    echo "single flags rc=$?"; tail -11 "$OUT/single_flags.log" ;;
   e2e)
     timeout "$(left 560)" python3 bench/bench_e2e.py --json "$OUT/e2e.json" ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
     echo "e2e rc=$?"; tail -14 "$OUT/e2e.log" ;;
@@ -51,7 +65,7 @@ stage() {
     timeout "$(left 580)" dittune tune flux-dev --trials 30 --timeout $(( $(left 580) - 60 )) --trial-timeout 5m \
       --db "sqlite:///$db" ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
     echo "tune rc=$?"; tail -25 "$OUT/tune.log"; cp "$db" "$OUT/" ;;
-  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests flags-a flags-b e2e profile tune)"; exit 2 ;;
+  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests flags-a flags-b flags-c flags-e e2e profile cold tune winner)"; exit 2 ;;
   esac
 }
 for s in "$@"; do stage "$s"; done
