@@ -3,9 +3,11 @@ clock on the CPU), peak VRAM from torch and NVML, and the software versions for 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from importlib import metadata
+from typing import Any
 
 import torch
 
@@ -56,13 +58,52 @@ def summarize_steps(steps: list[float]) -> dict[str, float | None]:
     return {"step_median_s": med, "step_p10_s": p10, "step_p90_s": p90, "step_spread": (p90 - p10) / med if med else None}
 
 
-def memory(device: torch.device) -> dict[str, int | None]:
+class StagePeaks:
+    """Peak reserved / allocated bytes per pipeline stage (the memory model predicts per stage).
+    Each stage resets torch's peak counters after folding them into the running maximum, so the
+    process-wide peak (`memory`) stays what it would be without the resets."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.on = device.type == "cuda"
+        self.max_reserved = self.max_allocated = 0
+        self.stages: dict[str, dict[str, int]] = {}
+
+    def _fold(self) -> tuple[int, int]:
+        r, a = torch.cuda.max_memory_reserved(self.device), torch.cuda.max_memory_allocated(self.device)
+        self.max_reserved, self.max_allocated = max(self.max_reserved, r), max(self.max_allocated, a)
+        return r, a
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        if not self.on:
+            yield
+            return
+        self._fold()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield
+        finally:
+            r, a = self._fold()
+            self.stages[name] = {"reserved_bytes": r, "allocated_bytes": a}
+
+
+def memory(device: torch.device, peaks: StagePeaks | None = None) -> dict[str, Any]:
+    """Process peaks since the last reset (with `peaks`: over every stage too, plus the last
+    request's peak per stage)."""
     if device.type != "cuda":
         return {"torch_max_reserved_bytes": None, "torch_max_allocated_bytes": None, "nvml_process_bytes": None}
+    reserved, allocated = torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device)
+    out: dict[str, Any] = {}
+    if peaks is not None:
+        peaks._fold()
+        reserved, allocated = peaks.max_reserved, peaks.max_allocated
+        out["stages"] = dict(peaks.stages)
     return {
-        "torch_max_reserved_bytes": torch.cuda.max_memory_reserved(device),
-        "torch_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        "torch_max_reserved_bytes": reserved,
+        "torch_max_allocated_bytes": allocated,
         "nvml_process_bytes": gpu_mod.process_used_bytes(device.index or 0),
+        **out,
     }
 
 

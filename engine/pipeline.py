@@ -21,7 +21,7 @@ from .cudagraph import GraphedPasses
 from .models.base import Family, pack_modulation
 from .offload import ComponentOffload, LayerwiseOffload, TextEncoderOffload
 from .ops import use_fused_kernels
-from .perf import StepTimer, sync
+from .perf import StagePeaks, StepTimer, sync
 
 CUDA_ONLY_FLAGS = ("dit_cpu_offload", "text_encoder_cpu_offload", "vae_cpu_offload", "dit_layerwise_offload",
                    "enable_cuda_graph")
@@ -56,6 +56,7 @@ class Pipeline:
         if model_path is not None:
             components.check_checkpoint_dir(model_path, family)
         self._offloads: dict[str, ComponentOffload | TextEncoderOffload] = {}
+        self.peaks = StagePeaks(device)  # peak VRAM per stage (load: what is held before the first)
         self._compiled: list[str] = []
 
         t0 = time.perf_counter()
@@ -153,9 +154,10 @@ class Pipeline:
 
         sync(dev)
         t = time.perf_counter()
-        cond = self.encode(prompt)
-        neg = self.encode(negative_prompt) if do_cfg else None
-        sync(dev)
+        with self.peaks.stage("encode"):
+            cond = self.encode(prompt)
+            neg = self.encode(negative_prompt) if do_cfg else None
+            sync(dev)
         times.stages["encode_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -167,7 +169,7 @@ class Pipeline:
 
         t = time.perf_counter()
         timer = StepTimer(dev)
-        with self._visit(["dit"]):
+        with self.peaks.stage("denoise"), self._visit(["dit"]):
             for i in range(steps):
                 timer.start()
                 sigma = torch.full((1,), sig[i], device=dev, dtype=torch.float32)
@@ -179,18 +181,19 @@ class Pipeline:
                 timer.stop()
                 if on_step is not None:
                     on_step(i)
-        sync(dev)
+            sync(dev)
         times.stages["denoise_s"] = time.perf_counter() - t
         times.steps = timer.seconds()
 
         t = time.perf_counter()
-        with self._visit(["vae"]):
-            z = self.family.unpack_latents(latents, height, width).to(self.vae_dtype)
-            image = self.vae.decode(z, return_dict=False)[0]
-        if image.ndim == 5:  # video VAE (Qwen-Image): [B, C, T, H, W], one frame
-            image = image[:, :, 0]
-        image = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # [B, 3, H, W]
-        sync(dev)
+        with self.peaks.stage("decode"):
+            with self._visit(["vae"]):
+                z = self.family.unpack_latents(latents, height, width).to(self.vae_dtype)
+                image = self.vae.decode(z, return_dict=False)[0]
+            if image.ndim == 5:  # video VAE (Qwen-Image): [B, C, T, H, W], one frame
+                image = image[:, :, 0]
+            image = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # [B, 3, H, W]
+            sync(dev)
         times.stages["decode_s"] = time.perf_counter() - t
         return image, times
 

@@ -178,7 +178,7 @@ def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
         **stats,
         "request_s": request_s,
         "latency_s": latency_s,
-        "peak_vram": memory(device),
+        "peak_vram": memory(device, pipe.peaks),
         "manifest": manifest,
         "pid": os.getpid(),
         "started_at": time.time() - (time.perf_counter() - t_start),

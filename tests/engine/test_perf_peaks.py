@@ -1,0 +1,52 @@
+"""StagePeaks: per-stage peaks from torch's resettable counters, without losing the process peak."""
+
+import torch
+
+from dittune.engine import perf
+
+
+class FakeCounters:
+    """torch.cuda's peak counters over a scripted sequence of allocations."""
+
+    def __init__(self):
+        self.current = self.peak = 0
+
+    def alloc(self, n):
+        self.current += n
+        self.peak = max(self.peak, self.current)
+
+    def free(self, n):
+        self.current -= n
+
+
+def test_stage_peaks_and_process_peak(monkeypatch):
+    c = FakeCounters()
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: c.peak)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: c.peak)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: setattr(c, "peak", c.current))
+    monkeypatch.setattr(perf.gpu_mod, "process_used_bytes", lambda index: None)
+    peaks = perf.StagePeaks(torch.device("cuda", 0))
+    c.alloc(100)  # load: weights
+    c.alloc(50)
+    c.free(50)  # a load transient: the process peak (150) sits before any stage
+    with peaks.stage("encode"):
+        c.alloc(30)
+        c.free(30)
+    with peaks.stage("denoise"):
+        c.alloc(20)
+        c.free(20)
+    with peaks.stage("decode"):
+        c.alloc(40)
+        c.free(40)
+    m = perf.memory(torch.device("cuda", 0), peaks)
+    assert m["stages"] == {"encode": {"reserved_bytes": 130, "allocated_bytes": 130},
+                           "denoise": {"reserved_bytes": 120, "allocated_bytes": 120},
+                           "decode": {"reserved_bytes": 140, "allocated_bytes": 140}}
+    assert m["torch_max_reserved_bytes"] == m["torch_max_allocated_bytes"] == 150
+
+
+def test_cpu_has_no_peaks():
+    peaks = perf.StagePeaks(torch.device("cpu"))
+    with peaks.stage("encode"):
+        pass
+    assert peaks.stages == {} and perf.memory(torch.device("cpu"), peaks)["torch_max_reserved_bytes"] is None
