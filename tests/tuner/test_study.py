@@ -268,3 +268,37 @@ def test_rerunning_a_finished_study_measures_nothing_again(tmp_path, monkeypatch
     again = tune(opts, log=lambda m: None)
     assert len(D.trials(D.open_db(url))) == n  # no new trial, no new confirmation
     assert again.winner.trial_id == first.winner.trial_id
+
+
+def test_residency_climb_uses_the_measured_peak(monkeypatch):
+    """After a layerwise trial fits, the next is the same config with the most resident blocks
+    whose peak (measured + the model's difference) still fits; nothing once measured above."""
+    from dittune.engine import flags as F
+    from dittune.tuner import memory
+    from dittune.tuner import study as S
+
+    pretend_h100(monkeypatch)
+    s = S._setup(S.TuneOptions("flux-dev", vram_budget="24GiB", trials=1, db_url="sqlite://"))
+    cfg = F.config_from_argv(["--text-encoder-cpu-offload", "--vae-cpu-offload", "--dit-layerwise-offload",
+                              "--dit-resident-layers", "10"])
+    predicted = memory.predict_peak_bytes("flux-dev", cfg, s.width, s.height)
+    state = S._State({})
+
+    def climb(measured):
+        rec = D.TrialRecord(status="complete", flags=F.config_to_dict(cfg), argv="", peak_vram_bytes=measured)
+        return S._residency_climb(cfg, rec, s, state)
+
+    residents = next(d.values for d in s.space.dims if d.flag.name == "dit-resident-layers")
+    up = climb(predicted)  # the model was exact: climb as far as it predicts fits
+    assert up is not None and up.dit_resident_layers > 10
+    assert memory.predict_peak_bytes("flux-dev", up, s.width, s.height) <= 24 * GiB
+    higher = [r for r in residents if r > up.dit_resident_layers]
+    for r in higher:  # the next step up would not fit
+        assert memory.predict_peak_bytes("flux-dev", F.config_from_dict({**F.config_to_dict(up), "dit-resident-layers": r}),
+                                         s.width, s.height) > 24 * GiB
+    worse = climb(predicted + 6 * GiB)  # measured 6 GiB above the model: a smaller climb, or none
+    assert worse is None or worse.dit_resident_layers < up.dit_resident_layers
+    assert climb(25 * GiB) is None  # over budget: nothing to climb from
+    resident = F.config_from_argv(["--text-encoder-cpu-offload"])
+    rec = D.TrialRecord(status="complete", flags=F.config_to_dict(resident), argv="", peak_vram_bytes=10 * GiB)
+    assert S._residency_climb(resident, rec, s, state) is None  # not streamed: no residency to climb
