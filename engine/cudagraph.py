@@ -6,7 +6,7 @@ the kernels of one forward took 119.0 ms and the forward 129.9 ms; the 10.8 ms d
 GPU idle while the CPU launches the next kernels. A replayed graph launches them all at once.
 Measured with it (H100, after the cuBLASLt epilogues had landed too): FLUX 126.8 -> 124.8 ms per
 step (bench_e2e, DiT only), 124.7 -> 124.5 ms in the pipeline; Qwen-Image 255.5 -> 251.8 ms;
-Z-Image 98.5 -> 97.0 ms. Smaller than the gaps: most of them were not launch-bound any more.
+Z-Image 98.5 -> 97.0 ms: less than the 10.8 ms of gaps profiled before (why is not profiled yet).
 
 What is captured: every DiT pass of one step (conditional and, with true CFG, negative), from
 the latents and sigma to the velocities, with the step cache shared between them as in the
