@@ -92,6 +92,14 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     return torch.addcmul(x, gate, y)
 
 
+def gated_residual_modulate(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention residual, then the MLP's modulation of it: (r, modulate(r)), r = x + gate * y."""
+    r = gated_residual(x, gate, y)
+    return r, modulate(r, shift, scale, eps)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
@@ -190,9 +198,11 @@ def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
 
 
 # Blocks call these through `self.ops`; --fused-kernels swaps in dittune.kernels' ops of the same names.
-OPS = reference(("modulate", "gated_residual", "qk_norm_rope", "joint_qk_norm_rope", "linear_gelu", "linear_concat"),
-                modulate=modulate, gated_residual=gated_residual, qk_norm_rope=qk_norm_rope,
-                joint_qk_norm_rope=joint_qk_norm_rope, linear_gelu=linear_gelu, linear_concat=linear_concat)
+OPS = reference(("modulate", "gated_residual", "gated_residual_modulate", "qk_norm_rope", "joint_qk_norm_rope",
+                 "linear_gelu", "linear_concat"),
+                modulate=modulate, gated_residual=gated_residual, gated_residual_modulate=gated_residual_modulate,
+                qk_norm_rope=qk_norm_rope, joint_qk_norm_rope=joint_qk_norm_rope, linear_gelu=linear_gelu,
+                linear_concat=linear_concat)
 
 
 class MLPEmbedder(nn.Module):
@@ -252,12 +262,12 @@ class DoubleStreamBlock(nn.Module):
         )  # [B, H, L, hd]
         out = self.attn(q, k, joint_heads(tv, iv))  # [B, L, D]
 
-        img = self.ops.gated_residual(img, i_gate1, self.img_proj(out[:, lt:]))
-        h = self.ops.linear_gelu(self.ops.modulate(img, i_shift2, i_scale2), self.img_mlp_in.weight, self.img_mlp_in.bias)
+        img, h = self.ops.gated_residual_modulate(img, i_gate1, self.img_proj(out[:, lt:]), i_shift2, i_scale2, 1e-6)
+        h = self.ops.linear_gelu(h, self.img_mlp_in.weight, self.img_mlp_in.bias)
         img = self.ops.gated_residual(img, i_gate2, self.img_mlp_out(h))
 
-        txt = self.ops.gated_residual(txt, t_gate1, self.txt_proj(out[:, :lt]))
-        h = self.ops.linear_gelu(self.ops.modulate(txt, t_shift2, t_scale2), self.txt_mlp_in.weight, self.txt_mlp_in.bias)
+        txt, h = self.ops.gated_residual_modulate(txt, t_gate1, self.txt_proj(out[:, :lt]), t_shift2, t_scale2, 1e-6)
+        h = self.ops.linear_gelu(h, self.txt_mlp_in.weight, self.txt_mlp_in.bias)
         txt = self.ops.gated_residual(txt, t_gate2, self.txt_mlp_out(h))
         if txt.dtype == torch.float16:  # as diffusers: the text stream overflows fp16
             txt = txt.clip(-65504, 65504)

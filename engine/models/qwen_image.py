@@ -114,6 +114,14 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     return torch.addcmul(x, gate, y)
 
 
+def gated_residual_modulate(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention residual, then the MLP's modulation of it: (r, modulate(r)), r = x + gate * y."""
+    r = gated_residual(x, gate, y)
+    return r, modulate(r, shift, scale, eps)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
@@ -231,8 +239,9 @@ class TimestepMLP(nn.Module):
 
 
 # Blocks call these through `self.ops`; --fused-kernels swaps in dittune.kernels' ops of the same names.
-OPS = reference(("modulate", "gated_residual", "joint_qk_norm_rope", "linear_gelu"), modulate=modulate,
-                gated_residual=gated_residual, joint_qk_norm_rope=joint_qk_norm_rope, linear_gelu=linear_gelu)
+OPS = reference(("modulate", "gated_residual", "gated_residual_modulate", "joint_qk_norm_rope", "linear_gelu"),
+                modulate=modulate, gated_residual=gated_residual, gated_residual_modulate=gated_residual_modulate,
+                joint_qk_norm_rope=joint_qk_norm_rope, linear_gelu=linear_gelu)
 
 
 class DualStreamBlock(nn.Module):
@@ -281,10 +290,10 @@ class DualStreamBlock(nn.Module):
         v = joint_heads(txt_qkv[:, :, 2], img_qkv[:, :, 2])  # q, k, v: [B, H, Lt + Li, D]
         out = self.attn(q, k, v, mask)  # [B, Lt + Li, C]
 
-        img = self.ops.gated_residual(img, i_gate1, self.img_out(out[:, lt:]))
-        txt = self.ops.gated_residual(txt, t_gate1, self.txt_out(out[:, :lt]))
-        img = self.ops.gated_residual(img, i_gate2, self.img_mlp(self.ops.modulate(img, i_shift2, i_scale2, eps)))
-        txt = self.ops.gated_residual(txt, t_gate2, self.txt_mlp(self.ops.modulate(txt, t_shift2, t_scale2, eps)))
+        img, m = self.ops.gated_residual_modulate(img, i_gate1, self.img_out(out[:, lt:]), i_shift2, i_scale2, eps)
+        txt, n = self.ops.gated_residual_modulate(txt, t_gate1, self.txt_out(out[:, :lt]), t_shift2, t_scale2, eps)
+        img = self.ops.gated_residual(img, i_gate2, self.img_mlp(m))
+        txt = self.ops.gated_residual(txt, t_gate2, self.txt_mlp(n))
         if img.dtype == torch.float16:
             img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
         return img, txt

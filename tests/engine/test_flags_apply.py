@@ -82,8 +82,9 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize("model, kernels", [
-    ("flux-dev-tiny", ["gated_residual", "joint_qk_norm_rope", "linear_concat", "linear_gelu", "modulate", "qk_norm_rope"]),
-    ("qwen-image-tiny", ["gated_residual", "joint_qk_norm_rope", "linear_gelu", "modulate"]),
+    ("flux-dev-tiny", ["gated_residual", "gated_residual_modulate", "joint_qk_norm_rope", "linear_concat", "linear_gelu",
+                       "modulate", "qk_norm_rope"]),
+    ("qwen-image-tiny", ["gated_residual", "gated_residual_modulate", "joint_qk_norm_rope", "linear_gelu", "modulate"]),
     ("z-image-turbo-tiny", ["gated_norm_residual", "qk_norm_rope", "rms_norm_modulate"]),
 ])
 def test_fused_kernels_apply_and_match_under_the_triton_interpreter(model, kernels):

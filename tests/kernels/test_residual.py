@@ -90,6 +90,8 @@ def test_reference_is_the_models_op_sequence(dtype):
     assert torch.equal(gated_residual_reference(x, g, y), qwen_image.gated_residual(x, g, y))
     r, h = gated_residual_modulate_reference(x, gate, y, shift, scale)
     assert torch.equal(r, flux.gated_residual(x, g, y)) and torch.equal(h, flux.modulate(r, sh, sc))
+    for fused in (flux.gated_residual_modulate(x, g, y, sh, sc, 1e-6), qwen_image.gated_residual_modulate(x, g, y, sh, sc, 1e-6)):
+        assert torch.equal(fused[0], r) and torch.equal(fused[1], h)
     for g in (gate[:, None].tanh(), None):
         ref = gated_norm_residual_reference(x, g, y, w, 1e-5)
         assert torch.equal(ref, zimage.gated_norm_residual(x, g, y, w, 1e-5))
