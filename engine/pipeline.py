@@ -60,14 +60,26 @@ class Pipeline:
         self._compiled: list[str] = []
 
         t0 = time.perf_counter()
+        self.load_parts: dict[str, float] = {}  # seconds per part of the load (device-synchronised)
+        mark = [t0]
+
+        def part(name: str) -> None:
+            sync(device)
+            now = time.perf_counter()
+            self.load_parts[name] = now - mark[0]
+            mark[0] = now
+
         self.tokenizers = {te.name: components.build_tokenizer(te, model_path) for te in self.spec.text_encoders}
         self.text_encoders = {
             te.name: components.build_text_encoder(te, self._home(flags.text_encoder_cpu_offload), dtype, model_path, seed=i + 1)
             for i, te in enumerate(self.spec.text_encoders)
         }
+        part("text_encoders_s")
         self.vae_dtype = torch.float32 if flags.vae_precision == "fp32" else torch.bfloat16
         self.vae = components.build_vae(self.spec.vae, self._home(flags.vae_cpu_offload), self.vae_dtype, model_path)
+        part("vae_s")
         self.dit = components.build_dit(family, self._home(flags.dit_cpu_offload or flags.dit_layerwise_offload), dtype, model_path)
+        part("dit_s")
 
         pin = flags.pin_cpu_memory
         if flags.text_encoder_cpu_offload:
@@ -82,6 +94,7 @@ class Pipeline:
         if flags.dit_layerwise_offload:
             self.layerwise = LayerwiseOffload(self.dit, device, flags.dit_offload_prefetch_size,
                                               flags.dit_resident_layers, pin)
+        part("offload_setup_s")
 
         # One GEMV for every block's modulation, when the DiT stays whole on the device.
         self.packed_modulation = self.layerwise is None and not flags.dit_cpu_offload and pack_modulation(self.dit)
@@ -91,7 +104,7 @@ class Pipeline:
         self.fused = use_fused_kernels(self.dit, device) if flags.fused_kernels else []
         self._apply_compile()
         self.graphed = GraphedPasses(self._passes, device) if flags.enable_cuda_graph else None
-        sync(device)
+        part("dit_setup_s")  # packing, backends, kernels, compile wrappers (compiling happens at the first call)
         self.load_s = time.perf_counter() - t0
 
     # --- flags ------------------------------------------------------------------------------------

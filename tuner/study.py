@@ -165,7 +165,7 @@ def _record_from(outcome: Outcome, cfg, argv: str, number: int | None, s: _Setup
         return rec
     st = d["stages"]
     overhead = st["denoise_s"] - sum(d["steps_s"])
-    rec.manifest = {**d["manifest"], "peak_vram": d["peak_vram"]}  # with the per-stage peaks
+    rec.manifest = {**d["manifest"], "peak_vram": d["peak_vram"], "cold_start": d["cold_start"]}  # + stage peaks, load parts
     rec.stage_times = st
     rec.step_times = d["steps_s"]
     rec.step_median_s = d["step_median_s"]

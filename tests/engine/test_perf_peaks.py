@@ -50,3 +50,12 @@ def test_cpu_has_no_peaks():
     with peaks.stage("encode"):
         pass
     assert peaks.stages == {} and perf.memory(torch.device("cpu"), peaks)["torch_max_reserved_bytes"] is None
+
+
+def test_load_parts_add_up_to_the_load():
+    from dittune.engine.run import GenerateRequest, generate
+
+    d = generate(GenerateRequest(model="flux-dev-tiny", steps=1, width=64, height=64, device="cpu")).dump["cold_start"]
+    parts = d["load_parts"]
+    assert set(parts) == {"text_encoders_s", "vae_s", "dit_s", "offload_setup_s", "dit_setup_s"}
+    assert all(v >= 0 for v in parts.values()) and abs(sum(parts.values()) - d["load_s"]) < 0.05
