@@ -20,7 +20,7 @@ from torch import nn
 
 from ..attention import Attention
 from ..ops import reference
-from .rope import rope
+from .rope import joint_qk_norm_rope, rope
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec, modulations
 
@@ -120,31 +120,6 @@ def qk_norm_rope(
         return rope(rms_norm(x.transpose(1, 2), w, eps), cos, sin).to(x.dtype).contiguous()
 
     return one(q, q_weight), one(k, k_weight)
-
-
-def joint_qk_norm_rope(
-    q_txt: torch.Tensor,
-    k_txt: torch.Tensor,
-    q_img: torch.Tensor,
-    k_img: torch.Tensor,
-    q_weight_txt: torch.Tensor,
-    k_weight_txt: torch.Tensor,
-    q_weight_img: torch.Tensor,
-    k_weight_img: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Double stream: each stream's own norm weights, RoPE over the joint [txt, img] positions.
-
-    q_txt, k_txt [B, Lt, H, D], q_img, k_img [B, Li, H, D] (strided views); cos, sin [Lt + Li, D/2]
-    fp32, text first -> (q, k) contiguous [B, H, Lt + Li, D] in q_txt.dtype."""
-
-    def one(txt, img, w_txt, w_img):
-        x = torch.cat([rms_norm(txt.transpose(1, 2), w_txt, eps), rms_norm(img.transpose(1, 2), w_img, eps)], dim=2)
-        return rope(x, cos, sin).to(txt.dtype).contiguous()
-
-    return one(q_txt, q_img, q_weight_txt, q_weight_img), one(k_txt, k_img, k_weight_txt, k_weight_img)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..attention import Attention
 from ..ops import reference
-from .rope import rope
+from .rope import joint_qk_norm_rope
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec, modulations
 
@@ -124,37 +124,6 @@ def gated_residual_modulate(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def joint_qk_norm_rope(
-    q_txt: torch.Tensor,
-    k_txt: torch.Tensor,
-    q_img: torch.Tensor,
-    k_img: torch.Tensor,
-    q_weight_txt: torch.Tensor,
-    k_weight_txt: torch.Tensor,
-    q_weight_img: torch.Tensor,
-    k_weight_img: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head RMSNorm and RoPE of each stream -> (q, k), each [B, H, Lt + Li, D] with the text first.
-
-    q_txt, k_txt [B, Lt, H, D] and q_img, k_img [B, Li, H, D]: strided views into the packed QKV
-    projections. cos, sin [Lt + Li, D/2] fp32, text positions first. Same signature and result as
-    dittune.kernels.joint_qk_norm_rope.
-    """
-    b, lt, h, d = q_txt.shape
-    li = q_img.shape[1]
-
-    def one(txt, img, w_txt, w_img):
-        joint = txt.new_empty(b, h, lt + li, d)  # written in place: no cat of the two streams
-        joint[:, :, :lt].copy_(rope(rms_norm(txt.transpose(1, 2), w_txt, eps), cos[:lt], sin[:lt]))
-        joint[:, :, lt:].copy_(rope(rms_norm(img.transpose(1, 2), w_img, eps), cos[lt:], sin[lt:]))
-        return joint
-
-    return one(q_txt, q_img, q_weight_txt, q_weight_img), one(k_txt, k_img, k_weight_txt, k_weight_img)
 
 
 def joint_heads(txt: torch.Tensor, img: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Rotary position embedding on interleaved pairs, shared by the FLUX and Qwen-Image files (the
-same rotation in both; Z-Image keeps diffusers' complex-table form in its own file)."""
+"""Rotary position embedding on interleaved pairs, and the joint QK-norm + RoPE of dual-stream
+blocks, shared by the FLUX and Qwen-Image files (the same rotation in both; Z-Image keeps
+diffusers' complex-table form in its own file)."""
 
 import torch
+import torch.nn.functional as F
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -14,3 +16,39 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # Eager: one vectorised complex multiply is the fewest passes (broadcast real ops ran slower).
     freqs = torch.view_as_complex(torch.stack((cos, sin), dim=-1))  # [L, D/2], small
     return torch.view_as_real(torch.view_as_complex(x) * freqs).flatten(-2)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def joint_qk_norm_rope(
+    q_txt: torch.Tensor,
+    k_txt: torch.Tensor,
+    q_img: torch.Tensor,
+    k_img: torch.Tensor,
+    q_weight_txt: torch.Tensor,
+    k_weight_txt: torch.Tensor,
+    q_weight_img: torch.Tensor,
+    k_weight_img: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dual-stream blocks (FLUX double, Qwen-Image): each stream's own per-head RMSNorm, then RoPE
+    over the joint positions -> (q, k), each [B, H, Lt + Li, D] with the text first.
+
+    q_txt, k_txt [B, Lt, H, D] and q_img, k_img [B, Li, H, D]: strided views into the packed QKV
+    projections. cos, sin [Lt + Li, D/2] fp32, text positions first. Same signature and result as
+    dittune.kernels.joint_qk_norm_rope.
+    """
+    b, lt, h, d = q_txt.shape
+    li = q_img.shape[1]
+
+    def one(txt, img, w_txt, w_img):
+        joint = txt.new_empty(b, h, lt + li, d)  # written in place: no cat of the two streams
+        joint[:, :, :lt].copy_(rope(_rms_norm(txt.transpose(1, 2), w_txt, eps), cos[:lt], sin[:lt]))
+        joint[:, :, lt:].copy_(rope(_rms_norm(img.transpose(1, 2), w_img, eps), cos[lt:], sin[lt:]))
+        return joint
+
+    return one(q_txt, q_img, q_weight_txt, q_weight_img), one(k_txt, k_img, k_weight_txt, k_weight_img)
