@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_dit import DIFFUSERS_BACKEND, build_reference, case, free, native_from, prepare_native, timeit  # noqa: E402
 
 from dittune.engine import flags as F  # noqa: E402
+from dittune.engine.cudagraph import capture  # noqa: E402
 from dittune.engine.components import default_dtype  # noqa: E402
 from dittune.engine.models import get_family  # noqa: E402
 
@@ -91,16 +92,8 @@ def run(model, height, width, tokens, dittune_argvs, device, dtype, warmup, iter
                     our_fwd(ours, cache)
 
             timed = our_step
-            if cfg.enable_cuda_graph:  # as engine/cudagraph.py: warm up on a side stream, capture the step
-                side = torch.cuda.Stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        our_step()
-                torch.cuda.current_stream(device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    our_step()
+            if cfg.enable_cuda_graph:  # the whole step as one graph, as the engine captures it
+                graph, _ = capture(our_step, device)
                 timed = graph.replay
             ms = timeit(timed, device, warmup, iters) * 1e3
         rel = ((out - ref_out).norm() / ref_out.norm()).item()

@@ -32,12 +32,27 @@ def _signature(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.dtype, t.device
 
 
+def capture(fn: Callable[[], object], device: torch.device, warmup: int = 2, pool=None):
+    """Run `fn` `warmup` times on a side stream (cuBLAS workspaces, compiles happen off the
+    default stream), then capture one call of it -> (CUDA graph, fn's output tensors, static)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 class _Graph:
     def __init__(self, latents: torch.Tensor, sigma: torch.Tensor, conds: list[Cond]):
         self.latents = latents.clone()
         self.sigma = sigma.clone()
         self.conds = [{k: v.clone() for k, v in c.items()} for c in conds]
-        self.graph = torch.cuda.CUDAGraph()
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: list[torch.Tensor] = []
 
     def load(self, latents: torch.Tensor, sigma: torch.Tensor, conds: list[Cond]) -> None:
@@ -81,14 +96,8 @@ class GraphedPasses:
     def _capture(self, latents: torch.Tensor, sigma: torch.Tensor, conds: list[Cond], static: tuple) -> _Graph:
         t = time.perf_counter()
         g = _Graph(latents, sigma, conds)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm up off the default stream (cuBLAS workspaces, compiles)
-            for _ in range(self.warmup):
-                self.passes(g.latents, g.sigma, g.conds, static)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        with torch.cuda.graph(g.graph, pool=self.pool):
-            g.outputs = self.passes(g.latents, g.sigma, g.conds, static)
+        g.graph, g.outputs = capture(lambda: self.passes(g.latents, g.sigma, g.conds, static), self.device,
+                                     self.warmup, self.pool)
         torch.cuda.synchronize(self.device)
         self.capture_s += time.perf_counter() - t
         return g
