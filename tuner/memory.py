@@ -2,11 +2,12 @@
 an activation term, so that configurations far over budget are pruned without GPU time.
 
 Peak = max over the stages (load, encode, denoise, decode) of what is on the GPU then: the
-resident set, what visits for that stage (an offloaded VAE or DiT whole; a DiT or text encoder
-under layerwise streaming only its non-resident part and its GPU slots), and that stage's
-activations. The
-activation coefficients are estimates to be calibrated against measured peaks; the tuner stores
-prediction and measurement side by side for every trial so the error is always visible."""
+resident set (under layerwise streaming the DiT's resident blocks *and* its fixed GPU slots, which
+live for the whole run), what visits for that stage (an offloaded VAE or DiT whole, a text encoder
+streamed layer by layer), and that stage's activations. The coefficients are calibrated against
+the per-stage allocated peaks that every trial's perf dump carries (H100, FLUX.1-dev 1024x1024,
+26 trials of 2026-11-24: see docs/PERFORMANCE.md); the tuner stores prediction and measurement
+side by side for every trial so the error is always visible."""
 
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ import torch
 from dittune.engine import components, offload
 from dittune.engine.models import get_family
 
-# Bytes of live activations per (token x hidden) element during one DiT forward (bf16 q/k/v,
-# attention output, MLP intermediate of 4x hidden, modulated inputs): about 12 hidden-sized bf16
-# tensors alive at the widest point.
-DIT_ACT_ELEMENTS_PER_TOKEN_HIDDEN = 12
-# VAE decode at full resolution holds a few 128- to 512-channel feature maps at once.
-VAE_ACT_ELEMENTS_PER_PIXEL = 3 * 128 + 2 * 256
-ALLOCATOR_OVERHEAD = 1.08  # reserved / allocated from fragmentation of the caching allocator
+# Live activations per (token x hidden) element during one DiT forward (q/k/v, attention output,
+# the MLP intermediate, modulated inputs). Measured on the H100 (FLUX, 4608 tokens x 3072): 0.12 to
+# 0.58 GB above the weights in the denoise stage, the most for eager attention; 20 covers it.
+DIT_ACT_ELEMENTS_PER_TOKEN_HIDDEN = 20
+# VAE decode at full resolution: measured 5.16 GB above the weights at 1024x1024 in fp32 (every
+# placement: resident, offloaded, beside a streamed DiT), i.e. 1230 fp32 elements per pixel.
+VAE_ACT_ELEMENTS_PER_PIXEL = 1230
+ALLOCATOR_OVERHEAD = 1.05  # reserved / allocated peak: measured 1.00 to 1.09, median 1.05 (expandable segments)
 PRUNE_MARGIN = 1.15  # prune only configurations predicted over budget by more than 15%
 
 
@@ -118,8 +120,9 @@ def predict_peak_bytes(model: str, cfg, width: int, height: int, dtype_name: str
     vae_bytes = fp.vae_bytes if cfg.vae_precision == "fp32" else fp.vae_bytes // 2
     vae_elem = 4 if cfg.vae_precision == "fp32" else 2
 
-    if cfg.dit_layerwise_offload:
-        dit_resident, dit_visiting = layerwise_bytes(fp, cfg.dit_resident_layers, cfg.dit_offload_prefetch_size)
+    if cfg.dit_layerwise_offload:  # the slots are allocated at setup and kept: resident in every stage
+        dit_resident, slots = layerwise_bytes(fp, cfg.dit_resident_layers, cfg.dit_offload_prefetch_size)
+        dit_resident, dit_visiting = dit_resident + slots, 0
     elif cfg.dit_cpu_offload:
         dit_resident, dit_visiting = 0, fp.dit_bytes
     else:

@@ -20,6 +20,9 @@ DEFAULT_NUMERIC = {"dit-offload-prefetch-size": (1.0, 2.0, 4.0)}
 class Dim:
     flag: F.Flag
     values: tuple[Any, ...]  # searched values; one value = fixed
+    # consecutive integers searched as one integer range (Optuna's suggest_int: the sampler sees the
+    # order, and the tuner may enqueue any count, such as the residency climb's)
+    ordinal: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class Space:
                 continue
             if len(d.values) == 1:
                 v = d.values[0]
+            elif d.ordinal:
+                v = trial.suggest_int(d.flag.name, d.values[0], d.values[-1])
             else:
                 v = trial.suggest_categorical(d.flag.name, list(d.values))
             values[d.flag.name] = v
@@ -53,11 +58,11 @@ class Space:
     def contains(self, cfg: Any) -> bool:
         return all(getattr(cfg, d.flag.attr) in d.values for d in self.dims if F.is_active(d.flag, cfg))
 
-    def configs(self) -> Iterator[Any]:
+    def configs(self, dims: tuple[Dim, ...] | None = None) -> Iterator[Any]:
         """Every valid configuration of the space (for sizing and exhaustive small spaces)."""
         seen = set()
-        for combo in itertools.product(*(d.values for d in self.dims)):
-            values = {d.flag.name: v for d, v in zip(self.dims, combo)}
+        for combo in itertools.product(*(d.values for d in dims or self.dims)):
+            values = {d.flag.name: v for d, v in zip(dims or self.dims, combo)}
             cfg = F.EngineConfig(**{F.FLAG_BY_NAME[k].attr: v for k, v in values.items()})
             # Inactive children take their defaults so that each configuration appears once.
             cfg = F.EngineConfig(**{
@@ -74,7 +79,21 @@ class Space:
             yield cfg
 
     def size(self) -> int:
-        return sum(1 for _ in self.configs())
+        """Number of valid configurations. An ordinal dimension is enumerated at one value and
+        counted as its length where it is active (the registry's constraints never depend on a
+        numeric value), so a 57-count residency range does not multiply the enumeration."""
+        ordinal = [d for d in self.dims if d.ordinal]
+        if not ordinal:
+            return sum(1 for _ in self.configs())
+        dims = tuple(Dim(d.flag, d.values[:1]) if d.ordinal else d for d in self.dims)
+        total = 0
+        for cfg in self.configs(dims):
+            n = 1
+            for d in ordinal:
+                if F.is_active(d.flag, cfg):
+                    n *= len(d.values)
+            total += n
+        return total
 
 
 def build_space(
@@ -114,8 +133,8 @@ def build_space(
             values = (False, True)
         elif f.choices is not None:
             values = tuple(f.choices)
-        elif f.name == "dit-resident-layers":
-            values = tuple(sorted({0, num_blocks // 4, num_blocks // 2, 3 * num_blocks // 4}))
+        elif f.name == "dit-resident-layers":  # every count: an integer range (ordinal below)
+            values = tuple(range(num_blocks))
         else:
             values = DEFAULT_NUMERIC.get(f.name, (f.default,))
         if f.name in supported:
@@ -126,7 +145,9 @@ def build_space(
             values = tuple(v for v in values if v < num_blocks)
         if not values:
             values = (f.default,)
-        dims.append(Dim(f, values))
+        ordinal = (len(values) > 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+                   and list(values) == list(range(values[0], values[-1] + 1)))
+        dims.append(Dim(f, values, ordinal))
     space = Space(tuple(dims))
     if space.size() == 0:
         raise TunerError("the search space is empty: the --fix values violate a flag constraint")

@@ -3,11 +3,14 @@ database writer; every trial runs the real engine in a child process (tuner/work
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import shlex
+import signal
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -152,8 +155,12 @@ def _default_name(opt: TuneOptions, s: _Setup) -> str:
     budget = "nobudget" if s.budget_bytes is None else f"{s.budget_bytes / 2**30:.0f}gib"
     extra = "-lossy" if opt.allow_lossy else ""
     fixed = "-fix-" + "-".join(f"{k}={v}" for k, v in sorted(s.fix.items())) if s.fix else ""
+    # The hash covers the registry and the searched space: an Optuna study cannot change a
+    # parameter's distribution, so a changed space (a preset edit, a new backend) is a new study.
+    space = repr([(d.flag.name, (d.values[0], d.values[-1]) if d.ordinal else d.values) for d in s.space.dims])
+    tag = hashlib.sha256((F.registry_hash() + space).encode()).hexdigest()[:8]
     return (f"{s.spec.name}-{s.width}x{s.height}-{s.steps}st-g{s.guidance:g}-{gpu}-{budget}-{opt.objective}{extra}{fixed}"
-            f"-r{F.registry_hash()[:8]}")
+            f"-r{tag}")
 
 
 def _record_from(outcome: Outcome, cfg, argv: str, number: int | None, s: _Setup, predicted: int | None) -> D.TrialRecord:
@@ -231,6 +238,7 @@ def tune(opt: TuneOptions, progress: bool = False, log: Callable[[str], None] | 
     if s.budget_bytes is not None and s.free_bytes is not None and s.free_bytes < s.budget_bytes:
         say(f"warning: only {format_bytes(s.free_bytes)} of the GPU is free (other processes hold the rest), "
             f"less than the budget {format_bytes(s.budget_bytes)}: configurations near the budget will run out of memory")
+    previous_term = _raise_on_sigterm()
     try:
         asks = 0
         while state.measured < opt.trials:
@@ -273,7 +281,17 @@ def tune(opt: TuneOptions, progress: bool = False, log: Callable[[str], None] | 
                     say(f"trial {trial.number}: pruned ({why}): {argv or '(defaults)'}")
                     continue
             job = _job(s, cfg)
-            outcome = run_trial(job, s.trial_timeout_s, opt.worker_cmd, env)
+            limit = s.trial_timeout_s
+            if deadline is not None and deadline - time.monotonic() < limit:  # --timeout ends the trial too
+                limit = max(deadline - time.monotonic(), 1.0)
+            outcome = run_trial(job, limit, opt.worker_cmd, env)
+            if outcome.status == "timeout" and limit < s.trial_timeout_s:
+                # cut by --timeout, not by the trial timeout: not a measurement; the rerun tries it again
+                study.tell(trial, state=TrialState.FAIL)
+                study.enqueue_trial(s.space.params(cfg))  # asked again by the rerun
+                stopped = "--timeout reached"
+                say(f"trial {trial.number}: stopped by --timeout, not recorded: {argv or '(defaults)'}")
+                break
             rec = _record_from(outcome, cfg, argv, trial.number, s, predicted)
             D.record_trial(db, study_id, rec)
             state.add(argv, rec)
@@ -287,11 +305,13 @@ def tune(opt: TuneOptions, progress: bool = False, log: Callable[[str], None] | 
                 say(f"trial {trial.number}: {rec.status} ({rec.reason[:160]}): {argv or '(defaults)'}")
             bar.update(state.measured, state.best_text())
     except KeyboardInterrupt:
-        stopped = "interrupted (Ctrl-C); everything measured is kept"
+        stopped = "interrupted (Ctrl-C or SIGTERM); everything measured is kept"
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)
     finally:
         bar.stop()
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
     # An interrupted or timed-out run is not the end of the study: the rerun that finishes it confirms.
     if not stopped.startswith("interrupted") and stopped != "--timeout reached" and opt.confirm > 0:
@@ -344,6 +364,19 @@ class _State:
 
     def best_text(self) -> str:
         return f"{self.best:.3f} s" if self.best is not None else "-"
+
+
+def _raise_on_sigterm():
+    """SIGTERM (`timeout`, a batch system) stops the study like Ctrl-C: the running trial's child
+    is killed, everything measured is kept and the frontier is still printed. Returns the handler
+    to restore (None off the main thread, where signals cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _tell(study, trial, rec: D.TrialRecord, budget: int | None, objective: str) -> None:

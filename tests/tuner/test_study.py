@@ -184,7 +184,9 @@ def test_sigkill_mid_study_loses_nothing_and_resume_finishes(tmp_path):
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path, sig):
+    """Ctrl-C, and SIGTERM (what `timeout` and batch systems send), end the study cleanly."""
     url = f"sqlite:///{tmp_path / 't.db'}"
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(here=str(HERE), url=url) + "print('RETURNED')\n")
@@ -196,7 +198,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path):
         if p.stdout.readline().startswith("trial "):
             seen += 1
     time.sleep(0.3)  # a trial's worker is running now
-    p.send_signal(signal.SIGINT)  # the orchestrator only, as a terminal's Ctrl-C reaches it
+    p.send_signal(sig)  # the orchestrator only, as a terminal's Ctrl-C reaches it
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0 and "RETURNED" in out
     db = D.open_db(url)
@@ -221,6 +223,52 @@ def test_trial_timeout_kills_the_worker_group_and_records_it(tmp_path, monkeypat
     rows = D.trials(D.open_db(url), study_name=res.study)
     assert rows and all(r.status == "timeout" and "timed out after 1 s" in r.reason for r in rows)
     assert res.winner is None and res.stopped == "--timeout reached"
+
+
+def test_timeout_cuts_the_running_trial_and_does_not_record_it(tmp_path, monkeypatch):
+    """--timeout bounds the run, not only the start of trials: a trial still running at the
+    deadline is stopped and left for the rerun (not stored as a timeout of its configuration)."""
+    pretend_h100(monkeypatch)
+    monkeypatch.setenv("FAKE_ENGINE_SLEEP", "30")
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    t = time.time()
+    res = tune(TuneOptions("flux-dev", trials=3, db_url=url, worker_cmd=FAKE, confirm=0, patience=100,
+                           trial_timeout_s=600.0, timeout_s=3.0), log=lambda m: None)
+    assert time.time() - t < 20
+    assert res.stopped == "--timeout reached" and res.winner is None
+    assert D.trials(D.open_db(url), study_name=res.study) == []
+    monkeypatch.setenv("FAKE_ENGINE_SLEEP", "0")  # the rerun measures that configuration
+    again = tune(TuneOptions("flux-dev", trials=8, db_url=url, worker_cmd=FAKE, confirm=0, patience=100),
+                 log=lambda m: None)
+    rows = D.trials(D.open_db(url), study_name=again.study)
+    assert len(rows) == 8 and all(r.status == "complete" for r in rows)
+    assert "" in {r.argv for r in rows}  # the cut trial (the first seed: the defaults) was asked again
+
+
+def test_resident_layers_are_one_integer_range(monkeypatch):
+    """Every resident count is searchable (Optuna sees an ordered integer), so an enqueued count
+    off any grid (the residency climb's) runs as asked."""
+    import optuna
+
+    from dittune.tuner import study as S
+
+    pretend_h100(monkeypatch)
+    s = S._setup(S.TuneOptions("flux-dev", db_url="sqlite://"))
+    dim = next(d for d in s.space.dims if d.flag.name == "dit-resident-layers")
+    assert dim.ordinal and dim.values == tuple(range(57))
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    cfg = F.config_from_argv(["--text-encoder-cpu-offload", "--vae-cpu-offload", "--dit-layerwise-offload",
+                              "--dit-resident-layers", "46"])
+    study.enqueue_trial(s.space.params(cfg))
+    got = s.space.suggest(study.ask())
+    assert got == cfg
+    assert s.space.contains(cfg)
+    # the space size counts every resident count where streaming is on
+    off = sum(1 for c in s.space.configs(tuple(type(d)(d.flag, d.values[:1]) if d.ordinal else d for d in s.space.dims))
+              if not c.dit_layerwise_offload)
+    on = sum(1 for c in s.space.configs(tuple(type(d)(d.flag, d.values[:1]) if d.ordinal else d for d in s.space.dims))
+             if c.dit_layerwise_offload)
+    assert s.space.size() == off + 57 * on and on > 0
 
 
 def test_seeds_are_repaired_to_fit_the_budget(monkeypatch):
