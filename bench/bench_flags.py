@@ -58,6 +58,16 @@ CONFIGS: dict[str, list[str]] = {
     "b16-r20": [*FAST, *STREAM, "--dit-resident-layers", "20"],
     "b16-r24": [*FAST, *STREAM, "--dit-resident-layers", "24"],
     "b16-r26": [*FAST, *STREAM, "--dit-resident-layers", "26"],
+    # --dit-idle-offload: the resident blocks leave the GPU for encode and decode (the VAE decode's
+    # activations no longer sit on top of them), so more of them fit; one copy back per request
+    "b16-i32": [*FAST, *STREAM, "--dit-idle-offload", "--dit-resident-layers", "32"],
+    "b16-i34": [*FAST, *STREAM, "--dit-idle-offload", "--dit-resident-layers", "34"],
+    "b16-i36": [*FAST, *STREAM, "--dit-idle-offload", "--dit-resident-layers", "36"],
+    "b16-i38": [*FAST, *STREAM, "--dit-idle-offload", "--dit-resident-layers", "38"],
+    "b24-i52": [*FAST, *STREAM, "--dit-idle-offload", "--dit-resident-layers", "52"],
+    "b24-i54": [*FAST, *STREAM, "--dit-idle-offload", "--dit-resident-layers", "54"],
+    # the whole DiT visits for the denoise loop (one copy per request), nothing streams per step
+    "b24-dit-offload": [*FAST, "--text-encoder-cpu-offload", "--vae-cpu-offload", "--dit-cpu-offload"],
 }
 BUDGETS = {name: ("24GiB" if name.startswith("b24") else "16GiB") for name in CONFIGS if name[:3] in ("b24", "b16")}
 

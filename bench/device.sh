@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the device machine (see ../shared/device/README.md): install the project, then one named
 # stage that fits a 10-minute call. Logs and JSON go to $OUT (default ./out).
-#   bash bench/device.sh STAGE...   (gpu-tests flags-a flags-b flags-c flags-e e2e profile cold tune winner;
+#   bash bench/device.sh STAGE...   (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner;
 #   tune and winner need TUNE_DB=file, tune takes TUNE_ARGS such as --vram-budget 24GiB)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -42,6 +42,13 @@ stage() {
     timeout "$(left 560)" python3 bench/bench_flags.py --no-diffusers --json "$OUT/flags_e.json" \
       --only best,b24-r40,b24-r44,b24-r46,b16-r20,b16-r24,b16-r26,layerwise-p1 > "$OUT/flags_e.log" 2>&1
     echo "flags-e rc=$?"; tail -11 "$OUT/flags_e.log" ;;
+  flags-i)  # idle offload under 16 and 24 GiB budgets, beside the resident best and whole-DiT offload
+    timeout "$(left 560)" python3 bench/bench_flags.py --no-diffusers --json "$OUT/flags_i.json" \
+      --only best,b16-r26,b16-i32,b16-i34,b16-i36,b16-i38,b24-r46,b24-i52,b24-i54,b24-dit-offload > "$OUT/flags_i.log" 2>&1
+    echo "flags-i rc=$?"; tail -12 "$OUT/flags_i.log" ;;
+  gpu-idle)  # the GPU parity test of the idle-offload row only
+    timeout "$(left 200)" python3 -m pytest -m gpu -q -p no:cacheprovider tests/engine/test_flags_apply.py -k "idle" > "$OUT/gpu_idle.log" 2>&1
+    echo "gpu-idle rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/gpu_idle.log" | tail -8 ;;
   winner)  # the tuner's recommended command through `dittune generate` vs the single-flag rows, same call
     db=${TUNE_DB:?set TUNE_DB to the database file}
     cmd=$(dittune export --model flux-dev --format sh --db "sqlite:///$db" | grep '^dittune generate' | head -1)
@@ -65,7 +72,7 @@ stage() {
     timeout "$(left 580)" dittune tune flux-dev --trials 30 --timeout $(( $(left 580) - 60 )) --trial-timeout 5m \
       --db "sqlite:///$db" ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
     echo "tune rc=$?"; tail -25 "$OUT/tune.log"; cp "$db" "$OUT/" ;;
-  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests flags-a flags-b flags-c flags-e e2e profile cold tune winner)"; exit 2 ;;
+  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner)"; exit 2 ;;
   esac
 }
 for s in "$@"; do stage "$s"; done

@@ -119,6 +119,11 @@ FLAGS: tuple[Flag, ...] = (
          "DiT blocks kept resident on the GPU under layerwise offload, spread evenly over the stack so "
          "streamed copies overlap resident compute (partial residency).",
          minimum=0, requires="dit-layerwise-offload"),
+    Flag("dit-idle-offload", bool, False,
+         "Under layerwise offload, take the resident blocks and the GPU slots off the GPU outside "
+         "the denoise loop too (while the text encoders and the VAE run) and copy them back before "
+         "it: more blocks fit a VRAM budget, for one copy of the resident bytes per request.",
+         requires="dit-layerwise-offload"),
     Flag("pin-cpu-memory", bool, True, "Pin the CPU copies of offloaded weights (faster transfers).",
          sglang="pin-cpu-memory"),
     Flag("vae-precision", str, "fp32", "VAE decode precision (bf16 is lossy).",

@@ -93,7 +93,7 @@ class Pipeline:
         self.layerwise = None
         if flags.dit_layerwise_offload:
             self.layerwise = LayerwiseOffload(self.dit, device, flags.dit_offload_prefetch_size,
-                                              flags.dit_resident_layers, pin)
+                                              flags.dit_resident_layers, pin, idle=flags.dit_idle_offload)
         part("offload_setup_s")
 
         # One GEMV for every block's modulation, when the DiT stays whole on the device.
@@ -144,6 +144,20 @@ class Pipeline:
             for o in visiting:
                 o.offload()
 
+    @contextlib.contextmanager
+    def _denoising(self):
+        """The denoise loop: the DiT's offloaded parts visit (whole, --dit-cpu-offload; the resident
+        blocks and slots of --dit-idle-offload), and leave after."""
+        idle = self.layerwise is not None and self.layerwise.idle
+        with self._visit(["dit"]):
+            if idle:
+                self.layerwise.begin()
+            try:
+                yield
+            finally:
+                if idle:
+                    self.layerwise.end()
+
     @torch.inference_mode()
     def encode(self, prompt: str) -> dict[str, torch.Tensor]:
         tokens = {}
@@ -182,7 +196,7 @@ class Pipeline:
 
         t = time.perf_counter()
         timer = StepTimer(dev)
-        with self.peaks.stage("denoise"), self._visit(["dit"]):
+        with self.peaks.stage("denoise"), self._denoising():
             for i in range(steps):
                 timer.start()
                 sigma = torch.full((1,), sig[i], device=dev, dtype=torch.float32)

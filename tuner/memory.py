@@ -120,9 +120,12 @@ def predict_peak_bytes(model: str, cfg, width: int, height: int, dtype_name: str
     vae_bytes = fp.vae_bytes if cfg.vae_precision == "fp32" else fp.vae_bytes // 2
     vae_elem = 4 if cfg.vae_precision == "fp32" else 2
 
-    if cfg.dit_layerwise_offload:  # the slots are allocated at setup and kept: resident in every stage
+    if cfg.dit_layerwise_offload:
         dit_resident, slots = layerwise_bytes(fp, cfg.dit_resident_layers, cfg.dit_offload_prefetch_size)
-        dit_resident, dit_visiting = dit_resident + slots, 0
+        if getattr(cfg, "dit_idle_offload", False):  # resident blocks and slots on the GPU for denoise only
+            dit_resident, dit_visiting = fp.dit_other_bytes, dit_resident - fp.dit_other_bytes + slots
+        else:  # the slots are allocated at setup and kept: resident in every stage (as measured)
+            dit_resident, dit_visiting = dit_resident + slots, 0
     elif cfg.dit_cpu_offload:
         dit_resident, dit_visiting = 0, fp.dit_bytes
     else:

@@ -461,24 +461,38 @@ def _fit_budget(cfg, s: _Setup):
     return c if fits(c) else None
 
 
+CLIMB_MARGIN = 0.995  # the climb's target: allocated bytes within 99.5% of the budget
+
+
+def _allocated_peak(rec: D.TrialRecord) -> int | None:
+    """The largest allocated (not reserved) peak over a trial's stages. Under the engine's VRAM
+    cap the caching allocator gives reserved memory back before it fails, so a capped trial's
+    reserved peak says little about how much more would fit; allocated bytes do."""
+    stages = ((rec.manifest or {}).get("peak_vram") or {}).get("stages") or {}
+    vals = [v.get("allocated_bytes") for v in stages.values() if isinstance(v, dict)]
+    vals = [v for v in vals if isinstance(v, int)]
+    return max(vals) if vals else None
+
+
 def _residency_climb(cfg, rec: D.TrialRecord, s: _Setup, state: "_State"):
     """After a layerwise trial fits the budget, the same configuration with the most resident
-    blocks that should still fit, judged from the *measured* peak plus the memory model's
-    difference between the two residencies (so the model's absolute error cancels out): more
-    resident blocks stream fewer bytes, and under a budget that is usually the largest win.
-    None when there is nothing to climb."""
+    blocks that should still fit, judged from the *measured* allocated peak plus the memory
+    model's allocated difference between the two residencies (so the model's absolute error and
+    its allocator-overhead guess cancel out): more resident blocks stream fewer bytes, and under a
+    budget that is usually the largest win. None when there is nothing to climb."""
     if s.budget_bytes is None or not cfg.dit_layerwise_offload or not rec.peak_vram_bytes:
         return None
     if rec.peak_vram_bytes > s.budget_bytes:
         return None
+    measured = _allocated_peak(rec) or int(rec.peak_vram_bytes / memory.ALLOCATOR_OVERHEAD)
     residents = next((d.values for d in s.space.dims if d.flag.name == "dit-resident-layers"), ())
     base = memory.predict_peak_bytes(s.spec.name, cfg, s.width, s.height)
     for r in sorted((r for r in residents if r > cfg.dit_resident_layers), reverse=True):
         c = replace(cfg, dit_resident_layers=r)
         if shlex.join(F.config_to_argv(c)) in state.tried or state.known_infeasible(c):
             continue
-        extra = memory.predict_peak_bytes(s.spec.name, c, s.width, s.height) - base
-        if rec.peak_vram_bytes + extra <= s.budget_bytes:
+        extra = (memory.predict_peak_bytes(s.spec.name, c, s.width, s.height) - base) / memory.ALLOCATOR_OVERHEAD
+        if measured + extra <= s.budget_bytes * CLIMB_MARGIN:
             return c
     return None
 

@@ -122,6 +122,7 @@ GPU_LOSSLESS = [
     ["--vae-cpu-offload"], ["--fused-kernels"], ["--dit-layerwise-offload"], ["--dit-layerwise-offload", "--dit-resident-layers", "1"],
     ["--dit-layerwise-offload", "--dit-offload-prefetch-size", "0.5", "--no-pin-cpu-memory"],
     ["--dit-layerwise-offload", "--enable-torch-compile"], ["--enable-cuda-graph"],
+    ["--dit-layerwise-offload", "--dit-resident-layers", "3", "--dit-idle-offload", "--enable-torch-compile"],
     ["--attention-backend", "torch_cudnn_sdpa", "--fused-kernels", "--enable-torch-compile", "--enable-cuda-graph"],
 ]
 
@@ -165,6 +166,9 @@ def test_lossless_flags_match_default_on_gpu(default_gpu, argv):
         assert lw["pinned"] == cfg.pin_cpu_memory and lw["misses"] >= 1
         if lw["streamed"] > 1:  # one streamed block cannot be prefetched while it is in use
             assert lw["prefetch_hits"] > 0
+        # idle offload: the resident blocks were copied back once per denoise loop (both requests)
+        assert lw["idle_offload"] == cfg.dit_idle_offload
+        assert lw["resident_restores"] == (2 if cfg.dit_idle_offload and cfg.dit_resident_layers else 0)
     # bf16: a different kernel or fusion order moves a few pixels by a few levels
     _close(r, default_gpu, max_abs=16, max_mean=1.0)
 

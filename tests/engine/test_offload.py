@@ -343,3 +343,46 @@ def test_text_encoder_outside_its_stage_is_refused():
     TextEncoderOffload(encoders["text_encoder"], torch.device("cpu"), pin=False)
     with torch.inference_mode(), pytest.raises(EngineError, match="outside its stage"):
         fam.encode_prompt(encoders, tokens)
+
+
+@pytest.mark.parametrize("prefetch, resident", [(1, 0), (1, 4), (2, 5), (1, 9)])
+def test_idle_offload_holds_device_memory_only_while_denoising(prefetch, resident):
+    """--dit-idle-offload: between begin() and end() (a denoise loop) the model computes exactly
+    what the resident model does; outside, every block (resident ones too) points at its CPU copy
+    in an arena, and neither slots nor a resident buffer are held. Several loops in a row."""
+    import dataclasses
+
+    from dittune.engine.components import randomize_
+    from dittune.engine.models import flux
+
+    cfg = dataclasses.replace(get_family("flux-dev-tiny").spec.dit_config, num_layers=3, num_single_layers=6)
+    dit = flux.FluxTransformer(cfg)
+    randomize_(dit, seed=5)
+    fwd = _inputs("flux-dev-tiny")
+    with torch.inference_mode():
+        want = fwd(dit)
+        lw = LayerwiseOffload(dit, torch.device("cpu"), prefetch, resident, pin=False, idle=True)
+        arenas = {lw.arena.buf.untyped_storage().data_ptr(), lw.resident_arena.buf.untyped_storage().data_ptr()}
+
+        def idle_placement():
+            assert lw.slots == [] and lw.resident_buf is None
+            for block in lw.blocks:
+                assert all(t.untyped_storage().data_ptr() in arenas for t in block.parameters())
+
+        idle_placement()
+        for loop in range(3):
+            lw.begin()
+            if resident:
+                buf = lw.resident_buf.untyped_storage().data_ptr()
+                assert all(t.untyped_storage().data_ptr() == buf
+                           for i in lw.resident_blocks for t in lw.blocks[i].parameters())
+            for _ in range(2):  # steps
+                torch.testing.assert_close(fwd(dit), want, rtol=0, atol=0)
+            lw.end()
+            idle_placement()
+    m = lw.manifest()
+    assert m["idle_offload"] and m["resident_restores"] == (3 if resident else 0)
+    assert m["resident_bytes"] == sum(t.numel() * t.element_size() for i in lw.resident_blocks
+                                      for t in lw._tensors(lw.blocks[i]))
+    with pytest.raises(ValueError):
+        LayerwiseOffload(dit, torch.device("cpu"), 1, 0, pin=False, blocks=lw.blocks[:2], idle=True)

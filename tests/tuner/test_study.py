@@ -320,33 +320,44 @@ def test_rerunning_a_finished_study_measures_nothing_again(tmp_path, monkeypatch
 
 def test_residency_climb_uses_the_measured_peak(monkeypatch):
     """After a layerwise trial fits, the next is the same config with the most resident blocks
-    whose peak (measured + the model's difference) still fits; nothing once measured above."""
+    whose allocated peak (measured + the model's difference) still fits; nothing once measured
+    above. The allocated peak comes from the trial's per-stage peaks (a capped trial's reserved
+    peak is elastic), else from its reserved peak less the allocator overhead."""
     from dittune.engine import flags as F
     from dittune.tuner import memory
     from dittune.tuner import study as S
 
     pretend_h100(monkeypatch)
     s = S._setup(S.TuneOptions("flux-dev", vram_budget="24GiB", trials=1, db_url="sqlite://"))
+    budget = 24 * GiB
     cfg = F.config_from_argv(["--text-encoder-cpu-offload", "--vae-cpu-offload", "--dit-layerwise-offload",
                               "--dit-resident-layers", "10"])
-    predicted = memory.predict_peak_bytes("flux-dev", cfg, s.width, s.height)
     state = S._State({})
 
-    def climb(measured):
-        rec = D.TrialRecord(status="complete", flags=F.config_to_dict(cfg), argv="", peak_vram_bytes=measured)
+    def alloc(c):  # the model's allocated peak
+        return memory.predict_peak_bytes("flux-dev", c, s.width, s.height) / memory.ALLOCATOR_OVERHEAD
+
+    def climb(allocated, reserved=None):
+        manifest = {"peak_vram": {"stages": {"denoise": {"allocated_bytes": int(allocated), "reserved_bytes": 0},
+                                             "decode": {"allocated_bytes": int(allocated) - GiB}}}}
+        rec = D.TrialRecord(status="complete", flags=F.config_to_dict(cfg), argv="",
+                            peak_vram_bytes=int(reserved or allocated * 1.05), manifest=manifest)
         return S._residency_climb(cfg, rec, s, state)
 
     residents = next(d.values for d in s.space.dims if d.flag.name == "dit-resident-layers")
-    up = climb(predicted)  # the model was exact: climb as far as it predicts fits
+    up = climb(alloc(cfg))  # the model was exact: climb as far as it predicts fits
     assert up is not None and up.dit_resident_layers > 10
-    assert memory.predict_peak_bytes("flux-dev", up, s.width, s.height) <= 24 * GiB
-    higher = [r for r in residents if r > up.dit_resident_layers]
-    for r in higher:  # the next step up would not fit
-        assert memory.predict_peak_bytes("flux-dev", F.config_from_dict({**F.config_to_dict(up), "dit-resident-layers": r}),
-                                         s.width, s.height) > 24 * GiB
-    worse = climb(predicted + 6 * GiB)  # measured 6 GiB above the model: a smaller climb, or none
+    assert alloc(up) <= budget * S.CLIMB_MARGIN
+    for r in [r for r in residents if r > up.dit_resident_layers]:  # no count above it would fit
+        assert alloc(F.config_from_dict({**F.config_to_dict(up), "dit-resident-layers": r})) > budget * S.CLIMB_MARGIN
+    worse = climb(alloc(cfg) + 6 * GiB)  # measured 6 GiB above the model: a smaller climb, or none
     assert worse is None or worse.dit_resident_layers < up.dit_resident_layers
-    assert climb(25 * GiB) is None  # over budget: nothing to climb from
+    # a capped trial's reserved peak may sit at the budget: the allocated peak decides
+    assert climb(alloc(cfg), reserved=budget - 1) == up
+    assert climb(alloc(cfg), reserved=25 * GiB) is None  # over budget: nothing to climb from
+    no_stages = D.TrialRecord(status="complete", flags=F.config_to_dict(cfg), argv="",
+                              peak_vram_bytes=int(alloc(cfg) * memory.ALLOCATOR_OVERHEAD))
+    assert S._residency_climb(cfg, no_stages, s, state) == up  # old rows: reserved less the overhead
     resident = F.config_from_argv(["--text-encoder-cpu-offload"])
     rec = D.TrialRecord(status="complete", flags=F.config_to_dict(resident), argv="", peak_vram_bytes=10 * GiB)
     assert S._residency_climb(resident, rec, s, state) is None  # not streamed: no residency to climb
