@@ -122,7 +122,7 @@ GPU_LOSSLESS = [
     ["--vae-cpu-offload"], ["--fused-kernels"], ["--dit-layerwise-offload"], ["--dit-layerwise-offload", "--dit-resident-layers", "1"],
     ["--dit-layerwise-offload", "--dit-offload-prefetch-size", "0.5", "--no-pin-cpu-memory"],
     ["--dit-layerwise-offload", "--enable-torch-compile"], ["--enable-cuda-graph"],
-    ["--dit-layerwise-offload", "--dit-resident-layers", "3", "--dit-idle-offload", "--enable-torch-compile"],
+    ["--dit-layerwise-offload", "--dit-resident-layers", "1", "--dit-idle-offload", "--enable-torch-compile"],
     ["--attention-backend", "torch_cudnn_sdpa", "--fused-kernels", "--enable-torch-compile", "--enable-cuda-graph"],
 ]
 
