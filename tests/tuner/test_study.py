@@ -361,3 +361,36 @@ def test_residency_climb_uses_the_measured_peak(monkeypatch):
     resident = F.config_from_argv(["--text-encoder-cpu-offload"])
     rec = D.TrialRecord(status="complete", flags=F.config_to_dict(resident), argv="", peak_vram_bytes=10 * GiB)
     assert S._residency_climb(resident, rec, s, state) is None  # not streamed: no residency to climb
+
+
+def test_only_the_fastest_streamed_configuration_is_climbed(monkeypatch):
+    """Once the queue is empty the climb starts from the fastest streamed configuration that fit;
+    when its climb runs out of memory the next climb settles below that count."""
+    from dittune.tuner import memory
+    from dittune.tuner import study as S
+
+    pretend_h100(monkeypatch)
+    s = S._setup(S.TuneOptions("flux-dev", vram_budget="24GiB", trials=1, db_url="sqlite://"))
+    stream = ["--text-encoder-cpu-offload", "--vae-cpu-offload", "--dit-layerwise-offload", "--dit-resident-layers", "30"]
+    slow = F.config_from_argv(stream)
+    fast = F.config_from_argv(["--attention-backend", "torch_cudnn_sdpa", *stream])
+    whole = F.config_from_argv(["--attention-backend", "torch_cudnn_sdpa", "--dit-cpu-offload",
+                                "--text-encoder-cpu-offload", "--vae-cpu-offload"])
+    state = S._State({})
+
+    def add(cfg, latency, status="complete"):
+        peak = int(memory.predict_peak_bytes("flux-dev", cfg, s.width, s.height))
+        argv = " ".join(F.config_to_argv(cfg))
+        state.add(argv, D.TrialRecord(status=status, flags=F.config_to_dict(cfg), argv=argv, latency_s=latency,
+                                      peak_vram_bytes=peak if status == "complete" else None))
+
+    assert S._next_climb(s, state) is None  # nothing measured yet
+    add(slow, 5.0)
+    add(fast, 4.0)
+    add(whole, 3.0)  # faster, but not streamed: nothing to climb
+    up = S._next_climb(s, state)
+    assert up is not None and up.attention_backend == "torch_cudnn_sdpa" and up.dit_resident_layers > 30
+    add(up, 0.0, status="oom")  # the climb ran out of memory: the next one stops below it
+    lower = S._next_climb(s, state)
+    assert lower is not None and 30 < lower.dit_resident_layers < up.dit_resident_layers
+    assert lower.attention_backend == "torch_cudnn_sdpa"
