@@ -204,7 +204,7 @@ class LayerwiseOffload:
         self.resident_buf: torch.Tensor | None = None
         self.resident_cpu: list[torch.Tensor] = []  # idle: the resident blocks' tensors' CPU views, in order
         if idle:
-            tensors = [t for i in self.resident_blocks for t in self._tensors(self.blocks[i])]
+            tensors = self._resident_tensors()
             self.resident_arena = PinnedArena(tensors, pin)
             self.resident_cpu = list(self.resident_arena.views)
             for t, c in zip(tensors, self.resident_cpu):
@@ -212,8 +212,7 @@ class LayerwiseOffload:
         else:
             for i in self.resident_blocks:
                 self.blocks[i].to(device)
-        self.resident_bytes = sum(t.numel() * t.element_size() for i in self.resident_blocks
-                                  for t in self._tensors(self.blocks[i]))
+        self.resident_bytes = sum(t.numel() * t.element_size() for t in self._resident_tensors())
         self.restores = 0  # idle: times the resident blocks were copied back (once per denoise loop)
 
         per_block = [self._tensors(self.blocks[i]) for i in self.streamed]

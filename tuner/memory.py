@@ -122,7 +122,7 @@ def predict_peak_bytes(model: str, cfg, width: int, height: int, dtype_name: str
 
     if cfg.dit_layerwise_offload:
         dit_resident, slots = layerwise_bytes(fp, cfg.dit_resident_layers, cfg.dit_offload_prefetch_size)
-        if getattr(cfg, "dit_idle_offload", False):  # resident blocks and slots on the GPU for denoise only
+        if cfg.dit_idle_offload:  # resident blocks and slots on the GPU for denoise only
             dit_resident, dit_visiting = fp.dit_other_bytes, dit_resident - fp.dit_other_bytes + slots
         else:  # the slots are allocated at setup and kept: resident in every stage (as measured)
             dit_resident, dit_visiting = dit_resident + slots, 0

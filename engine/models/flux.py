@@ -20,7 +20,7 @@ from torch import nn
 
 from ..attention import Attention
 from ..ops import reference
-from .rope import joint_qk_norm_rope, rope
+from .rope import joint_qk_norm_rope, rms_norm, rope
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec, modulations
 
@@ -98,10 +98,6 @@ def gated_residual_modulate(
     """The attention residual, then the MLP's modulation of it: (r, modulate(r)), r = x + gate * y."""
     r = gated_residual(x, gate, y)
     return r, modulate(r, shift, scale, eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def qk_norm_rope(

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..attention import Attention
 from ..ops import reference
-from .rope import joint_qk_norm_rope
+from .rope import joint_qk_norm_rope, rms_norm
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec, modulations
 
@@ -120,10 +120,6 @@ def gated_residual_modulate(
     """The attention residual, then the MLP's modulation of it: (r, modulate(r)), r = x + gate * y."""
     r = gated_residual(x, gate, y)
     return r, modulate(r, shift, scale, eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def joint_heads(txt: torch.Tensor, img: torch.Tensor) -> torch.Tensor:

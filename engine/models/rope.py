@@ -1,5 +1,5 @@
-"""Rotary position embedding on interleaved pairs, and the joint QK-norm + RoPE of dual-stream
-blocks, shared by the FLUX and Qwen-Image files (the same rotation in both; Z-Image keeps
+"""Rotary position embedding on interleaved pairs, RMSNorm, and the joint QK-norm + RoPE of
+dual-stream blocks, shared by the FLUX and Qwen-Image files (the same rotation in both; Z-Image keeps
 diffusers' complex-table form in its own file)."""
 
 import torch
@@ -18,7 +18,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(torch.view_as_complex(x) * freqs).flatten(-2)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim (FLUX's and Qwen-Image's per-head and text-input norms)."""
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
@@ -47,8 +48,8 @@ def joint_qk_norm_rope(
 
     def one(txt, img, w_txt, w_img):
         joint = txt.new_empty(b, h, lt + li, d)  # written in place: no cat of the two streams
-        joint[:, :, :lt].copy_(rope(_rms_norm(txt.transpose(1, 2), w_txt, eps), cos[:lt], sin[:lt]))
-        joint[:, :, lt:].copy_(rope(_rms_norm(img.transpose(1, 2), w_img, eps), cos[lt:], sin[lt:]))
+        joint[:, :, :lt].copy_(rope(rms_norm(txt.transpose(1, 2), w_txt, eps), cos[:lt], sin[:lt]))
+        joint[:, :, lt:].copy_(rope(rms_norm(img.transpose(1, 2), w_img, eps), cos[lt:], sin[lt:]))
         return joint
 
     return one(q_txt, q_img, q_weight_txt, q_weight_img), one(k_txt, k_img, k_weight_txt, k_weight_img)

@@ -264,10 +264,9 @@ def test_resident_layers_are_one_integer_range(monkeypatch):
     assert got == cfg
     assert s.space.contains(cfg)
     # the space size counts every resident count where streaming is on
-    off = sum(1 for c in s.space.configs(tuple(type(d)(d.flag, d.values[:1]) if d.ordinal else d for d in s.space.dims))
-              if not c.dit_layerwise_offload)
-    on = sum(1 for c in s.space.configs(tuple(type(d)(d.flag, d.values[:1]) if d.ordinal else d for d in s.space.dims))
-             if c.dit_layerwise_offload)
+    one_count = [c.dit_layerwise_offload for c in
+                 s.space.configs(tuple(type(d)(d.flag, d.values[:1]) if d.ordinal else d for d in s.space.dims))]
+    off, on = one_count.count(False), one_count.count(True)
     assert s.space.size() == off + 57 * on and on > 0
 
 
