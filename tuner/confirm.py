@@ -1,0 +1,59 @@
+"""The end of a study: the finalists re-measured (interleaved) with their noise band, and the
+result read back from the database (winner, frontier, memory-model pairs)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from dittune import db as D
+from dittune.engine import flags as F
+
+from .options import Setup, TuneOptions, TuneResult, job
+from .runner import run_trial
+from .state import State, record_from
+
+
+def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, say) -> None:
+    """Re-measure the finalists, interleaved, and store each one's median latency with its noise band."""
+    fits = [(argv, r) for argv, r in state.tried.items() if r.status == "complete"
+            and (s.budget_bytes is None or (r.peak_vram_bytes or 0) <= s.budget_bytes)]
+    finalists = sorted(fits, key=lambda x: x[1].latency_s)[: opt.confirm]
+    confirmed = {t.argv for t in D.trials(db, study_id=study_id) if t.status == "confirmed"}
+    finalists = [(argv, r) for argv, r in finalists if argv not in confirmed]  # a rerun does not redo them
+    if not finalists:
+        return
+    say(f"confirming the {len(finalists)} fastest configurations")
+    for argv, first in finalists:
+        cfg = F.config_from_dict(first.flags)
+        outcome = run_trial(job(s, cfg, seed=1), s.trial_timeout_s, opt.worker_cmd, env)
+        rec = record_from(outcome, cfg, argv, None, s, None)
+        if rec.status != "complete":
+            say(f"confirmation of {argv or '(defaults)'} failed: {rec.reason[:160]}")
+            continue
+        lat = [first.latency_s, rec.latency_s]
+        med = statistics.median(lat)
+        rec.latency_s = med
+        rec.step_spread = (max(lat) - min(lat)) / med  # the noise band between independent runs
+        rec.status = "confirmed"
+        peaks = [p for p in (rec.peak_vram_bytes, first.peak_vram_bytes) if p is not None]
+        rec.peak_vram_bytes = max(peaks) if peaks else None
+        D.record_trial(db, study_id, rec)
+        say(f"confirmed {argv or '(defaults)'}: {lat[0]:.3f} s then {lat[1]:.3f} s")
+
+
+def result(db, name: str, state: State, stopped: str, s: Setup) -> TuneResult:
+    rows = [r for r in D.measured(db, s.spec.name, None) if r.study == name]
+    fits = [r for r in rows if s.budget_bytes is None or (r.peak_vram_bytes or 0) <= s.budget_bytes]
+    winner = None
+    band = None
+    if fits:
+        fastest = min(fits, key=lambda r: r.latency_s)
+        band = fastest.step_spread or 0.0
+        # Within the winner's noise band, prefer less VRAM, then a shorter cold start.
+        close = [r for r in fits if r.latency_s <= fastest.latency_s * (1 + band)]
+        winner = min(close, key=lambda r: (r.peak_vram_bytes or 0, r.cold_start_s or math.inf, r.latency_s))
+    frontier = D.pareto(rows)
+    pairs = [(t.predicted_vram_bytes, t.peak_vram_bytes) for t in D.trials(db, study_name=name)
+             if t.predicted_vram_bytes and t.peak_vram_bytes and t.status == "complete"]
+    return TuneResult(name, db.url, state.measured, frontier, winner, band, stopped, s.budget_bytes, pairs)

@@ -1,0 +1,45 @@
+"""What the user sees while a study runs (a rich progress bar, or plain log lines), and SIGTERM
+handled like Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+class Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
+
+            self.p = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                         TimeRemainingColumn(), TextColumn("{task.fields[best]}"), transient=False)
+            self.p.start()
+            self.task = self.p.add_task("trials", total=total, best="")
+
+    def update(self, done: int, best: str, note: str = "") -> None:
+        if self.enabled:
+            self.p.update(self.task, completed=done, best=f"best {best} {note}".strip())
+
+    def log(self, msg: str) -> None:
+        if self.enabled:
+            self.p.console.print(msg, highlight=False)
+
+    def stop(self) -> None:
+        if self.enabled:
+            self.p.stop()
+
+
+def raise_on_sigterm():
+    """SIGTERM (`timeout`, a batch system) stops the study like Ctrl-C: the running trial's child
+    is killed, everything measured is kept and the frontier is still printed. Returns the handler
+    to restore (None off the main thread, where signals cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)

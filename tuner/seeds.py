@@ -1,0 +1,63 @@
+"""Seeds: the study preset's known-good configurations, enqueued first, each repaired to fit the
+budget when the memory model says it does not, so that the sampler starts from good feasible
+points instead of searching for the wall."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from dittune.engine import flags as F
+from dittune.engine.errors import FlagError
+
+from . import memory
+from .options import Setup
+
+
+def enqueue_seeds(study, s: Setup) -> None:
+    seen = set()
+    for seed in s.seeds:
+        try:
+            cfg = F.config_from_dict({**seed, **s.fix})
+        except FlagError:
+            continue
+        if s.budget_bytes is not None:
+            cfg = fit_budget(cfg, s)
+        if cfg is None or not s.space.contains(cfg):
+            continue
+        key = tuple(F.config_to_argv(cfg))
+        if key not in seen:
+            seen.add(key)
+            study.enqueue_trial(s.space.params(cfg), skip_if_exists=True)
+
+
+def fit_budget(cfg, s: Setup):
+    """`cfg`, or the closest variant predicted to fit: offload the text encoders and VAE, then
+    stream the DiT keeping as many blocks resident as fit (engine.offload.resident_set: nested, so
+    the memory model's peak grows with their number), then whole-DiT offload."""
+
+    def fits(c) -> bool:
+        try:
+            F.validate(c)
+        except FlagError:
+            return False
+        if not s.space.contains(c):
+            return False
+        return memory.predict_peak_bytes(s.spec.name, c, s.width, s.height) <= s.budget_bytes
+
+    if fits(cfg):
+        return cfg
+    for extra in ({"text_encoder_cpu_offload": True}, {"text_encoder_cpu_offload": True, "vae_cpu_offload": True}):
+        c = replace(cfg, **extra)
+        if fits(c):
+            return c
+    base = replace(cfg, text_encoder_cpu_offload=True, vae_cpu_offload=True, dit_cpu_offload=False,
+                   dit_layerwise_offload=True, enable_cuda_graph=False)  # graphs need a resident DiT
+    if base.enable_torch_compile:
+        base = replace(base, compile_scope="regional")
+    residents = next((d.values for d in s.space.dims if d.flag.name == "dit-resident-layers"), (0,))
+    for r in sorted(residents, reverse=True):  # monotone: the most resident layers that fit
+        c = replace(base, dit_resident_layers=r)
+        if fits(c):
+            return c
+    c = replace(cfg, text_encoder_cpu_offload=True, vae_cpu_offload=True, dit_cpu_offload=True, enable_cuda_graph=False)
+    return c if fits(c) else None

@@ -1,0 +1,107 @@
+"""The study's state as the database holds it: every configuration tried (dedupe: a configuration
+measured before is answered from its row, never re-run), the measured count, the best latency and
+the patience counter, and the monotone out-of-memory rule. Also how one trial's outcome becomes
+a database record and an Optuna tell."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from optuna.trial import TrialState
+
+from dittune import db as D
+from dittune.engine import flags as F
+
+from .options import Setup
+from .runner import Outcome
+
+INFEASIBLE_LATENCY = 1e9  # a value Optuna accepts; constrained TPE ranks infeasible trials by violation anyway
+
+
+@dataclass
+class State:
+    tried: dict[str, D.TrialRecord]  # argv -> latest record of that configuration in this study
+    measured: int = 0
+    best: float | None = None
+    since_improvement: int = 0
+    budget_fail: list[Any] = field(default_factory=list)  # configs that ran out of memory
+
+    @classmethod
+    def load(cls, db: D.Database, study_id: int) -> "State":
+        st = cls({})
+        for t in D.trials(db, study_id=study_id):
+            if t.status == "confirmed":
+                continue
+            st.add(t.argv, D.TrialRecord(status=t.status, flags=t.flags, argv=t.argv, latency_s=t.latency_s,
+                                         peak_vram_bytes=t.peak_vram_bytes, reason=t.reason,
+                                         step_spread=t.step_spread, cold_start_s=t.cold_start_s,
+                                         manifest=dict(t.manifest or {})))  # its stage peaks: for the climb
+        return st
+
+    def add(self, argv: str, rec: D.TrialRecord) -> None:
+        self.tried[argv] = rec
+        if rec.status == "oom":
+            self.budget_fail.append(F.config_from_dict(rec.flags))
+        if rec.status != "complete":
+            return
+        self.measured += 1
+        if self.best is None or rec.latency_s < self.best * 0.99:
+            self.best = rec.latency_s if self.best is None else min(self.best, rec.latency_s)
+            self.since_improvement = 0
+        else:
+            self.best = min(self.best, rec.latency_s)
+            self.since_improvement += 1
+
+    def known_infeasible(self, cfg) -> str | None:
+        """Monotone rule: if k resident layers ran out of memory, k + 1 will too."""
+        if not cfg.dit_layerwise_offload:
+            return None
+        for bad in self.budget_fail:
+            if bad.dit_layerwise_offload and replace(bad, dit_resident_layers=0) == replace(cfg, dit_resident_layers=0) \
+                    and cfg.dit_resident_layers >= bad.dit_resident_layers:
+                return f"{bad.dit_resident_layers} resident layers already ran out of memory"
+        return None
+
+    def best_text(self) -> str:
+        return f"{self.best:.3f} s" if self.best is not None else "-"
+
+
+def record_from(outcome: Outcome, cfg, argv: str, number: int | None, s: Setup, predicted: int | None) -> D.TrialRecord:
+    rec = D.TrialRecord(status=outcome.status, flags=F.config_to_dict(cfg), argv=argv, optuna_number=number,
+                        reason=outcome.reason, stderr_tail=outcome.stderr_tail if outcome.status != "complete" else "",
+                        predicted_vram_bytes=predicted)
+    d = outcome.dump
+    if d is None:
+        return rec
+    st = d["stages"]
+    overhead = st["denoise_s"] - sum(d["steps_s"])
+    rec.manifest = {**d["manifest"], "peak_vram": d["peak_vram"], "cold_start": d["cold_start"]}  # + stage peaks, load parts
+    rec.stage_times = st
+    rec.step_times = d["steps_s"]
+    rec.step_median_s = d["step_median_s"]
+    rec.step_spread = d["step_spread"]
+    # Full-request latency of the workload: its steps at the measured median.
+    rec.latency_s = st["encode_s"] + st["prepare_s"] + overhead + s.steps * d["step_median_s"] + st["decode_s"]
+    rec.peak_vram_bytes = d["peak_vram"]["torch_max_reserved_bytes"]
+    rec.cold_start_s = d["cold_start"]["total_s"]
+    return rec
+
+
+def tell(study, trial, rec: D.TrialRecord, budget: int | None, objective: str) -> None:
+    """Measured trials report (latency, peak GiB). Trials that did not fit the budget (pruned by
+    the memory model, or out of memory) report as infeasible with the predicted or the budget's
+    peak as the constraint value, so the sampler learns where the wall is; other failures FAIL."""
+    if rec.status == "complete":
+        peak = rec.peak_vram_bytes or 0
+        if budget is not None:
+            trial.set_constraint("vram", (peak - budget) / 2**30)
+        values = [rec.latency_s, peak / 2**30] if objective == "frontier" else [rec.latency_s]
+        study.tell(trial, values)
+    elif budget is not None and rec.status in ("pruned", "oom"):
+        peak = max(rec.predicted_vram_bytes or 0, budget + 2**30)
+        trial.set_constraint("vram", (peak - budget) / 2**30)
+        values = [INFEASIBLE_LATENCY, peak / 2**30] if objective == "frontier" else [INFEASIBLE_LATENCY]
+        study.tell(trial, values)
+    else:
+        study.tell(trial, state=TrialState.FAIL)
