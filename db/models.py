@@ -8,7 +8,9 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+# 2: dittune_lease and dittune_claim (several processes on one study); a version-1 database gains
+# the two tables when a tune opens it (db/session.py), and reads as it did.
+SCHEMA_VERSION = 2
 
 
 def _now() -> dt.datetime:
@@ -94,3 +96,35 @@ class Trial(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
 
     study: Mapped[Study] = relationship(back_populates="trials")
+
+
+class Lease(Base):
+    """A configuration being measured (purpose "trial") or confirmed ("confirm") by one process:
+    while its heartbeat is fresh no other process runs it; an expired lease is swept by whoever
+    sees it first and its configuration asked again. Deleted in the transaction that records the
+    trial, so a configuration is at every moment leased, recorded, or free."""
+
+    __tablename__ = "dittune_lease"
+    __table_args__ = (UniqueConstraint("study_id", "purpose", "argv"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("dittune_study.id"), index=True)
+    purpose: Mapped[str] = mapped_column(String(16))  # trial | confirm
+    argv: Mapped[str] = mapped_column(Text)
+    optuna_number: Mapped[int | None] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)  # Optuna params, to ask it again when swept
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime)  # database clock, UTC
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime)  # database clock, UTC
+
+
+class Claim(Base):
+    """A one-time job of a study done by whichever process inserts its row first (seeding)."""
+
+    __tablename__ = "dittune_claim"
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("dittune_study.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from sqlalchemy import create_engine, inspect, select
+from sqlalchemy import create_engine, inspect, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dittune.errors import DittuneError
 
-from .models import SCHEMA_VERSION, Base, Meta
+from .models import SCHEMA_VERSION, Base, Claim, Lease, Meta
 
 
 class DatabaseError(DittuneError):
@@ -49,12 +53,26 @@ class Database:
         self.engine.dispose()
 
 
+def _with_driver(url: str) -> str:
+    """postgresql://... means psycopg 3 (the `postgres` extra), not SQLAlchemy's psycopg2 default;
+    a missing driver is one line, not a traceback."""
+    u = make_url(url)
+    if u.get_backend_name() != "postgresql":
+        return url
+    if u.get_driver_name() in ("psycopg2", "psycopg") and u.drivername == "postgresql":
+        u = u.set(drivername="postgresql+psycopg")
+    driver = u.get_driver_name()
+    if importlib.util.find_spec(driver) is None:
+        raise DatabaseError(f"PostgreSQL needs its driver {driver!r}: pip install \"dittune[postgres]\"")
+    return u.render_as_string(hide_password=False)
+
+
 def open_db(url: str | None = None, create: bool = False) -> Database:
     """Open `url` (default: DITTUNE_DB or the XDG data dir). With create=False (read-only verbs) a
     missing database is an error and nothing is written."""
     url = url or default_url()
     try:
-        make_url(url)
+        url = _with_driver(url)
     except ArgumentError:
         raise DatabaseError(f"malformed database URL {url!r}; e.g. sqlite:///path/to/dittune.db") from None
     path = _sqlite_path(url)
@@ -67,12 +85,32 @@ def open_db(url: str | None = None, create: bool = False) -> Database:
             path.parent.mkdir(parents=True, exist_ok=True)
     try:
         engine = create_engine(url)
-        _check_schema(engine, create)
+        with exclusive(engine):  # several processes may open a fresh database at once
+            _check_schema(engine, create)
     except DatabaseError:
         raise
     except SQLAlchemyError as e:
         raise DatabaseError(f"cannot open database {url}: {str(e.orig if hasattr(e, 'orig') else e).strip()}") from None
     return Database(url, engine)
+
+
+@contextmanager
+def exclusive(engine: Engine, name: str = "dittune schema") -> Iterator[None]:
+    """Serialise a create-if-missing step between processes: a PostgreSQL advisory lock held on
+    its own connection. SQLite has one writer per file (and one tuner per file, tuner/leases.py),
+    so nothing to take there."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    key = zlib.crc32(name.encode())
+    with engine.connect() as c:
+        c.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        c.commit()
+        try:
+            yield
+        finally:
+            c.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            c.commit()
 
 
 def _check_schema(engine: Engine, create: bool) -> None:
@@ -103,11 +141,27 @@ def _check_schema(engine: Engine, create: bool) -> None:
         raise DatabaseError(
             f"{engine.url} has dittune schema {version}, newer than this dittune's {SCHEMA_VERSION}; upgrade dittune"
         )
-    if version < SCHEMA_VERSION:
+    if version < _OLDEST_READABLE:
         raise DatabaseError(f"{engine.url} has an old dittune schema {version} (this is {SCHEMA_VERSION}); no migration exists")
+    if version < SCHEMA_VERSION and create:
+        _upgrade(engine, version)
+        tables = set(inspect(engine).get_table_names())
+    elif version < SCHEMA_VERSION:  # read-only verbs read a version-1 database as it is
+        tables |= _ADDED_IN_2
     missing = {t.name for t in Base.metadata.sorted_tables} - tables
     if missing:
         raise DatabaseError(f"{engine.url}: dittune tables missing ({', '.join(sorted(missing))}); the database is damaged")
+
+
+_OLDEST_READABLE = 1
+_ADDED_IN_2 = {Lease.__tablename__, Claim.__tablename__}
+
+
+def _upgrade(engine: Engine, version: int) -> None:
+    """1 -> 2: the lease and claim tables are new; nothing else changed."""
+    with Session(engine) as s, s.begin():
+        Base.metadata.create_all(s.connection(), tables=[Lease.__table__, Claim.__table__])
+        s.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION)))
 
 
 # Tables Optuna's RDBStorage creates; a database holding only these may receive ours.

@@ -99,9 +99,13 @@ def open_study(db: Database, key: StudyKey) -> int:
         return study.id
 
 
+def check_status(status: str) -> None:
+    if status not in _STATUSES:
+        raise ValueError(f"unknown trial status {status!r}")
+
+
 def record_trial(db: Database, study_id: int, rec: TrialRecord) -> int:
-    if rec.status not in _STATUSES:
-        raise ValueError(f"unknown trial status {rec.status!r}")
+    check_status(rec.status)
     with db.session() as s, s.begin():
         row = Trial(study_id=study_id, **asdict(rec))
         s.add(row)

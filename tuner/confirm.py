@@ -4,11 +4,13 @@ result read back from the database (winner, frontier, memory-model pairs)."""
 from __future__ import annotations
 
 import math
+import os
 import statistics
 
 from dittune import db as D
 from dittune.engine import flags as F
 
+from .leases import HOST, heartbeat
 from .options import Setup, TuneOptions, TuneResult, job
 from .runner import run_trial
 from .state import State, record_from
@@ -25,10 +27,19 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
         return
     say(f"confirming the {len(finalists)} fastest configurations")
     for argv, first in finalists:
+        lease = D.leases.acquire(db, study_id, "confirm", argv, HOST, os.getpid())
+        if lease is None:  # another process confirms it (or has)
+            continue
         cfg = F.config_from_dict(first.flags)
-        outcome = run_trial(job(s, cfg, seed=1), s.trial_timeout_s, opt.worker_cmd, env)
+        try:
+            with heartbeat(db, lease, opt.lease_ttl_s):
+                outcome = run_trial(job(s, cfg, seed=1), s.trial_timeout_s, opt.worker_cmd, env)
+        except BaseException:
+            D.leases.finish(db, lease, study_id, None)
+            raise
         rec = record_from(outcome, cfg, argv, None, s, None)
         if rec.status != "complete":
+            D.leases.finish(db, lease, study_id, None)
             say(f"confirmation of {argv or '(defaults)'} failed: {rec.reason[:160]}")
             continue
         lat = [first.latency_s, rec.latency_s]
@@ -38,7 +49,8 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
         rec.status = "confirmed"
         peaks = [p for p in (rec.peak_vram_bytes, first.peak_vram_bytes) if p is not None]
         rec.peak_vram_bytes = max(peaks) if peaks else None
-        D.record_trial(db, study_id, rec)
+        if not D.leases.finish(db, lease, study_id, rec):
+            continue  # its lease expired meanwhile: whoever took it over records it
         say(f"confirmed {argv or '(defaults)'}: {lat[0]:.3f} s then {lat[1]:.3f} s")
 
 

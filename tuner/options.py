@@ -47,6 +47,7 @@ class TuneOptions:
     measure_steps: int | None = None
     trial_timeout_s: float | None = None
     worker_cmd: tuple[str, ...] = WORKER_CMD
+    lease_ttl_s: float = 60.0  # a trial whose process stopped beating for this long is asked again
 
 
 @dataclass
