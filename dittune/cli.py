@@ -182,7 +182,9 @@ def tune(
     allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Also search lossy flags (sage_attn, bf16 VAE)."),
     db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
     study: Optional[str] = typer.Option(None, "--study", help="Study name (default: derived from model, workload, GPU, budget)."),
-    gpu: int = typer.Option(0, "--gpu", help="GPU index."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="The study's GPUs by NVML index, e.g. 0,1 (default: all visible); trials run side by side on them."),
+    max_gpus_per_trial: Optional[int] = typer.Option(None, help="Most GPUs one trial's layout may use (default: all of --gpus)."),
+    gpu: Optional[int] = typer.Option(None, "--gpu", help="One GPU index (the same as --gpus N)."),
     seed: int = typer.Option(0, "--seed", help="Sampler seed."),
     objective: str = typer.Option("frontier", help="frontier (latency and peak VRAM) or latency."),
     confirm: int = typer.Option(3, help="Finalists re-measured at the end."),
@@ -194,11 +196,12 @@ def tune(
     from dittune.engine.budget import format_bytes
     from dittune.tuner import TuneOptions, emit, parse_duration
     from dittune.tuner import tune as run_tune
+    from dittune.tuner.pool import parse_gpus
 
     opts = TuneOptions(
         model=model, vram_budget=vram_budget, trials=trials, timeout_s=parse_duration(timeout) if timeout else None,
         width=width, height=height, steps=steps, guidance=guidance, fix=tuple(fix), allow_lossy=allow_lossy,
-        db_url=db, study_name=study, gpu_index=gpu, seed=seed, objective=objective, confirm=confirm, device=device,
+        db_url=db, study_name=study, gpu_index=gpu, gpus=parse_gpus(gpus), max_gpus_per_trial=max_gpus_per_trial, seed=seed, objective=objective, confirm=confirm, device=device,
         trial_timeout_s=parse_duration(trial_timeout) if trial_timeout else None, measure_steps=measure_steps,
     )
     res = run_tune(opts, progress=sys.stdout.isatty(), log=None if sys.stdout.isatty() else print)

@@ -16,6 +16,8 @@ class GpuInfo:
     driver: str
     compute_capability: tuple[int, int]
     count: int  # GPUs of this host
+    uuid: str = ""  # "GPU-..." as NVML and CUDA_VISIBLE_DEVICES spell it
+    pci_bus_id: str = ""  # "00000000:19:00.0"
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,11 @@ def detect() -> Detection:
             name = name.decode() if isinstance(name, bytes) else name
             mem = nv.nvmlDeviceGetMemoryInfo(h)
             cc = nv.nvmlDeviceGetCudaComputeCapability(h)
-            gpus.append(GpuInfo(i, name, int(mem.total), int(mem.free), driver, (int(cc[0]), int(cc[1])), count))
+            uuid, bus = nv.nvmlDeviceGetUUID(h), nv.nvmlDeviceGetPciInfo(h).busId
+            uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+            bus = bus.decode() if isinstance(bus, bytes) else bus
+            gpus.append(GpuInfo(i, name, int(mem.total), int(mem.free), driver, (int(cc[0]), int(cc[1])), count,
+                                uuid, bus))
         if not gpus:
             return Detection((), "no NVIDIA GPU: the driver reports 0 devices")
         return Detection(tuple(gpus))
@@ -66,13 +72,15 @@ def detect() -> Detection:
 
 
 def process_used_bytes(index: int) -> int | None:
-    """VRAM NVML charges to this process on GPU `index` (includes the CUDA context), or None."""
+    """VRAM NVML charges to this process on torch's CUDA device `index` (includes the CUDA
+    context), or None. The device is found in NVML by its UUID: under CUDA_VISIBLE_DEVICES (the
+    tuner pins each trial to its GPUs) torch's index 0 need not be NVML's 0."""
     try:
         nv = _nvml()
     except Exception:
         return None
     try:
-        h = nv.nvmlDeviceGetHandleByIndex(index)
+        h = _nvml_handle(nv, index)
         pid = os.getpid()
         for p in nv.nvmlDeviceGetComputeRunningProcesses(h):
             if p.pid == pid and p.usedGpuMemory is not None:
@@ -85,3 +93,13 @@ def process_used_bytes(index: int) -> int | None:
             nv.nvmlShutdown()
         except Exception:
             pass
+
+
+def _nvml_handle(nv, torch_index: int):
+    try:
+        import torch
+
+        uuid = str(torch.cuda.get_device_properties(torch_index).uuid)
+        return nv.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+    except Exception:  # an old torch without .uuid: NVML's order, right when nothing is hidden
+        return nv.nvmlDeviceGetHandleByIndex(torch_index)

@@ -17,6 +17,7 @@ from dittune.engine.run import check_workload
 
 from . import memory
 from .errors import TunerError
+from .pool import choose
 from .presets import load_preset
 from .runner import WORKER_CMD
 from .space import Space, build_space
@@ -38,7 +39,9 @@ class TuneOptions:
     allow_lossy: bool = False
     db_url: str | None = None
     study_name: str | None = None
-    gpu_index: int = 0
+    gpu_index: int | None = None  # one GPU (the older --gpu); gpus wins when both are given
+    gpus: tuple[int, ...] | None = None  # the study's GPUs by NVML index; None: every visible GPU
+    max_gpus_per_trial: int | None = None  # limits parallel layouts; None: as many as the study has
     seed: int = 0
     objective: str = "frontier"
     patience: int = 15  # stop when the best has not improved by > 1% in this many measured trials
@@ -86,7 +89,10 @@ class Setup:
     space: Space
     seeds: tuple[dict[str, Any], ...]
     fix: dict[str, Any]
-    free_bytes: int | None = None  # NVML's free memory on the GPU at start
+    free_bytes: int | None = None  # NVML's free memory on the GPU at start (the least over the study's GPUs)
+    gpus: tuple[Any, ...] = ()  # the study's GPUs (engine.gpu.GpuInfo); () on the CPU
+    all_gpus: tuple[Any, ...] = ()  # every GPU of the host, as NVML lists them
+    max_gpus_per_trial: int = 1
 
 
 def resolve(opt: TuneOptions, det) -> Setup:
@@ -99,6 +105,8 @@ def resolve(opt: TuneOptions, det) -> Setup:
         raise TunerError(f"--measure-steps {opt.measure_steps}: need at least one step")
     if opt.trial_timeout_s is not None and opt.trial_timeout_s <= 0:
         raise TunerError("--trial-timeout must be positive")
+    if opt.max_gpus_per_trial is not None and opt.max_gpus_per_trial < 1:
+        raise TunerError(f"--max-gpus-per-trial {opt.max_gpus_per_trial}: need at least one GPU")
     family = get_family(opt.model)
     spec = family.spec
     preset = load_preset(spec)
@@ -116,25 +124,33 @@ def resolve(opt: TuneOptions, det) -> Setup:
     if opt.device == "cpu" or not det or not torch.cuda.is_available():
         if opt.vram_budget is not None:
             raise TunerError(f"--vram-budget needs an NVIDIA GPU ({det.reason or 'running on the CPU'})")
+        if opt.gpus is not None or opt.gpu_index is not None:
+            raise TunerError(f"--gpus needs an NVIDIA GPU ({det.reason or 'running on the CPU'})")
         device = "cpu"
         gpu = D.GpuKey("cpu", 0, "", "", 0)
         budget = free = None
+        gpus: tuple = ()
     else:
-        if not 0 <= opt.gpu_index < len(det.gpus):
-            raise TunerError(f"--gpu {opt.gpu_index}: this machine has GPUs 0..{len(det.gpus) - 1}")
-        g = det.gpus[opt.gpu_index]
-        device = f"cuda:{opt.gpu_index}"
+        if opt.gpus is None and opt.gpu_index is not None:
+            if not 0 <= opt.gpu_index < len(det.gpus):
+                raise TunerError(f"--gpu {opt.gpu_index}: this machine has GPUs 0..{len(det.gpus) - 1}")
+        gpus = choose(det.gpus, opt.gpus if opt.gpus is not None else
+                      (opt.gpu_index,) if opt.gpu_index is not None else None)
+        g = gpus[0]
+        device = "cuda:0"  # each trial's child sees only its GPUs (pool.visible_devices)
         gpu = D.GpuKey(g.name, g.total_bytes, g.driver, f"{g.compute_capability[0]}.{g.compute_capability[1]}", g.count)
         budget = parse_budget(opt.vram_budget or "100%").resolve(g.total_bytes)
-        free = g.free_bytes
+        free = min(x.free_bytes for x in gpus)
         if budget > g.total_bytes:
             raise TunerError(f"--vram-budget {opt.vram_budget} exceeds the card's {format_bytes(g.total_bytes)}")
+    per_trial = min(opt.max_gpus_per_trial or max(1, len(gpus)), max(1, len(gpus)))
 
     num_blocks = len(memory.footprint(spec.name).dit_block_bytes)
     space = build_space(supported_values(torch.device(device)), preset.space, fix, opt.allow_lossy, num_blocks,
-                        gpu_count=max(1, gpu.count))
+                        gpu_count=per_trial)
     return Setup(spec, width, height, steps, guidance, measure_steps, preset.warmup,
-                 opt.trial_timeout_s or preset.timeout_s, device, gpu, budget, space, preset.seeds, fix, free)
+                 opt.trial_timeout_s or preset.timeout_s, device, gpu, budget, space, preset.seeds, fix, free,
+                 gpus, tuple(det.gpus) if det else (), per_trial)
 
 
 def default_name(opt: TuneOptions, s: Setup) -> str:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ TAIL_CHARS = 4000
 
 @dataclass
 class Outcome:
-    status: str  # complete | oom | timeout | failed
+    status: str  # complete | oom | timeout | failed | cancelled
     dump: dict[str, Any] | None
     reason: str
     stderr_tail: str
@@ -38,7 +39,9 @@ def _kill_group(p: subprocess.Popen) -> None:
 
 
 def run_trial(job: dict[str, Any], timeout_s: float, worker_cmd: Sequence[str] = WORKER_CMD,
-              env: dict[str, str] | None = None) -> Outcome:
+              env: dict[str, str] | None = None, cancel: threading.Event | None = None) -> Outcome:
+    """`cancel` (trials run side by side in threads, where Ctrl-C does not reach): when set, the
+    child group is killed and the trial ends as "cancelled", not a measurement."""
     with tempfile.TemporaryDirectory(prefix="dittune-trial-") as tmp:
         tmp = Path(tmp)
         job = dict(job, perf_dump_path=str(tmp / "perf.json"))
@@ -48,11 +51,18 @@ def run_trial(job: dict[str, Any], timeout_s: float, worker_cmd: Sequence[str] =
         with open(err_path, "wb") as err:
             p = subprocess.Popen([*worker_cmd, str(tmp / "job.json")], stdout=subprocess.DEVNULL, stderr=err,
                                  start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+            end = time.monotonic() + timeout_s
             try:
-                rc = p.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                _kill_group(p)
                 rc = None
+                while rc is None and time.monotonic() < end:
+                    try:
+                        rc = p.wait(timeout=min(0.2, max(end - time.monotonic(), 0.01)) if cancel is not None else timeout_s)
+                    except subprocess.TimeoutExpired:
+                        if cancel is not None and cancel.is_set():
+                            _kill_group(p)
+                            return Outcome("cancelled", None, "cancelled", "", time.perf_counter() - t0)
+                if rc is None:
+                    _kill_group(p)
             except BaseException:  # Ctrl-C: take the child group down with us
                 _kill_group(p)
                 raise

@@ -12,7 +12,11 @@ import re
 import shlex
 import signal
 import tempfile
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +36,7 @@ from .confirm import confirm as _confirm, result as _result
 from .options import OBJECTIVES, Setup as _Setup, TuneOptions, TuneResult, default_name as _default_name
 from .options import job as _job, parse_duration, resolve
 from .leases import HOST, fail_trial, heartbeat, single_tuner, sweep
+from .pool import GpuPool
 from .progress import Progress as _Progress, raise_on_sigterm as _raise_on_sigterm
 from .runner import run_trial
 from .seeds import enqueue_seeds as _enqueue_seeds, fit_budget as _fit_budget  # noqa: F401 (tests)
@@ -53,11 +58,29 @@ def tune(opt: TuneOptions, progress: bool = False, log: Callable[[str], None] | 
         return _tune(opt, s, db, progress, log)
 
 
+@dataclass
+class _Run:
+    """What every trial of this run shares (the loop's thread and the threads measuring trials)."""
+    opt: TuneOptions
+    s: _Setup
+    db: D.Database
+    study: optuna.Study
+    study_id: int
+    env: dict[str, str]
+    say: Callable[[str], None]
+    pool: GpuPool | None  # None on the CPU
+    deadline: float | None
+    cancel: threading.Event
+    cut: threading.Event  # a trial was cut by --timeout
+
+
 def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> TuneResult:
     deadline = time.monotonic() + opt.timeout_s if opt.timeout_s else None
     name = opt.study_name or _default_name(opt, s)
     versions = current_versions(s.gpu.driver or None)
     directions = ["minimize", "minimize"] if opt.objective == "frontier" else ["minimize"]
+    # constant liar: trials running side by side (here or in other processes) count as measured
+    # at a pessimistic value, so concurrent asks spread out
     sampler = optuna.samplers.TPESampler(seed=opt.seed, multivariate=True, constant_liar=True, n_startup_trials=8)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with D.exclusive(db.engine, "dittune study"):  # other processes may be creating the same rows
@@ -70,28 +93,37 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> T
                                     load_if_exists=True)
 
     cache = Path(tempfile.gettempdir()) / "dittune-inductor" / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
     ttl = opt.lease_ttl_s
     space_size = s.space.size()
     bar = _Progress(opt.trials, progress)
-    say = log or bar.log
+    run = _Run(opt, s, db, study, study_id, {"TORCHINDUCTOR_CACHE_DIR": str(cache)}, log or bar.log,
+               GpuPool(s.gpus, s.all_gpus) if s.gpus else None, deadline, threading.Event(), threading.Event())
+    say = run.say
     sweep(db, study_id, study, ttl, say)
     if not study.trials and D.leases.claim(db, study_id, "seeds", HOST, os.getpid()):
         _enqueue_seeds(study, s)
-    state = _State.load(db, study_id)
     stopped = "trial budget reached"
     if s.budget_bytes is not None and s.free_bytes is not None and s.free_bytes < s.budget_bytes:
         say(f"warning: only {format_bytes(s.free_bytes)} of the GPU is free (other processes hold the rest), "
             f"less than the budget {format_bytes(s.budget_bytes)}: configurations near the budget will run out of memory")
+    side_by_side = run.pool is not None and run.pool.size > 1
+    executor = ThreadPoolExecutor(max_workers=run.pool.size, thread_name_prefix="dittune-trial") if side_by_side else None
+    inflight: set[Future] = set()
     previous_term = _raise_on_sigterm()
-    current = None  # (trial, lease id, cfg) while this process measures one
+    current = None  # (trial, lease id, cfg) while this thread measures one
+    t0 = time.monotonic()
     try:
         asks = 0
         while True:
+            inflight = _reap(inflight)
             # The study as the database holds it: other processes (other hosts) tell it too.
             sweep(db, study_id, study, ttl, say)
             state = _State.load(db, study_id)
+            bar.update(state.measured, state.best_text())
             running = D.leases.leases(db, study_id, "trial")
+            if run.cut.is_set():
+                stopped = "--timeout reached"
+                break
             if state.measured >= opt.trials:
                 break
             if deadline is not None and time.monotonic() > deadline:
@@ -104,7 +136,10 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> T
                 stopped = f"no improvement > 1% in {opt.patience} measured trials"
                 break
             if running and (state.measured + len(running) >= opt.trials or len(state.tried) + len(running) >= space_size):
-                time.sleep(min(ttl / 4, 1.0))  # other processes hold the rest; wait for them (or their leases to expire)
+                _wait(inflight, min(ttl / 4, 1.0))  # the rest is held by running trials (here or elsewhere)
+                continue
+            if side_by_side and run.pool.free() == 0:
+                _wait(inflight, min(ttl / 4, 1.0))
                 continue
             asks += 1
             if asks > 20 * opt.trials + space_size:
@@ -125,7 +160,7 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> T
                 _tell(study, trial, prior, s.budget_bytes, opt.objective)
                 continue
             lease = D.leases.acquire(db, study_id, "trial", argv, HOST, os.getpid(), trial.number, s.space.params(cfg))
-            if lease is None:  # recorded a moment ago, or another process measures it now
+            if lease is None:  # recorded a moment ago, or another trial measures it now
                 prior = _State.load(db, study_id).tried.get(argv)
                 if prior is not None:
                     _tell(study, trial, prior, s.budget_bytes, opt.objective)
@@ -145,45 +180,93 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> T
                     _tell(study, trial, rec, s.budget_bytes, opt.objective)
                     say(f"trial {trial.number}: pruned ({why}): {argv or '(defaults)'}")
                     continue
-            limit = s.trial_timeout_s
-            if deadline is not None and deadline - time.monotonic() < limit:  # --timeout ends the trial too
-                limit = max(deadline - time.monotonic(), 1.0)
             current = (trial, lease, cfg)
-            with heartbeat(db, lease, ttl):
-                outcome = run_trial(_job(s, cfg), limit, opt.worker_cmd, env)
-            current = None
-            if outcome.status == "timeout" and limit < s.trial_timeout_s:
-                # cut by --timeout, not by the trial timeout: not a measurement; the rerun tries it again
-                _give_back(db, study_id, study, trial, lease, s.space.params(cfg))
-                stopped = "--timeout reached"
-                say(f"trial {trial.number}: stopped by --timeout, not recorded: {argv or '(defaults)'}")
-                break
-            rec = _record_from(outcome, cfg, argv, trial.number, s, predicted)
-            if not D.leases.finish(db, lease, study_id, rec):
-                fail_trial(study, trial.number)
-                say(f"trial {trial.number}: its lease expired while it ran and another process asks it again; not recorded")
-                continue
-            state.add(argv, rec)
-            _tell(study, trial, rec, s.budget_bytes, opt.objective)
-            if rec.status == "complete":
-                say(f"trial {trial.number}: {rec.latency_s:.3f} s, peak {format_bytes(rec.peak_vram_bytes)}: {argv or '(defaults)'}")
+            gpus = run.pool.take(_gpus_needed(cfg)) if run.pool is not None else ()  # waits for a running trial's
+            if executor is not None:
+                inflight.add(executor.submit(_measure, run, trial, lease, cfg, argv, predicted, gpus))
             else:
-                say(f"trial {trial.number}: {rec.status} ({rec.reason[:160]}): {argv or '(defaults)'}")
-            bar.update(state.measured, state.best_text())
+                _measure(run, trial, lease, cfg, argv, predicted, gpus)
+            current = None
     except KeyboardInterrupt:
         stopped = "interrupted (Ctrl-C or SIGTERM); everything measured is kept"
+        run.cancel.set()  # trials side by side give their configurations back themselves
         if current is not None:  # this process's trial only: other processes' trials are theirs
             _give_back(db, study_id, study, current[0], current[1], s.space.params(current[2]))
     finally:
+        for f in inflight:  # trials still running here finish (or, cancelled, give back) before the end
+            f.result()
+        if executor is not None:
+            executor.shutdown()
         bar.stop()
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
+    if side_by_side:
+        say(f"{run.pool.size} GPUs, trials side by side: {time.monotonic() - t0:.1f} s")
 
     # An interrupted or timed-out run is not the end of the study: the rerun that finishes it confirms.
     if not stopped.startswith("interrupted") and stopped != "--timeout reached" and opt.confirm > 0:
         _wait_for_others(db, study_id, study, ttl, say, deadline)
-        _confirm(db, study_id, s, _State.load(db, study_id), opt, env, say)
+        gpus = run.pool.take(1) if run.pool is not None else ()  # alone: nothing else runs now
+        _confirm(db, study_id, s, _State.load(db, study_id), opt, {**run.env, **_pinned(run, gpus)}, say,
+                 rounds=2 if side_by_side else 1)
     return _result(db, name, _State.load(db, study_id), stopped, s)
+
+
+def _gpus_needed(cfg) -> int:
+    return max(1, int(getattr(cfg, "num_gpus", 1) or 1))
+
+
+def _pinned(run: _Run, gpus) -> dict[str, str]:
+    return run.pool.env(gpus) if run.pool is not None and gpus else {}
+
+
+def _measure(run: _Run, trial, lease: int, cfg, argv: str, predicted: int | None, gpus) -> None:
+    """Run one leased trial on `gpus` (given back to the pool at the end), record it and tell Optuna."""
+    s, opt, db, study = run.s, run.opt, run.db, run.study
+    try:
+        limit = s.trial_timeout_s
+        if run.deadline is not None and run.deadline - time.monotonic() < limit:  # --timeout ends the trial too
+            limit = max(run.deadline - time.monotonic(), 1.0)
+        with heartbeat(db, lease, opt.lease_ttl_s):
+            outcome = run_trial(_job(s, cfg), limit, opt.worker_cmd, {**run.env, **_pinned(run, gpus)},
+                                cancel=run.cancel if threading.current_thread() is not threading.main_thread() else None)
+    finally:
+        if run.pool is not None and gpus:
+            run.pool.give(gpus)
+    if outcome.status == "cancelled":
+        _give_back(db, run.study_id, study, trial, lease, s.space.params(cfg))
+        return
+    if outcome.status == "timeout" and limit < s.trial_timeout_s:
+        # cut by --timeout, not by the trial timeout: not a measurement; the rerun tries it again
+        _give_back(db, run.study_id, study, trial, lease, s.space.params(cfg))
+        run.cut.set()
+        run.say(f"trial {trial.number}: stopped by --timeout, not recorded: {argv or '(defaults)'}")
+        return
+    rec = _record_from(outcome, cfg, argv, trial.number, s, predicted)
+    if not D.leases.finish(db, lease, run.study_id, rec):
+        fail_trial(study, trial.number)
+        run.say(f"trial {trial.number}: its lease expired while it ran and another process asks it again; not recorded")
+        return
+    _tell(study, trial, rec, s.budget_bytes, opt.objective)
+    where = f" on GPU {','.join(str(g.index) for g in gpus)}" if run.pool is not None and run.pool.size > 1 else ""
+    if rec.status == "complete":
+        run.say(f"trial {trial.number}: {rec.latency_s:.3f} s, peak {format_bytes(rec.peak_vram_bytes)}{where}: "
+                f"{argv or '(defaults)'}")
+    else:
+        run.say(f"trial {trial.number}: {rec.status} ({rec.reason[:160]}){where}: {argv or '(defaults)'}")
+
+
+def _reap(inflight: set[Future]) -> set[Future]:
+    for f in [f for f in inflight if f.done()]:
+        f.result()  # a bug in a trial's thread surfaces here
+    return {f for f in inflight if not f.done()}
+
+
+def _wait(inflight: set[Future], timeout: float) -> None:
+    if inflight:
+        futures_wait(inflight, timeout=timeout, return_when=FIRST_COMPLETED)
+    else:
+        time.sleep(timeout)
 
 
 def _give_back(db, study_id: int, study, trial, lease: int, params) -> None:

@@ -46,6 +46,7 @@ def cost(flags: dict) -> tuple[float, int]:
 
 def main() -> int:
     job = json.loads(Path(sys.argv[1]).read_text())
+    start = time.time()
     time.sleep(float(os.environ.get("FAKE_ENGINE_SLEEP", "0")))
     latency, peak = cost(job["flags"])
     budget = job.get("vram_budget")
@@ -58,7 +59,9 @@ def main() -> int:
         "stages": {"encode_s": latency - 0.1 - 28 * step, "prepare_s": 0.0, "denoise_s": k * step, "decode_s": 0.1},
         "steps_s": [step] * k, "step_median_s": step, "step_spread": 0.0,
         "peak_vram": {"torch_max_reserved_bytes": peak}, "cold_start": {"total_s": 20.0},
-        "manifest": {"fake": True, "flags": job["flags"]},
+        "manifest": {"fake": True, "flags": job["flags"], "device": job["device"],
+                     # where the tuner put it, and when: for the GPU-pool tests
+                     "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "ran": [start, time.time()]},
     }
     Path(job["perf_dump_path"]).write_text(json.dumps(dump))
     return 0

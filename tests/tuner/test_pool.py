@@ -1,0 +1,99 @@
+"""The GPU pool: trials side by side on a study's GPUs, each child pinned to its GPU by UUID (or
+PCI bus order), finalists confirmed alone. Driven against the fake engine on pretend H100s."""
+
+import time
+
+import pytest
+import torch
+
+from dittune import db as D
+from dittune.engine.gpu import Detection, GpuInfo
+from dittune.tuner import TuneOptions, TunerError, tune
+from dittune.tuner.pool import GpuPool, choose, parse_gpus, visible_devices
+
+from test_study import ALL_BACKENDS, FAKE, GiB, optimum
+
+H100S = tuple(GpuInfo(i, "NVIDIA H100 80GB HBM3", 80 * GiB, 79 * GiB, "580.65", (9, 0), 4,
+                      f"GPU-{i}aaaaaaa-0000-0000-0000-00000000000{i}", f"00000000:{0x19 + i:02X}:00.0") for i in range(4))
+
+
+def pretend_h100s(monkeypatch, gpus=H100S):
+    import dittune.engine.pipeline as pipeline
+    import dittune.tuner.study as study
+
+    monkeypatch.setattr(study, "detect", lambda: Detection(tuple(gpus)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pipeline, "supported_values", lambda device: {"attention-backend": ALL_BACKENDS})
+
+
+def test_four_gpus_run_trials_side_by_side_and_find_the_optimum(tmp_path, monkeypatch):
+    pretend_h100s(monkeypatch)
+    monkeypatch.setenv("FAKE_ENGINE_SLEEP", "1.0")
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    said = []
+    t0 = time.time()
+    res = tune(TuneOptions("flux-dev", trials=30, db_url=url, worker_cmd=FAKE, seed=0, confirm=2, patience=100,
+                           objective="latency"), log=said.append)
+    wall = time.time() - t0
+    best, _ = optimum()
+    assert res.measured == 30
+    assert res.winner.latency_s <= best * 1.03, (res.winner.latency_s, best)
+    rows = D.trials(D.open_db(url), study_name=res.study)
+    done = [t for t in rows if t.status == "complete"]
+    assert len({t.argv for t in done}) == 30  # side by side, still none measured twice
+    uuids = {g.uuid for g in H100S}
+    assert all(t.manifest["cuda_visible_devices"] in uuids and t.manifest["device"] == "cuda:0" for t in done)
+    used = len({t.manifest["cuda_visible_devices"] for t in done})
+    spans = sorted(t.manifest["ran"] for t in done)
+    overlapping = max(sum(1 for a, b in spans if a <= s < b) for s, _ in spans)
+    assert overlapping >= 2 and used >= 2  # trials really ran at the same time, on different GPUs
+    confirmed = [t for t in rows if t.status == "confirmed"]
+    assert len(confirmed) == 2
+    for c in confirmed:  # confirmed alone: no other trial ran while its runs did
+        a, b = c.manifest["ran"]
+        assert not any(x < b and a < y for x, y in spans)
+    assert any(m.startswith("4 GPUs, trials side by side:") for m in said)
+    print(f"4 pretend GPUs, 30 trials of 1 s side by side: {wall:.1f} s wall (30 s of trials), "
+          f"{overlapping} at once at most, {used} GPUs used")
+
+
+def test_gpus_choose_a_subset_and_a_single_gpu_runs_one_at_a_time(tmp_path, monkeypatch):
+    pretend_h100s(monkeypatch)
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    res = tune(TuneOptions("flux-dev", trials=4, db_url=url, worker_cmd=FAKE, confirm=0, patience=100, gpus=(2,)),
+               log=lambda m: None)
+    rows = D.trials(D.open_db(url), study_name=res.study)
+    assert {t.manifest["cuda_visible_devices"] for t in rows if t.status == "complete"} == {H100S[2].uuid}
+
+
+def test_visible_devices_by_uuid_else_pci_bus_order():
+    assert visible_devices([H100S[1]], H100S) == {"CUDA_VISIBLE_DEVICES": H100S[1].uuid}
+    # NVML's order differs from the PCI bus order CUDA enumerates by: the bus decides
+    a = GpuInfo(0, "X", GiB, GiB, "1", (9, 0), 3, "", "00000000:C1:00.0")
+    b = GpuInfo(1, "X", GiB, GiB, "1", (9, 0), 3, "", "00000000:19:00.0")
+    c = GpuInfo(2, "X", GiB, GiB, "1", (9, 0), 3, "", "00000000:41:00.0")
+    assert visible_devices([a], [a, b, c]) == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "2"}
+    assert visible_devices([b, c], [a, b, c])["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_pool_hands_out_each_gpu_once():
+    pool = GpuPool(H100S)
+    first = pool.take(3)
+    assert len({g.index for g in first}) == 3 and pool.free() == 1
+    with pytest.raises(TunerError, match="needs 5 GPUs"):
+        pool.take(5)
+    pool.give(first[:1])
+    second = pool.take(2)
+    assert {g.index for g in second}.isdisjoint({g.index for g in first[1:]})
+
+
+def test_bad_gpu_requests_are_one_line_errors():
+    assert parse_gpus(None) is None and parse_gpus("all") is None and parse_gpus("0,2") == (0, 2)
+    for text, frag in [("0,x", "NVML indices"), ("1,1", "each index once"), ("-1", "none negative")]:
+        with pytest.raises(TunerError, match=frag):
+            parse_gpus(text)
+    with pytest.raises(TunerError, match="no GPU 7 here"):
+        choose(H100S, (7,))
+    l40 = GpuInfo(4, "NVIDIA L40S", 48 * GiB, 47 * GiB, "580.65", (8, 9), 5, "GPU-l40", "")
+    with pytest.raises(TunerError, match="different kinds"):
+        choose((*H100S, l40), (0, 4))

@@ -1,0 +1,91 @@
+"""The study's GPUs: a pool from which each trial takes the GPUs its layout needs and gives them
+back, so that trials needing fewer GPUs than are free run side by side. A trial's child process
+sees only its GPUs: CUDA_VISIBLE_DEVICES names them by NVML UUID (CUDA accepts UUIDs), so CUDA's
+device order, which need not match NVML's, never matters."""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+from dittune.engine.gpu import GpuInfo
+
+from .errors import TunerError
+
+
+def parse_gpus(text: str | None) -> tuple[int, ...] | None:
+    """`--gpus 0,1` -> (0, 1); None or "all" -> None (every visible GPU)."""
+    if text is None or text.strip().lower() in ("", "all"):
+        return None
+    try:
+        out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise TunerError(f"--gpus {text!r}: give NVML indices separated by commas, e.g. 0,1") from None
+    if len(set(out)) != len(out) or any(i < 0 for i in out):
+        raise TunerError(f"--gpus {text!r}: each index once, none negative")
+    return out
+
+
+def choose(gpus: Sequence[GpuInfo], wanted: tuple[int, ...] | None) -> tuple[GpuInfo, ...]:
+    """The study's GPUs among those NVML sees; one kind only (a study is keyed by GPU kind)."""
+    if wanted is None:
+        chosen = tuple(gpus)
+    else:
+        by_index = {g.index: g for g in gpus}
+        missing = [i for i in wanted if i not in by_index]
+        if missing:
+            raise TunerError(f"--gpus: no GPU {missing[0]} here (this machine has {', '.join(str(g.index) for g in gpus)})")
+        chosen = tuple(by_index[i] for i in wanted)
+    kinds = {(g.name, g.total_bytes) for g in chosen}
+    if len(kinds) > 1:
+        raise TunerError(f"--gpus: the chosen GPUs are of different kinds ({', '.join(sorted(k[0] for k in kinds))}); "
+                         "tune each kind as its own study with --gpus")
+    return chosen
+
+
+def visible_devices(take: Sequence[GpuInfo], every: Sequence[GpuInfo]) -> dict[str, str]:
+    """The child's environment for running on exactly `take`. By UUID where NVML gave one; else by
+    PCI bus order, which CUDA follows under CUDA_DEVICE_ORDER=PCI_BUS_ID."""
+    if all(g.uuid for g in take):
+        return {"CUDA_VISIBLE_DEVICES": ",".join(g.uuid for g in take)}
+    order = sorted(every, key=lambda g: (g.pci_bus_id.lower(), g.index))
+    cuda_index = {g.index: i for i, g in enumerate(order)}
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(cuda_index[g.index]) for g in take)}
+
+
+class GpuPool:
+    """Thread-safe; `take` blocks until enough GPUs are free (or returns None on `stop`)."""
+
+    def __init__(self, gpus: Sequence[GpuInfo], every: Sequence[GpuInfo] = ()):
+        self.gpus = tuple(gpus)
+        self.every = tuple(every) or self.gpus  # the host's GPUs, as CUDA enumerates them
+        self._free = list(self.gpus)
+        self._cv = threading.Condition()
+
+    @property
+    def size(self) -> int:
+        return len(self.gpus)
+
+    def free(self) -> int:
+        with self._cv:
+            return len(self._free)
+
+    def take(self, n: int, stop: threading.Event | None = None) -> tuple[GpuInfo, ...] | None:
+        if n > self.size:
+            raise TunerError(f"a trial needs {n} GPUs; the study has {self.size}")
+        with self._cv:
+            while len(self._free) < n:
+                if stop is not None and stop.is_set():
+                    return None
+                self._cv.wait(0.5)
+            self._free.sort(key=lambda g: g.index)
+            got, self._free = tuple(self._free[:n]), self._free[n:]
+            return got
+
+    def give(self, gpus: Sequence[GpuInfo]) -> None:
+        with self._cv:
+            self._free.extend(gpus)
+            self._cv.notify_all()
+
+    def env(self, take: Sequence[GpuInfo]) -> dict[str, str]:
+        return visible_devices(take, self.every)
