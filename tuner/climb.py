@@ -39,14 +39,58 @@ def residency_climb(cfg, rec: D.TrialRecord, s: Setup, state: State):
     measured = allocated_peak(rec) or int(rec.peak_vram_bytes / memory.ALLOCATOR_OVERHEAD)
     residents = next((d.values for d in s.space.dims if d.flag.name == "dit-resident-layers"), ())
     base = memory.predict_peak_bytes(s.spec.name, cfg, s.width, s.height)
+
+    def extra(r: int) -> float:  # the model's allocated bytes for r resident blocks beyond cfg's
+        c = replace(cfg, dit_resident_layers=r)
+        return (memory.predict_peak_bytes(s.spec.name, c, s.width, s.height) - base) / memory.ALLOCATOR_OVERHEAD
+
+    # An out-of-memory count above this one says the model's per-block cost is too low: it needed
+    # more than the room left, so scale the model's difference by at least room / predicted
+    # (a secant jump: the next climb lands just below the wall, not one block below the last try).
+    # After two misses above, bisect instead, so a model that is wrong in shape costs log2 trials.
+    ooms = sorted(r for r in state.oom_counts(cfg) if r > cfg.dit_resident_layers)
+    room = s.budget_bytes - measured
+    scale = 1.0
+    if ooms and extra(ooms[0]) > 0:
+        scale = max(1.0, room / extra(ooms[0]))
+    ceiling = (cfg.dit_resident_layers + ooms[0]) // 2 if len(ooms) >= 2 else None
     for r in sorted((r for r in residents if r > cfg.dit_resident_layers), reverse=True):
         c = replace(cfg, dit_resident_layers=r)
         if shlex.join(F.config_to_argv(c)) in state.tried or state.known_infeasible(c):
             continue
-        extra = (memory.predict_peak_bytes(s.spec.name, c, s.width, s.height) - base) / memory.ALLOCATOR_OVERHEAD
-        if measured + extra <= s.budget_bytes * CLIMB_MARGIN:
+        if ceiling is not None and r > ceiling:
+            continue
+        if measured + scale * extra(r) <= s.budget_bytes * CLIMB_MARGIN:
             return c
     return None
+
+
+def _family(cfg) -> tuple:
+    """Everything but where the DiT lives: configurations that differ only in residency."""
+    d = F.config_to_dict(replace(cfg, dit_layerwise_offload=False, dit_resident_layers=0, dit_cpu_offload=False))
+    return tuple(sorted((k, v) for k, v in d.items() if k != "dit-offload-prefetch-size"))
+
+
+def dominated(cfg, s: Setup, state: State, objective: str) -> D.TrialRecord | None:
+    """Under the latency objective, a streamed configuration is not worth a trial once the same
+    configuration with more blocks resident (or the whole DiT resident) has been measured within
+    the budget: more resident blocks stream fewer bytes, so it cannot be faster. (The frontier
+    objective wants those lower-memory points; latency does not.) The measured record that
+    dominates it, or None."""
+    if objective != "latency" or not cfg.dit_layerwise_offload:
+        return None
+    fam = _family(cfg)
+    best = None
+    for rec in state.tried.values():
+        if rec.status != "complete" or (s.budget_bytes is not None and (rec.peak_vram_bytes or 0) > s.budget_bytes):
+            continue
+        other = F.config_from_dict(rec.flags)
+        if other.dit_cpu_offload or _family(other) != fam:
+            continue
+        if (not other.dit_layerwise_offload or other.dit_resident_layers > cfg.dit_resident_layers) and (
+                best is None or rec.latency_s < best.latency_s):
+            best = rec
+    return best
 
 
 def next_climb(s: Setup, state: State):

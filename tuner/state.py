@@ -63,6 +63,11 @@ class State:
                 return f"{bad.dit_resident_layers} resident layers already ran out of memory"
         return None
 
+    def oom_counts(self, cfg) -> list[int]:
+        """Resident counts of `cfg`'s streamed variants that ran out of memory."""
+        return [bad.dit_resident_layers for bad in self.budget_fail if bad.dit_layerwise_offload
+                and replace(bad, dit_resident_layers=0) == replace(cfg, dit_resident_layers=0)]
+
     def best_text(self) -> str:
         return f"{self.best:.3f} s" if self.best is not None else "-"
 

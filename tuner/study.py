@@ -31,7 +31,7 @@ from dittune.engine.gpu import detect
 
 from . import memory
 from .climb import CLIMB_MARGIN, allocated_peak as _allocated_peak, next_climb as _next_climb  # noqa: F401 (tests)
-from .climb import residency_climb as _residency_climb  # noqa: F401 (tests)
+from .climb import dominated as _dominated, residency_climb as _residency_climb  # noqa: F401 (tests)
 from .confirm import confirm as _confirm, result as _result
 from .options import OBJECTIVES, Setup as _Setup, TuneOptions, TuneResult, default_name as _default_name
 from .options import job as _job, parse_duration, resolve
@@ -166,6 +166,17 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> T
                     _tell(study, trial, prior, s.budget_bytes, opt.objective)
                 else:
                     study.tell(trial, state=TrialState.FAIL)
+                continue
+            dom = _dominated(cfg, s, state, opt.objective)
+            if dom is not None:  # cannot be faster than what was measured: no GPU time
+                why = (f"dominated: {dom.argv or '(defaults)'} keeps more of the DiT resident within the budget "
+                       f"({dom.latency_s:.3f} s)")
+                D.leases.finish(db, lease, study_id, D.TrialRecord(
+                    status="pruned", flags=F.config_to_dict(cfg), argv=argv, optuna_number=trial.number, reason=why))
+                if s.budget_bytes is not None:
+                    trial.set_constraint("vram", ((dom.peak_vram_bytes or 0) - s.budget_bytes) / 2**30)
+                study.tell(trial, [dom.latency_s])  # a lower bound of its latency: the sampler moves on
+                say(f"trial {trial.number}: pruned ({why}): {argv or '(defaults)'}")
                 continue
             predicted = None
             if s.budget_bytes is not None:
