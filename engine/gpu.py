@@ -72,15 +72,13 @@ def detect() -> Detection:
 
 
 def process_used_bytes(index: int) -> int | None:
-    """VRAM NVML charges to this process on torch's CUDA device `index` (includes the CUDA
-    context), or None. The device is found in NVML by its UUID: under CUDA_VISIBLE_DEVICES (the
-    tuner pins each trial to its GPUs) torch's index 0 need not be NVML's 0."""
+    """VRAM NVML charges to this process on GPU `index` (includes the CUDA context), or None."""
     try:
         nv = _nvml()
     except Exception:
         return None
     try:
-        h = _nvml_handle(nv, index)
+        h = nv.nvmlDeviceGetHandleByIndex(index)
         pid = os.getpid()
         for p in nv.nvmlDeviceGetComputeRunningProcesses(h):
             if p.pid == pid and p.usedGpuMemory is not None:
@@ -93,13 +91,3 @@ def process_used_bytes(index: int) -> int | None:
             nv.nvmlShutdown()
         except Exception:
             pass
-
-
-def _nvml_handle(nv, torch_index: int):
-    try:
-        import torch
-
-        uuid = str(torch.cuda.get_device_properties(torch_index).uuid)
-        return nv.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
-    except Exception:  # an old torch without .uuid: NVML's order, right when nothing is hidden
-        return nv.nvmlDeviceGetHandleByIndex(torch_index)
