@@ -20,6 +20,13 @@ from dittune.db.session import _sqlite_path
 from .errors import TunerError
 
 HOST = socket.gethostname()
+OWNER = "dittune_worker"  # Optuna user attribute: [host, pid] of the process that asked the trial
+
+
+def own(trial) -> None:
+    """Mark a just-asked trial as this process's, so that a rerun on this host after a crash
+    between ask and lease sweeps it at once."""
+    trial.set_user_attr(OWNER, [HOST, os.getpid()])
 
 
 def _alive(pid: int) -> bool:
@@ -61,7 +68,11 @@ def sweep(db: D.Database, study_id: int, study, ttl_s: float, say: Callable[[str
             study.enqueue_trial(lease.params, skip_if_exists=False)
     now = dt.datetime.now()  # Optuna's datetime_start is the asking process's local clock
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.number in leased or t.datetime_start is None or (now - t.datetime_start).total_seconds() <= ttl_s:
+        if t.number in leased or t.datetime_start is None:
+            continue
+        host, pid = t.user_attrs.get(OWNER, (None, None))
+        dead = host == HOST and pid != os.getpid() and not _alive(pid)
+        if not dead and (now - t.datetime_start).total_seconds() <= ttl_s:
             continue
         fail_trial(study, t.number)
         if t.params:

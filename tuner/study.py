@@ -35,7 +35,7 @@ from .climb import dominated as _dominated, residency_climb as _residency_climb 
 from .confirm import confirm as _confirm, result as _result
 from .options import OBJECTIVES, Setup as _Setup, TuneOptions, TuneResult, default_name as _default_name
 from .options import job as _job, parse_duration, resolve
-from .leases import HOST, fail_trial, heartbeat, single_tuner, sweep
+from .leases import HOST, fail_trial, heartbeat, own, single_tuner, sweep
 from .pool import GpuPool
 from .progress import Progress as _Progress, raise_on_sigterm as _raise_on_sigterm
 from .runner import run_trial
@@ -110,7 +110,7 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> T
     executor = ThreadPoolExecutor(max_workers=run.pool.size, thread_name_prefix="dittune-trial") if side_by_side else None
     inflight: set[Future] = set()
     previous_term = _raise_on_sigterm()
-    current = None  # (trial, lease id, cfg) while this thread measures one
+    asked: set[int] = set()  # Optuna trial numbers this process asked
     t0 = time.monotonic()
     try:
         asks = 0
@@ -149,6 +149,8 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> T
             if climb is not None and shlex.join(F.config_to_argv(climb)) not in {r.argv for r in running}:
                 study.enqueue_trial(s.space.params(climb), skip_if_exists=False)
             trial = study.ask()
+            asked.add(trial.number)
+            own(trial)
             try:
                 cfg = s.space.suggest(trial)
             except FlagError:  # a registry constraint: costs nothing, the registry refuses it anyway
@@ -191,18 +193,18 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> T
                     _tell(study, trial, rec, s.budget_bytes, opt.objective)
                     say(f"trial {trial.number}: pruned ({why}): {argv or '(defaults)'}")
                     continue
-            current = (trial, lease, cfg)
             gpus = run.pool.take(_gpus_needed(cfg)) if run.pool is not None else ()  # waits for a running trial's
             if executor is not None:
                 inflight.add(executor.submit(_measure, run, trial, lease, cfg, argv, predicted, gpus))
             else:
                 _measure(run, trial, lease, cfg, argv, predicted, gpus)
-            current = None
     except KeyboardInterrupt:
         stopped = "interrupted (Ctrl-C or SIGTERM); everything measured is kept"
         run.cancel.set()  # trials side by side give their configurations back themselves
-        if current is not None:  # this process's trial only: other processes' trials are theirs
-            _give_back(db, study_id, study, current[0], current[1], s.space.params(current[2]))
+        for f in inflight:
+            f.result()
+        inflight = set()
+        _give_back_mine(db, study_id, study, asked)  # this process's trials only: others' are theirs
     finally:
         for f in inflight:  # trials still running here finish (or, cancelled, give back) before the end
             f.result()
@@ -285,6 +287,19 @@ def _give_back(db, study_id: int, study, trial, lease: int, params) -> None:
     D.leases.finish(db, lease, study_id, None)
     fail_trial(study, trial.number)
     study.enqueue_trial(params, skip_if_exists=False)
+
+
+def _give_back_mine(db, study_id: int, study, asked: set[int]) -> None:
+    """After Ctrl-C: every trial this process asked and did not finish is failed and asked again
+    later, wherever the interrupt landed (between ask and lease, or mid-trial)."""
+    for lease in D.leases.leases(db, study_id):
+        if lease.host == HOST and lease.pid == os.getpid():
+            D.leases.finish(db, lease.id, study_id, None)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number in asked:
+            fail_trial(study, t.number)
+            if t.params:
+                study.enqueue_trial(t.params, skip_if_exists=False)
 
 
 def _wait_for_others(db, study_id: int, study, ttl: float, say, deadline) -> None:
