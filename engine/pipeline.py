@@ -234,6 +234,7 @@ class Pipeline:
             sync(dev)
         times.stages["denoise_s"] = time.perf_counter() - t
         times.steps = timer.seconds()
+        self.last_latents = latents  # [B, L, C], for checks of parallel layouts against one process
 
         t = time.perf_counter()
         if not self.main:  # the VAE lives on rank 0

@@ -18,7 +18,7 @@ import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 
 from ..errors import EngineError
-from .sequence import TokenShards
+from .sequence import TokenShards, all_gather
 
 
 # --- attention that also returns the log-sum-exp, per backend -----------------------------------
@@ -114,7 +114,7 @@ def ring_attention(q, k, v, mask, sizes: tuple[int, ...], group: Any, kernel: Ca
     kv = torch.stack([k, v])  # [2, B, H, L_j, D]
     if kv.shape[3] < top:
         kv = torch.cat([kv, kv.new_zeros(*kv.shape[:3], top - kv.shape[3], kv.shape[4])], dim=3)
-    full = fc.all_gather_tensor(kv.contiguous(), 0, group).view(len(sizes), 2, *kv.shape[1:])
+    full = all_gather(kv.contiguous(), 0, group).view(len(sizes), 2, *kv.shape[1:])
     parts, start = [], 0
     for j, s in enumerate(sizes):
         m = None if mask is None else mask[..., start : start + s]

@@ -43,9 +43,9 @@ class RankContext:
 
     def gather_cfg(self, v: torch.Tensor) -> list[torch.Tensor]:
         """This rank's CFG branch prediction -> [conditional, negative] on every rank of its CFG group."""
-        import torch.distributed._functional_collectives as fc
+        from .sequence import all_gather
 
-        both = fc.all_gather_tensor(v.contiguous(), 0, self.groups.cfg)  # [2B, ...]
+        both = all_gather(v.contiguous(), 0, self.groups.cfg)  # [2B, ...]
         return list(both.chunk(2, dim=0))
 
     def all_ranks(self, obj: Any) -> list[Any]:

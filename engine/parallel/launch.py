@@ -41,13 +41,14 @@ def run(world: int, target: str, payload: Any, backend: str, poll_s: float = 0.0
         env = dict(os.environ, DITTUNE_RANK_STORE=f"127.0.0.1:{store.port}")
         procs = [subprocess.Popen([sys.executable, "-m", "dittune.engine.parallel.rank", tmp, str(r)], env=env)
                  for r in range(world)]
+        stopped: set[int] = set()
         try:
             failed = _watch(procs, poll_s)
         finally:
-            _stop(procs)
+            stopped = _stop(procs)
             del store
         if failed is not None:
-            raise _first_error(job, procs, failed)
+            raise _first_error(job, procs, failed, stopped)
         return pickle.loads((job / "result.pkl").read_bytes())
 
 
@@ -63,7 +64,8 @@ def _watch(procs: list[subprocess.Popen], poll_s: float) -> int | None:
         time.sleep(poll_s)
 
 
-def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> set[int]:
+    """End the ranks still running; returns which they were."""
     live = [p for p in procs if p.poll() is None]
     for p in live:
         p.send_signal(signal.SIGTERM)
@@ -74,25 +76,37 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    return {procs.index(p) for p in live}
 
 
-def _first_error(job: Path, procs: list[subprocess.Popen], failed: int) -> BaseException:
-    """The failure that came first: a rank's recorded error (the others then fail in their
-    collectives), else the rank whose exit we saw."""
-    recorded = []
+def _first_error(job: Path, procs: list[subprocess.Popen], failed: int, stopped: set[int]) -> BaseException:
+    """The failure that caused the others. When one rank fails, its peers fail next in their
+    collectives, so: an expected failure (out of memory, refusal) if any rank recorded one, else
+    a rank that died without recording anything (killed, or exited hard), else the earliest error."""
+    recorded = {}
     for r in range(len(procs)):
         f = job / f"error-{r}.json"
         if f.exists():
             try:
-                recorded.append((json.loads(f.read_text()), r))
+                recorded[r] = json.loads(f.read_text())
             except (OSError, json.JSONDecodeError):
                 pass
-    if recorded:
-        err, r = min(recorded, key=lambda e: e[0]["time"])
-        cls = getattr(errors, err["type"], None)
-        if isinstance(cls, type) and issubclass(cls, errors.DittuneError):
-            return cls(err["message"])
-        return RankCrashed(f"rank {r} of {len(procs)} failed: {err['type']}: {err['message']} (traceback above)")
-    rc = procs[failed].returncode
-    how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
-    return RankCrashed(f"rank {failed} of {len(procs)} ended with {how} before reporting an error")
+    expected = [(e["time"], r) for r, e in recorded.items() if _dittune_class(e["type"]) is not None]
+    if expected:
+        err = recorded[min(expected)[1]]
+        return _dittune_class(err["type"])(err["message"])
+    silent = [r for r, p in enumerate(procs) if p.returncode != 0 and r not in recorded and r not in stopped]
+    if silent or not recorded:
+        silent = silent or [failed]
+        r = failed if failed in silent else silent[0]
+        rc = procs[r].returncode
+        how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+        return RankCrashed(f"rank {r} of {len(procs)} ended with {how} before reporting an error")
+    r = min(recorded, key=lambda k: recorded[k]["time"])
+    err = recorded[r]
+    return RankCrashed(f"rank {r} of {len(procs)} failed: {err['type']}: {err['message']} (traceback above)")
+
+
+def _dittune_class(name: str) -> type | None:
+    cls = getattr(errors, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, errors.DittuneError) else None

@@ -18,6 +18,13 @@ import torch
 from ..errors import EngineError
 
 
+def all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    """Functional all-gather (traceable by torch.compile) along `dim`."""
+    import torch.distributed._functional_collectives as fc
+
+    return getattr(fc, "all_gather_single", fc.all_gather_tensor)(x, dim, group)
+
+
 def shard_sizes(n_tokens: int, degree: int) -> tuple[int, ...]:
     base, extra = divmod(n_tokens, degree)
     return tuple(base + (1 if r < extra else 0) for r in range(degree))
@@ -68,8 +75,6 @@ class SequenceShards(TokenShards):
 
     def gather(self, x: torch.Tensor, dim: int, n_tokens: int) -> torch.Tensor:
         """Every rank's slice of a group of `n_tokens` tokens -> the whole group, on every rank."""
-        import torch.distributed._functional_collectives as fc
-
         sizes = shard_sizes(n_tokens, self.degree)
         if x.shape[dim] != sizes[self.index]:
             raise EngineError(f"gather: this rank holds {x.shape[dim]} tokens, expected {sizes[self.index]}")
@@ -81,7 +86,7 @@ class SequenceShards(TokenShards):
         x = x.movedim(dim, 0).contiguous()
         if not torch.compiler.is_compiling():
             self.bytes_sent += x.numel() * x.element_size() * (self.degree - 1)
-        full = fc.all_gather_tensor(x, 0, self.group)  # [degree * top, ...]
+        full = all_gather(x, 0, self.group)  # [degree * top, ...]
         if min(sizes) != top:
             full = torch.cat([full[r * top : r * top + s] for r, s in enumerate(sizes)])
         return full.movedim(0, dim)
