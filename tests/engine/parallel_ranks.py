@@ -31,17 +31,22 @@ def _cond(family, n_txt: int, masked: bool) -> dict:
 def check_dits(rank: int, world: int, cases: list[tuple[str, dict, int, bool]]) -> list[tuple]:
     """Each (model, layout, text tokens, masked): the DiT's prediction under the layout vs on this
     process alone, same weights and inputs. -> every rank's max abs error per case (rank 0)."""
+    import torch.distributed as dist
+
+    gpu = dist.get_backend() == "nccl"
+    device, dtype = (torch.device("cuda", rank), torch.bfloat16) if gpu else (torch.device("cpu"), torch.float32)
     errs = []
     for model, lay, n_txt, masked in cases:
         family = get_family(model)
         spec = family.spec
-        dit = components.build_dit(family, torch.device("cpu"), torch.float32, None, seed=0)
-        latents = family.prepare_latents(1, spec.height, spec.width, torch.Generator().manual_seed(3), "cpu", torch.float32)
-        sigma, cond = torch.tensor([0.7]), _cond(family, n_txt, masked)
-        ref = family.predict(dit, latents, sigma, cond, spec.guidance, spec.height, spec.width)
-        par = context.enter(Layout(**lay), rank, world, torch.device("cpu"))
+        dit = components.build_dit(family, device, dtype, None, seed=0)
+        latents = family.prepare_latents(1, spec.height, spec.width, torch.Generator().manual_seed(3), device, dtype)
+        sigma = torch.tensor([0.7], device=device)
+        cond = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in _cond(family, n_txt, masked).items()}
+        ref = family.predict(dit, latents, sigma, cond, spec.guidance, spec.height, spec.width).float()
+        par = context.enter(Layout(**lay), rank, world, device)
         n_attn = sequence_parallel(dit, par.groups)
-        out = family.predict(dit, latents, sigma, cond, spec.guidance, spec.height, spec.width)
+        out = family.predict(dit, latents, sigma, cond, spec.guidance, spec.height, spec.width).float()
         errs.append((model, lay, n_txt, masked, n_attn, (out - ref).abs().max().item(), ref.abs().max().item()))
     return context.current().all_ranks(errs)
 
