@@ -68,12 +68,18 @@ def lse_kernel(backend: str, device: torch.device) -> Callable:
     return table[backend]
 
 
+def _lse(lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A kernel's log-sum-exp as [B, H, L] fp32: cuDNN returns [B, H, L, 1], the efficient kernel
+    may pad L to a multiple of 32."""
+    return lse.flatten(2)[..., : out.shape[2]].float()
+
+
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Partial attention outputs over disjoint key sets, [B, H, L, D] with lse [B, H, L] -> the output
-    over all keys (fp32 accumulation)."""
-    out, lse = parts[0][0].float(), parts[0][1].float()
+    """Partial attention outputs over disjoint key sets, [B, H, L, D] with their log-sum-exp -> the
+    output over all keys (fp32 accumulation)."""
+    out, lse = parts[0][0].float(), _lse(parts[0][1], parts[0][0])
     for o, l in parts[1:]:
-        l = l.float()
+        l = _lse(l, o)
         new = torch.logaddexp(lse, l)
         out = out * torch.exp(lse - new).unsqueeze(-1) + o.float() * torch.exp(l - new).unsqueeze(-1)
         lse = new
