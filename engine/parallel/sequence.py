@@ -71,7 +71,9 @@ class SequenceShards(TokenShards):
         if min(sizes) == 0:
             raise EngineError(f"{x.shape[dim]} tokens cannot be split over {self.degree} GPUs (fewer than one each)")
         start = sum(sizes[: self.index])
-        return x.narrow(dim, start, sizes[self.index])
+        # A copy, not a view: compiled blocks would otherwise guard on each rank's storage offset
+        # (Z-Image's blocks hit the recompile limit on the H200).
+        return x.narrow(dim, start, sizes[self.index]).clone()
 
     def gather(self, x: torch.Tensor, dim: int, n_tokens: int) -> torch.Tensor:
         """Every rank's slice of a group of `n_tokens` tokens -> the whole group, on every rank."""
