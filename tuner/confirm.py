@@ -19,10 +19,12 @@ from .runner import run_trial
 from .state import State, record_from
 
 
-def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, say, rounds: int = 1) -> None:
+def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, say, rounds: int = 1,
+            pin=lambda cfg: {}) -> None:
     """rounds=1: one re-run each, the band between it and the search's measurement (a trial run
     alone). rounds>1 (the search ran trials side by side, so its measurements may carry a
-    neighbour's load): that many interleaved re-runs, the search's measurement left out."""
+    neighbour's load): that many interleaved re-runs, the search's measurement left out.
+    `pin(cfg)`: the environment that puts a finalist on its GPUs (nothing else runs then)."""
     fits = [(argv, r) for argv, r in state.tried.items() if r.status == "complete"
             and (s.budget_bytes is None or (r.peak_vram_bytes or 0) <= s.budget_bytes)]
     finalists = sorted(fits, key=lambda x: x[1].latency_s)[: opt.confirm]
@@ -46,7 +48,7 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
         for r in range(rounds):
             for argv, first, _ in leased:
                 cfg = F.config_from_dict(first.flags)
-                outcome = run_trial(job(s, cfg, seed=1 + r), s.trial_timeout_s, opt.worker_cmd, env)
+                outcome = run_trial(job(s, cfg, seed=1 + r), s.trial_timeout_s, opt.worker_cmd, {**env, **pin(cfg)})
                 rec = record_from(outcome, cfg, argv, None, s, None)
                 if rec.status != "complete":
                     say(f"confirmation of {argv or '(defaults)'} failed: {rec.reason[:160]}")

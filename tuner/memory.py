@@ -27,6 +27,7 @@ DIT_ACT_ELEMENTS_PER_TOKEN_HIDDEN = 20
 # VAE decode at full resolution: measured 5.16 GB above the weights at 1024x1024 in fp32 (every
 # placement: resident, offloaded, beside a streamed DiT), i.e. 1230 fp32 elements per pixel.
 VAE_ACT_ELEMENTS_PER_PIXEL = 1230
+SP_BUFFER_ELEMENTS_PER_TOKEN_HIDDEN = 8  # q, k, v, out of one shard, sent and received (not yet measured)
 ALLOCATOR_OVERHEAD = 1.05  # reserved / allocated peak: measured 1.00 to 1.09, median 1.05 (expandable segments)
 PRUNE_MARGIN = 1.15  # prune only configurations predicted over budget by more than 15%
 
@@ -134,7 +135,14 @@ def predict_peak_bytes(model: str, cfg, width: int, height: int, dtype_name: str
     vae_resident = 0 if cfg.vae_cpu_offload else vae_bytes
     resident = dit_resident + te_resident + vae_resident
 
-    dit_act = DIT_ACT_ELEMENTS_PER_TOKEN_HIDDEN * tokens * fp.hidden * elem
+    # Several GPUs (the peak of rank 0, the binding one: it alone holds the text encoders and the
+    # VAE; every rank holds the whole DiT): sequence parallelism splits the DiT's activations over
+    # ulysses x ring ranks, and its collectives add send/receive buffers for q, k, v and the output
+    # of one shard. CFG parallel runs one branch per rank: the same activations as one branch.
+    sp = getattr(cfg, "ulysses_degree", 1) * getattr(cfg, "ring_degree", 1)
+    dit_act = DIT_ACT_ELEMENTS_PER_TOKEN_HIDDEN * tokens * fp.hidden * elem // sp
+    if sp > 1:
+        dit_act += SP_BUFFER_ELEMENTS_PER_TOKEN_HIDDEN * (tokens // sp + 1) * fp.hidden * elem
     vae_act = VAE_ACT_ELEMENTS_PER_PIXEL * width * height * vae_elem
     te_act = 64 * fp.text_tokens * 4096 * elem
     stages = [

@@ -137,7 +137,7 @@ def resolve(opt: TuneOptions, det) -> Setup:
         gpus = choose(det.gpus, opt.gpus if opt.gpus is not None else
                       (opt.gpu_index,) if opt.gpu_index is not None else None)
         g = gpus[0]
-        device = "cuda:0"  # each trial's child sees only its GPUs (pool.visible_devices)
+        device = "cuda"  # each trial's child sees only its GPUs (pool.visible_devices); its ranks use them in order
         gpu = D.GpuKey(g.name, g.total_bytes, g.driver, f"{g.compute_capability[0]}.{g.compute_capability[1]}", g.count)
         budget = parse_budget(opt.vram_budget or "100%").resolve(g.total_bytes)
         free = min(x.free_bytes for x in gpus)
@@ -147,7 +147,7 @@ def resolve(opt: TuneOptions, det) -> Setup:
 
     num_blocks = len(memory.footprint(spec.name).dit_block_bytes)
     space = build_space(supported_values(torch.device(device)), preset.space, fix, opt.allow_lossy, num_blocks,
-                        gpu_count=per_trial)
+                        gpu_count=per_trial, check=lambda c: F.validate_for_model(c, spec, guidance))
     return Setup(spec, width, height, steps, guidance, measure_steps, preset.warmup,
                  opt.trial_timeout_s or preset.timeout_s, device, gpu, budget, space, preset.seeds, fix, free,
                  gpus, tuple(det.gpus) if det else (), per_trial)

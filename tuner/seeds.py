@@ -24,10 +24,33 @@ def enqueue_seeds(study, s: Setup) -> None:
             cfg = fit_budget(cfg, s)
         if cfg is None or not s.space.contains(cfg):
             continue
-        key = tuple(F.config_to_argv(cfg))
-        if key not in seen:
-            seen.add(key)
-            study.enqueue_trial(s.space.params(cfg), skip_if_exists=True)
+        for c in (cfg, widest_layout(cfg, s)):
+            key = tuple(F.config_to_argv(c)) if c is not None else None
+            if key is not None and key not in seen:
+                seen.add(key)
+                study.enqueue_trial(s.space.params(c), skip_if_exists=True)
+
+
+def widest_layout(cfg, s: Setup):
+    """On several GPUs, the seed also on the widest layout the space allows (Ulysses first, ring
+    for what the heads do not divide): the sampler then starts knowing what the GPUs buy. None on
+    one GPU, or when no layout of the seed fits the space or the budget."""
+    n = s.space.max_gpus
+    while n >= 2:
+        u = n
+        while u >= 1:
+            c = replace(cfg, ulysses_degree=u, ring_degree=n // u, enable_cfg_parallel=False, num_gpus=n,
+                        dit_cpu_offload=False, dit_layerwise_offload=False)  # layouts run the DiT resident
+            try:
+                ok = s.space.contains(c) and (s.budget_bytes is None or
+                                              memory.predict_peak_bytes(s.spec.name, c, s.width, s.height) <= s.budget_bytes)
+            except FlagError:
+                ok = False
+            if ok:
+                return c
+            u //= 2
+        n //= 2
+    return None
 
 
 def fit_budget(cfg, s: Setup):

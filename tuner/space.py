@@ -5,8 +5,8 @@ combination that violates a registry constraint never reaches the GPU."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Mapping
 
 from dittune.engine import flags as F
 from dittune.engine.errors import FlagError
@@ -14,6 +14,10 @@ from dittune.engine.errors import FlagError
 from .errors import TunerError
 
 DEFAULT_NUMERIC = {"dit-offload-prefetch-size": (1.0, 2.0, 4.0)}
+# Parallel degrees searched on several GPUs: powers of two up to the GPUs a trial may use. The GPU
+# count itself is not searched: it is the layout's product (flags.layout_product).
+DEGREES = ("ulysses-degree", "ring-degree", "tp-size")
+DERIVED = "num-gpus"
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,23 @@ class Dim:
 @dataclass(frozen=True)
 class Space:
     dims: tuple[Dim, ...]  # registry order: parents before children
+    max_gpus: int = 1  # the most GPUs one configuration's layout may use
+    # the rules that read the model and workload (flags.validate_for_model): raise FlagError
+    check: Callable[[Any], Any] | None = None
+    gpus_fixed: int | None = None  # --fix num-gpus=N: layouts of exactly N GPUs
+
+    def _finish(self, cfg: Any) -> Any:
+        """The GPU count from the layout, then the layout's limits and the model's rules."""
+        if self.max_gpus > 1 or F.layout_product(cfg) > 1:
+            cfg = replace(cfg, num_gpus=F.layout_product(cfg))
+        F.validate(cfg)
+        if self.gpus_fixed is not None and cfg.num_gpus != self.gpus_fixed:
+            raise FlagError(f"the layout uses {cfg.num_gpus} GPUs; --fix num-gpus={self.gpus_fixed}")
+        if cfg.num_gpus > self.max_gpus:
+            raise FlagError(f"the layout needs {cfg.num_gpus} GPUs; a trial may use {self.max_gpus}")
+        if self.check is not None:
+            self.check(cfg)
+        return cfg
 
     @property
     def searched(self) -> list[Dim]:
@@ -49,20 +70,38 @@ class Space:
                 v = trial.suggest_categorical(d.flag.name, list(d.values))
             values[d.flag.name] = v
             partial = F.EngineConfig(**{F.FLAG_BY_NAME[k].attr: x for k, x in values.items()})
-        return F.config_from_dict(values)
+        return self._finish(F.EngineConfig(**{F.FLAG_BY_NAME[k].attr: x for k, x in values.items()}))
 
     def params(self, cfg: Any) -> dict[str, Any]:
         """Optuna params that reproduce `cfg` (for enqueueing seeds)."""
         return {d.flag.name: getattr(cfg, d.flag.attr) for d in self.searched if F.is_active(d.flag, cfg)}
 
     def contains(self, cfg: Any) -> bool:
-        return all(getattr(cfg, d.flag.attr) in d.values for d in self.dims if F.is_active(d.flag, cfg))
+        if not all(getattr(cfg, d.flag.attr) in d.values for d in self.dims
+                   if F.is_active(d.flag, cfg) and not (d.flag.name == DERIVED and self.max_gpus > 1)):
+            return False
+        try:
+            return self._finish(cfg) == cfg
+        except FlagError:
+            return False
 
     def configs(self, dims: tuple[Dim, ...] | None = None) -> Iterator[Any]:
         """Every valid configuration of the space (for sizing and exhaustive small spaces)."""
+        dims = dims or self.dims
+        layout = [d for d in dims if d.flag.multi_gpu]
+        rest = [d for d in dims if not d.flag.multi_gpu]
         seen = set()
-        for combo in itertools.product(*(d.values for d in dims or self.dims)):
-            values = {d.flag.name: v for d, v in zip(dims or self.dims, combo)}
+        for lcombo in itertools.product(*(d.values for d in layout)):
+            lvalues = {d.flag.name: v for d, v in zip(layout, lcombo)}
+            try:  # a layout wrong with the default flags is wrong with any (its rules read the layout only)
+                self._finish(F.EngineConfig(**{F.FLAG_BY_NAME[k].attr: v for k, v in lvalues.items()}))
+            except FlagError:
+                continue
+            yield from self._configs(lvalues, rest, seen)
+
+    def _configs(self, lvalues: dict[str, Any], rest: list[Dim], seen: set) -> Iterator[Any]:
+        for combo in itertools.product(*(d.values for d in rest)):
+            values = {**lvalues, **{d.flag.name: v for d, v in zip(rest, combo)}}
             cfg = F.EngineConfig(**{F.FLAG_BY_NAME[k].attr: v for k, v in values.items()})
             # Inactive children take their defaults so that each configuration appears once.
             cfg = F.EngineConfig(**{
@@ -73,7 +112,7 @@ class Space:
                 continue
             seen.add(key)
             try:
-                F.validate(cfg)
+                cfg = self._finish(cfg)
             except FlagError:
                 continue
             yield cfg
@@ -103,7 +142,10 @@ def build_space(
     allow_lossy: bool,
     num_blocks: int,
     gpu_count: int = 1,
+    check: Callable[[Any], Any] | None = None,
 ) -> Space:
+    """`gpu_count`: the most GPUs one trial may use (min of the study's GPUs and
+    --max-gpus-per-trial); with two or more the parallel layouts enter the space."""
     fix = dict(fix)
     for name in list(fix):  # fixing a child switches its parents on
         parent = F.FLAG_BY_NAME[name].requires
@@ -124,8 +166,11 @@ def build_space(
                 raise TunerError(f"--fix {f.name}={v} is lossy; add --allow-lossy to accept it")
             dims.append(Dim(f, (v,)))
             continue
-        if f.multi_gpu and gpu_count < 2:
+        if f.multi_gpu and (gpu_count < 2 or f.name == DERIVED):
             dims.append(Dim(f, (f.default,)))
+            continue
+        if f.name in DEGREES and f.name not in preset_space:
+            dims.append(Dim(f, tuple(2**k for k in range(gpu_count.bit_length()) if 2**k <= gpu_count)))
             continue
         if f.name in preset_space:
             values = tuple(preset_space[f.name])
@@ -148,7 +193,7 @@ def build_space(
         ordinal = (len(values) > 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
                    and list(values) == list(range(values[0], values[-1] + 1)))
         dims.append(Dim(f, values, ordinal))
-    space = Space(tuple(dims))
+    space = Space(tuple(dims), max(1, gpu_count), check, fix.get(DERIVED))
     if space.size() == 0:
         raise TunerError("the search space is empty: the --fix values violate a flag constraint")
     return space

@@ -219,9 +219,9 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> T
     # An interrupted or timed-out run is not the end of the study: the rerun that finishes it confirms.
     if not stopped.startswith("interrupted") and stopped != "--timeout reached" and opt.confirm > 0:
         _wait_for_others(db, study_id, study, ttl, say, deadline)
-        gpus = run.pool.take(1) if run.pool is not None else ()  # alone: nothing else runs now
-        _confirm(db, study_id, s, _State.load(db, study_id), opt, {**run.env, **_pinned(run, gpus)}, say,
-                 rounds=2 if side_by_side else 1)
+        # alone: nothing else runs now, so a finalist takes the first GPUs of the pool
+        _confirm(db, study_id, s, _State.load(db, study_id), opt, run.env, say, rounds=2 if side_by_side else 1,
+                 pin=lambda cfg: _pinned(run, run.pool.gpus[:_gpus_needed(cfg)] if run.pool is not None else ()))
     return _result(db, name, _State.load(db, study_id), stopped, s)
 
 

@@ -41,6 +41,12 @@ def cost(flags: dict) -> tuple[float, int]:
         step = max(step, 0.45 * streamed / min(flags["dit-offload-prefetch-size"], 2) ** 0.2)
     if not flags["pin-cpu-memory"]:
         overhead += 0.3
+    # a parallel layout: sequence parallel splits the DiT's work (ring less well than Ulysses) and
+    # its activations; the collectives cost a little per step; every rank holds the whole DiT
+    ulysses, ring = flags.get("ulysses-degree", 1), flags.get("ring-degree", 1)
+    if ulysses * ring > 1:
+        step = step / (ulysses ** 0.9 * ring ** 0.8) + 0.004
+        peak -= int(2 * GiB * (1 - 1 / (ulysses * ring)))
     return 0.3 + 28 * step + overhead, peak
 
 
@@ -48,6 +54,11 @@ def main() -> int:
     job = json.loads(Path(sys.argv[1]).read_text())
     start = time.time()
     time.sleep(float(os.environ.get("FAKE_ENGINE_SLEEP", "0")))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = job["flags"].get("num-gpus", 1)
+    if visible is not None and len(visible.split(",")) != gpus:  # as the engine's launcher refuses it
+        print(f"refused: --num-gpus {gpus}: {len(visible.split(','))} CUDA device(s) visible", file=sys.stderr)
+        return 4
     latency, peak = cost(job["flags"])
     budget = job.get("vram_budget")
     if budget is not None and peak > int(budget.rstrip("B")):

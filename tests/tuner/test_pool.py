@@ -11,7 +11,8 @@ from dittune.engine.gpu import Detection, GpuInfo
 from dittune.tuner import TuneOptions, TunerError, tune
 from dittune.tuner.pool import GpuPool, choose, parse_gpus, visible_devices
 
-from test_study import ALL_BACKENDS, FAKE, GiB, optimum
+import fake_engine
+from test_study import ALL_BACKENDS, FAKE, GiB
 
 H100S = tuple(GpuInfo(i, "NVIDIA H100 80GB HBM3", 80 * GiB, 79 * GiB, "580.65", (9, 0), 4,
                       f"GPU-{i}aaaaaaa-0000-0000-0000-00000000000{i}", f"00000000:{0x19 + i:02X}:00.0") for i in range(4))
@@ -26,6 +27,24 @@ def pretend_h100s(monkeypatch, gpus=H100S):
     monkeypatch.setattr(pipeline, "supported_values", lambda device: {"attention-backend": ALL_BACKENDS})
 
 
+def optimum_on(gpus: int) -> tuple[float, dict, int]:
+    """The fake engine's fastest configuration among every layout and flag on `gpus` GPUs."""
+    from dittune.engine import flags as F
+    from dittune.engine.models import get_family
+    from dittune.tuner.presets import load_preset
+    from dittune.tuner.space import build_space
+
+    spec = get_family("flux-dev").spec
+    preset = load_preset(spec)
+    space = build_space({"attention-backend": ALL_BACKENDS}, preset.space, {}, False, 57, gpu_count=gpus,
+                        check=lambda c: F.validate_for_model(c, spec, preset.guidance))
+    # the fake engine's latency falls as resident layers rise: each integer range at its top only
+    dims = tuple(type(d)(d.flag, d.values[-1:]) if d.ordinal else d for d in space.dims)
+    best = min(((fake_engine.cost(F.config_to_dict(c))[0], F.config_to_dict(c)) for c in space.configs(dims)),
+               key=lambda x: x[0])
+    return best[0], best[1], space.size()
+
+
 def test_four_gpus_run_trials_side_by_side_and_find_the_optimum(tmp_path, monkeypatch):
     pretend_h100s(monkeypatch)
     monkeypatch.setenv("FAKE_ENGINE_SLEEP", "1.0")
@@ -35,18 +54,30 @@ def test_four_gpus_run_trials_side_by_side_and_find_the_optimum(tmp_path, monkey
     res = tune(TuneOptions("flux-dev", trials=30, db_url=url, worker_cmd=FAKE, seed=0, confirm=2, patience=100,
                            objective="latency"), log=said.append)
     wall = time.time() - t0
-    best, _ = optimum()
+    best, flags, size = optimum_on(4)
+    assert size > 2000 and flags["num-gpus"] == 4  # layouts and flags together; the fastest uses every GPU
     assert res.measured == 30
     assert res.winner.latency_s <= best * 1.03, (res.winner.latency_s, best)
+    assert res.winner.flags["num-gpus"] == 4
     rows = D.trials(D.open_db(url), study_name=res.study)
     done = [t for t in rows if t.status == "complete"]
     assert len({t.argv for t in done}) == 30  # side by side, still none measured twice
     uuids = {g.uuid for g in H100S}
-    assert all(t.manifest["cuda_visible_devices"] in uuids and t.manifest["device"] == "cuda:0" for t in done)
-    used = len({t.manifest["cuda_visible_devices"] for t in done})
+    for t in done:  # each child saw exactly the GPUs its layout needs, by UUID
+        seen = t.manifest["cuda_visible_devices"].split(",")
+        assert len(seen) == t.flags["num-gpus"] == len(set(seen)) and set(seen) <= uuids and t.manifest["device"] == "cuda"
+    assert {t.flags["num-gpus"] for t in done} >= {1, 4}  # single-GPU trials and layouts in one study
     spans = sorted(t.manifest["ran"] for t in done)
+    wide = [t.manifest["ran"] for t in done if t.flags["num-gpus"] == 4]
+    for a, b in wide:  # a trial holding every GPU ran alone
+        assert sum(1 for x, y in spans if x < b and a < y) == 1
     overlapping = max(sum(1 for a, b in spans if a <= s < b) for s, _ in spans)
-    assert overlapping >= 2 and used >= 2  # trials really ran at the same time, on different GPUs
+    assert overlapping >= 2  # trials really ran at the same time...
+    for i, t in enumerate(done):  # ...and never two on one GPU
+        for u in done[i + 1:]:
+            (a, b), (x, y) = t.manifest["ran"], u.manifest["ran"]
+            if x < b and a < y:
+                assert set(t.manifest["cuda_visible_devices"].split(",")).isdisjoint(u.manifest["cuda_visible_devices"].split(","))
     confirmed = [t for t in rows if t.status == "confirmed"]
     assert len(confirmed) == 2
     for c in confirmed:  # confirmed alone: no other trial ran while its runs did
@@ -54,7 +85,7 @@ def test_four_gpus_run_trials_side_by_side_and_find_the_optimum(tmp_path, monkey
         assert not any(x < b and a < y for x, y in spans)
     assert any(m.startswith("4 GPUs, trials side by side:") for m in said)
     print(f"4 pretend GPUs, 30 trials of 1 s side by side: {wall:.1f} s wall (30 s of trials), "
-          f"{overlapping} at once at most, {used} GPUs used")
+          f"{overlapping} at once at most; winner {res.winner.argv}")
 
 
 def test_gpus_choose_a_subset_and_a_single_gpu_runs_one_at_a_time(tmp_path, monkeypatch):
@@ -64,6 +95,7 @@ def test_gpus_choose_a_subset_and_a_single_gpu_runs_one_at_a_time(tmp_path, monk
                log=lambda m: None)
     rows = D.trials(D.open_db(url), study_name=res.study)
     assert {t.manifest["cuda_visible_devices"] for t in rows if t.status == "complete"} == {H100S[2].uuid}
+    assert all(t.flags["num-gpus"] == 1 for t in rows)  # one GPU: no layouts in the space
 
 
 def test_visible_devices_by_uuid_else_pci_bus_order():
