@@ -114,6 +114,11 @@ def text_encoder_stream_bytes(fp: Footprint) -> int:
 
 
 def predict_peak_bytes(model: str, cfg, width: int, height: int, dtype_name: str = "bf16") -> int:
+    return int(max(predict_stage_bytes(model, cfg, width, height, dtype_name).values()) * ALLOCATOR_OVERHEAD)
+
+
+def predict_stage_bytes(model: str, cfg, width: int, height: int, dtype_name: str = "bf16") -> dict[str, int]:
+    """Allocated bytes on the GPU (rank 0 on several) in each stage: load, encode, denoise, decode."""
     fp = footprint(model, dtype_name)
     family = get_family(model)
     tokens = family.image_seq_len(height, width) + fp.text_tokens
@@ -145,13 +150,12 @@ def predict_peak_bytes(model: str, cfg, width: int, height: int, dtype_name: str
         dit_act += SP_BUFFER_ELEMENTS_PER_TOKEN_HIDDEN * (tokens // sp + 1) * fp.hidden * elem
     vae_act = VAE_ACT_ELEMENTS_PER_PIXEL * width * height * vae_elem
     te_act = 64 * fp.text_tokens * 4096 * elem
-    stages = [
-        resident,
-        resident + (text_encoder_stream_bytes(fp) if cfg.text_encoder_cpu_offload else 0) + te_act,
-        resident + dit_visiting + dit_act,
-        resident + (vae_bytes if cfg.vae_cpu_offload else 0) + vae_act,
-    ]
-    return int(max(stages) * ALLOCATOR_OVERHEAD)
+    return {
+        "load": resident,
+        "encode": resident + (text_encoder_stream_bytes(fp) if cfg.text_encoder_cpu_offload else 0) + te_act,
+        "denoise": resident + dit_visiting + dit_act,
+        "decode": resident + (vae_bytes if cfg.vae_cpu_offload else 0) + vae_act,
+    }
 
 
 def over_budget(predicted: int, budget_bytes: int) -> bool:
