@@ -193,7 +193,8 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> T
                     _tell(study, trial, rec, s.budget_bytes, opt.objective)
                     say(f"trial {trial.number}: pruned ({why}): {argv or '(defaults)'}")
                     continue
-            gpus = run.pool.take(_gpus_needed(cfg)) if run.pool is not None else ()  # waits for a running trial's
+            with heartbeat(db, lease, ttl):  # waiting for GPUs (a running trial's) keeps the lease alive
+                gpus = run.pool.take(_gpus_needed(cfg)) if run.pool is not None else ()
             if executor is not None:
                 inflight.add(executor.submit(_measure, run, trial, lease, cfg, argv, predicted, gpus))
             else:
