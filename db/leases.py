@@ -13,7 +13,7 @@ import datetime as dt
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from .models import Claim, Lease, Trial
@@ -48,11 +48,23 @@ class _Taken(Exception):
 
 
 def acquire(db: Database, study_id: int, purpose: str, argv: str, host: str, pid: int,
-            optuna_number: int | None = None, params: dict[str, Any] | None = None) -> int | None:
+            optuna_number: int | None = None, params: dict[str, Any] | None = None,
+            limit: int | None = None) -> int | None:
     """The new lease's id, or None when the configuration is leased by another process or already
-    recorded (for purpose "trial": any non-confirmation row; for "confirm": a confirmation)."""
+    recorded (for purpose "trial": any non-confirmation row; for "confirm": a confirmation), or
+    when `limit` measured trials plus running ones are reached (the last slots of a study go to
+    one process each: the count and the insert are serialised per study)."""
     try:
         with db.session() as s, s.begin():
+            if limit is not None:
+                if s.get_bind().dialect.name == "postgresql":
+                    s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": 0x64697474 ^ study_id})
+                done = s.scalar(select(func.count()).select_from(Trial).where(
+                    Trial.study_id == study_id, Trial.status == "complete"))
+                held = s.scalar(select(func.count()).select_from(Lease).where(
+                    Lease.study_id == study_id, Lease.purpose == purpose))
+                if done + held >= limit:
+                    raise _Taken
             now = db_now(s)
             lease = Lease(study_id=study_id, purpose=purpose, argv=argv, optuna_number=optuna_number,
                           params=dict(params or {}), host=host, pid=pid, started_at=now, heartbeat_at=now)

@@ -116,11 +116,12 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> T
         asks = 0
         while True:
             inflight = _reap(inflight)
-            # The study as the database holds it: other processes (other hosts) tell it too.
+            # The study as the database holds it: other processes (other hosts) tell it too. Leases
+            # first: a trial finishing between the two reads is then counted twice, never missed.
             sweep(db, study_id, study, ttl, say)
+            running = D.leases.leases(db, study_id, "trial")
             state = _State.load(db, study_id)
             bar.update(state.measured, state.best_text())
-            running = D.leases.leases(db, study_id, "trial")
             if run.cut.is_set():
                 stopped = "--timeout reached"
                 break
@@ -161,8 +162,9 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> T
             if prior is not None:  # measured before in this study: answer from the database
                 _tell(study, trial, prior, s.budget_bytes, opt.objective)
                 continue
-            lease = D.leases.acquire(db, study_id, "trial", argv, HOST, os.getpid(), trial.number, s.space.params(cfg))
-            if lease is None:  # recorded a moment ago, or another trial measures it now
+            lease = D.leases.acquire(db, study_id, "trial", argv, HOST, os.getpid(), trial.number, s.space.params(cfg),
+                                     limit=opt.trials)
+            if lease is None:  # recorded a moment ago, another trial measures it now, or the study is full
                 prior = _State.load(db, study_id).tried.get(argv)
                 if prior is not None:
                     _tell(study, trial, prior, s.budget_bytes, opt.objective)

@@ -32,6 +32,10 @@ def _lease_semantics(database):
     assert not D.leases.finish(database, b, sid, D.TrialRecord(status="complete", flags={}, argv="--y", latency_s=2.0))
     assert [t.argv for t in D.trials(database)] == ["--x"]  # the swept holder recorded nothing
     assert D.leases.claim(database, sid, "seeds", "h1", 1) and not D.leases.claim(database, sid, "seeds", "h2", 2)
+    # the study's last slot: one measured, so a limit of 1 is full and a limit of 2 has one place
+    assert D.leases.acquire(database, sid, "trial", "--z", "h1", 1, limit=1) is None
+    assert D.leases.acquire(database, sid, "trial", "--z", "h1", 1, limit=2) is not None
+    assert D.leases.acquire(database, sid, "trial", "--w", "h2", 2, limit=2) is None
 
 
 def test_leases_on_sqlite(database):
