@@ -107,6 +107,7 @@ def bench_rank(rank: int, world: int, payload: dict):
 
     # --- dittune layouts on every rank --------------------------------------------------------------
     for lay in _layouts(model, payload["tiny"]):
+        torch._dynamo.reset()  # each row compiles afresh: no row inherits (or exhausts) another's cache
         layout = Layout(**lay)
         name = f"dittune {layout.describe()} {payload['flags']}"
         try:
@@ -171,6 +172,7 @@ def bench_rank(rank: int, world: int, payload: dict):
             configs.append(("diffusers TP 2", lambda: TensorParallelConfig(tp_degree=2)))
         for name, make in configs:
             name += ", regional compile, cuDNN"
+            torch._dynamo.reset()
             try:
                 peak_reset()
                 with torch.device("meta"):
@@ -210,6 +212,7 @@ def _profile(model, family, sd, cfg, device, dtype, our_fwd, passes, rank, world
 
     from dittune.engine.parallel import Layout, context, sequence_parallel
 
+    torch._dynamo.reset()
     par = context.enter(Layout(ulysses=2), rank, world, device)
     ours = native_from(family, sd, device, dtype)
     with torch.inference_mode():
