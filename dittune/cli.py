@@ -223,6 +223,34 @@ def compare(
         out.print(f"flag {name}: {a} -> {b}")
 
 
+@app.command()
+@expected_failures
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (non-loopback needs a token)."),
+    port: int = typer.Option(8765, help="Port."),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+    token: Optional[str] = typer.Option(None, "--token", help="Bearer token for writes (default: $DITTUNE_TOKEN; none: writes refused)."),
+) -> None:
+    """Serve recommendations, studies and exports over HTTP (JSON API under /v1, HTML pages, tune jobs)."""
+    from dittune.service import serve as run_serve
+
+    run_serve(host, port, db, token)
+
+
+@app.command()
+@expected_failures
+def report(
+    study: str = typer.Argument(..., help="Study name (see `dittune studies`)."),
+    output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file to write."),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """Write STUDY's page (frontier and per-flag plots, trials, recommended command) as one self-contained HTML file."""
+    from dittune.service import write_report
+
+    size = write_report(study, output, db)
+    out.print(f"wrote {output} ({size / 1024:.0f} KiB)")
+
+
 def _with_engine_flags(fn):
     """Append one typer option per registry flag to `fn`'s signature; `fn` receives them in
     **flags and turns them into an EngineConfig with engine.flags.config_from_dict."""
