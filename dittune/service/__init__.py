@@ -38,7 +38,7 @@ def serve(host: str = "127.0.0.1", port: int = 8765, db_url: str | None = None, 
 
     from .app import create_app
 
-    db = D.open_db(db_url)
+    db = D.open_db(db_url, create=True)  # a fresh host serves nothing yet but can queue tunes
     app = create_app(db, token)
     print(f"dittune serve: http://{host}:{port}/ over {db.engine.url.render_as_string(hide_password=True)}; "
           f"writes {'need the bearer token' if token else 'disabled (no --token)'}", flush=True)

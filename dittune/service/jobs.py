@@ -47,11 +47,12 @@ def _now() -> str:
 
 
 class JobRunner:
-    def __init__(self, directory: Path, db_url: str, python: str = sys.executable):
+    def __init__(self, directory: Path, db_url: str, command: list[str] | None = None):
+        """`command` runs `dittune` (default: this Python's `-m dittune`); tests put a driver there."""
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.db_url = db_url
-        self.python = python
+        self.command = command or [sys.executable, "-m", "dittune"]
         self._lock = threading.RLock()
         self._jobs: dict[str, dict[str, Any]] = {}
         for p in sorted(self.dir.glob("*.json")):
@@ -125,8 +126,8 @@ class JobRunner:
                     busy.add(rec["lane"])
 
     def _start(self, rec: dict[str, Any]) -> None:
-        cmd = [self.python, "-m", "dittune.service.jobchild", str(self._path(rec["id"], "rc")), self.python, "-m",
-               "dittune", *rec["argv"]]
+        cmd = [sys.executable, "-m", "dittune.service.jobchild", str(self._path(rec["id"], "rc")), *self.command,
+               *rec["argv"]]
         env = dict(os.environ, PYTHONUNBUFFERED="1", DITTUNE_JOB=rec["id"])
         with open(self._path(rec["id"], "log"), "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
