@@ -177,7 +177,7 @@ class Pipeline:
     ) -> tuple[torch.Tensor, RequestTimes]:
         times = RequestTimes()
         dev = self.device
-        do_cfg = self.spec.true_cfg and guidance > (0.0 if self.spec.cfg_style == "zimage" else 1.0)
+        do_cfg = self.spec.uses_cfg(guidance)
 
         sync(dev)
         t = time.perf_counter()

@@ -55,6 +55,10 @@ class FluxConfig:
             raise EngineError(f"flux patch_size={self.patch_size} is not supported (only 1)")
 
     @property
+    def heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
     def hidden_size(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 

@@ -70,6 +70,10 @@ class QwenImageConfig:
             )
 
     @property
+    def heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 

@@ -69,6 +69,10 @@ class ZImageConfig:
     axes_lens: tuple[int, ...] = (1536, 512, 512)
 
     @property
+    def heads(self) -> int:
+        return self.n_heads
+
+    @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
