@@ -31,8 +31,8 @@ def fake_study(tmp_path_factory):
     db = D.open_db(url)
     two = add_study(db, name="flux-2gpu")
     add_trial(db, two, "--num-gpus 2 --ulysses-degree 2", 3.0, 30, flags={"num-gpus": 2, "ulysses-degree": 2})
-    add_trial(db, two, "--num-gpus 2 --ulysses-degree 2 --dit-cpu-offload", 5.0, 12,
-              flags={"num-gpus": 2, "ulysses-degree": 2, "dit-cpu-offload": True})
+    add_trial(db, two, "--num-gpus 2 --ulysses-degree 2 --text-encoder-cpu-offload", 5.0, 12,
+              flags={"num-gpus": 2, "ulysses-degree": 2, "text-encoder-cpu-offload": True})
     db.dispose()
     return url, res
 

@@ -52,7 +52,7 @@ def test_gpu_counts_answer_separately(client):
     rows = client.get("/v1/recommend?model=flux-dev").json()
     assert sorted(r["num_gpus"] for r in rows) == [1, 2]  # default: one answer per GPU count measured
     (two,) = client.get("/v1/recommend?model=flux-dev&num_gpus=2&vram_budget=16GiB").json()
-    assert two["latency_s"] == 5.0 and two["flags"]["dit-cpu-offload"] is True
+    assert two["latency_s"] == 5.0 and two["flags"]["text-encoder-cpu-offload"] is True
     assert two["stale"] and any(s.startswith("torch 2.11.0 -> ") for s in two["stale_reasons"])
     assert client.get("/v1/recommend?model=flux-dev&num_gpus=4").status_code == 404
 
