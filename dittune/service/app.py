@@ -5,6 +5,7 @@ SVG plots, and tune jobs. Every answer comes from the same library functions as 
 from __future__ import annotations
 
 import hmac
+from contextlib import asynccontextmanager
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -92,7 +93,13 @@ def create_app(db: D.Database, token: str | None = None, jobs: JobRunner | None 
     _sqlite_concurrency(db)
     current = _current()
     runner = jobs if jobs is not None else JobRunner(jobs_dir_for(db.url), db.url)
-    app = FastAPI(title="dittune", version=__version__, docs_url=None, redoc_url=None,
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        runner.close()
+
+    app = FastAPI(title="dittune", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="Measured flag recommendations for diffusion models. " + D.BEST_RULE)
     app.state.db, app.state.jobs = db, runner
 

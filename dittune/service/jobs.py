@@ -55,6 +55,7 @@ class JobRunner:
         self.command = command or [sys.executable, "-m", "dittune"]
         self._lock = threading.RLock()
         self._jobs: dict[str, dict[str, Any]] = {}
+        self._closed = False
         for p in sorted(self.dir.glob("*.json")):
             try:
                 rec = json.loads(p.read_text())
@@ -119,6 +120,8 @@ class JobRunner:
     def _pump(self) -> None:
         """Start the oldest queued job of every idle lane."""
         with self._lock:
+            if self._closed:
+                return
             busy = {r["lane"] for r in self._jobs.values() if r["state"] == "running"}
             for rec in sorted(self._jobs.values(), key=lambda r: r["created_at"]):
                 if rec["state"] == "queued" and rec["lane"] not in busy:
@@ -153,10 +156,18 @@ class JobRunner:
             proc.wait()
         else:
             while _alive(rec["pid"], rec["id"]):
-                time.sleep(1.0)
+                time.sleep(0.5)
         with self._lock:
+            if self._closed:  # the next service adopts it from the files
+                return
             self._finish(rec)
             self._pump()
+
+    def close(self) -> None:
+        """The service stops: running jobs go on in their own sessions; this runner records and
+        starts nothing more (a restarted service reads the jobs back)."""
+        with self._lock:
+            self._closed = True
 
     def _finish(self, rec: dict[str, Any]) -> None:
         try:

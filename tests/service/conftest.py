@@ -26,7 +26,7 @@ def fake_study(tmp_path_factory):
     url = f"sqlite:///{tmp / 'dittune.db'}"
     with pytest.MonkeyPatch.context() as mp:
         pretend_h100(mp)
-        res = tune(TuneOptions("flux-dev", vram_budget="40GiB", trials=8, db_url=url, worker_cmd=FAKE, confirm=2,
+        res = tune(TuneOptions("flux-dev", vram_budget="40GiB", trials=5, db_url=url, worker_cmd=FAKE, confirm=1,
                                patience=100, seed=0), log=lambda m: None)
     db = D.open_db(url)
     two = add_study(db, name="flux-2gpu")
