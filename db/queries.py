@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import joinedload
+from sqlalchemy.orm import defer, joinedload
 
 from dittune.errors import DittuneError
 
@@ -89,7 +89,8 @@ def measured(
         q = (
             select(Trial)
             .join(Study).join(Workload).join(Gpu)
-            .options(joinedload(Trial.study).joinedload(Study.workload), joinedload(Trial.study).joinedload(Study.gpu))
+            .options(joinedload(Trial.study).joinedload(Study.workload), joinedload(Trial.study).joinedload(Study.gpu),
+                     *(defer(c) for c in (Trial.manifest, Trial.stage_times, Trial.step_times, Trial.stderr_tail)))
             .where(Trial.status.in_(MEASURED), Trial.latency_s.is_not(None))
         )
         if model:

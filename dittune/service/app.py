@@ -144,9 +144,9 @@ def create_app(db: D.Database, token: str | None = None, jobs: JobRunner | None 
 
     @app.get("/v1/recommend", summary="The best stored configuration (the same answer as `dittune recommend --format json`)")
     def recommend(model: str, gpu: Optional[str] = None, num_gpus: Optional[int] = Query(None, ge=1),
-                  vram_budget: Optional[str] = None) -> list[dict[str, Any]]:
+                  vram_budget: Optional[str] = None) -> JSONResponse:
         rows = answers.recommend(db, answers.Question(model, gpu, num_gpus, vram_budget), current)
-        return [answers.answer_dict(r) for r in rows]
+        return JSONResponse([answers.answer_dict(r) for r in rows])  # plain dicts: no response-model pass
 
     @app.get("/v1/studies", summary="Stored studies with their best configuration")
     def studies_() -> list[dict[str, Any]]:
