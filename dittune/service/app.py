@@ -239,5 +239,9 @@ def _sqlite_concurrency(db: D.Database) -> None:
         cur.close()
 
     db.engine.dispose()
-    with db.engine.connect() as c:
-        c.exec_driver_sql("PRAGMA journal_mode=WAL")
+    try:
+        with db.engine.connect() as c:
+            c.exec_driver_sql("PRAGMA journal_mode=WAL")
+    except OperationalError:
+        pass  # a read-only file or a writer holding the lock: the busy timeout still serialises
+

@@ -81,7 +81,7 @@ class JobRunner:
         rec = {
             "id": uuid.uuid4().hex[:12], "state": "queued", "request": request, "argv": argv, "lane": lane,
             "trials_target": trials, "created_at": _now(), "started_at": None, "ended_at": None, "pid": None,
-            "returncode": None, "stop_requested": False, "note": "",
+            "returncode": None, "stop_requested": False, "note": "", "seq": time.time_ns(),
         }
         with self._lock:
             self._jobs[rec["id"]] = rec
@@ -91,7 +91,7 @@ class JobRunner:
 
     def list(self) -> list[dict[str, Any]]:
         with self._lock:
-            ids = sorted(self._jobs, key=lambda i: self._jobs[i]["created_at"])
+            ids = sorted(self._jobs, key=lambda i: self._jobs[i].get("seq", 0))
         return [self.view(i) for i in ids]
 
     def stop(self, job_id: str) -> dict[str, Any]:
@@ -123,7 +123,7 @@ class JobRunner:
             if self._closed:
                 return
             busy = {r["lane"] for r in self._jobs.values() if r["state"] == "running"}
-            for rec in sorted(self._jobs.values(), key=lambda r: r["created_at"]):
+            for rec in sorted(self._jobs.values(), key=lambda r: r.get("seq", 0)):
                 if rec["state"] == "queued" and rec["lane"] not in busy:
                     self._start(rec)
                     busy.add(rec["lane"])

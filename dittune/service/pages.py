@@ -46,7 +46,8 @@ def summary_dict(s: D.StudySummary) -> dict[str, Any]:
                                                        "guidance": s.guidance},
         "gpu": {"name": s.gpu, "memory_bytes": s.gpu_memory_bytes}, "budget_bytes": s.budget_bytes or None,
         "objective": s.objective, "allow_lossy": s.allow_lossy, "trials": s.trials, "measured": s.measured,
-        "best_latency_s": s.best_latency_s, "created_at": s.created_at.isoformat(), "versions": s.versions,
+        "best_latency_s": s.best_latency_s, "best_trial_id": s.best.trial_id if s.best else None,
+        "created_at": s.created_at.isoformat(), "versions": s.versions,
         "registry_hash": s.registry_hash, "stale": s.stale, "stale_reasons": list(s.stale_reasons),
     }
 
@@ -105,7 +106,7 @@ def studies_page(rows: list[D.StudySummary]) -> str:
 def _answer_html(r: D.Result) -> str:
     from dittune.tuner import emit
 
-    src = "confirmation repeats" if r.status == "confirmed" else "single run (spread of its steps)"
+    src = "confirmation repeats" if r.status == "confirmed" else "single run: spread of its steps"
     band = f"±{r.step_spread:.1%} ({src})" if r.step_spread is not None else "unknown"
     stale = f'<p class="stale">STALE: {escape(", ".join(r.stale_reasons))}</p>' if r.stale_reasons else ""
     return (

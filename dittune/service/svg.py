@@ -65,7 +65,8 @@ def frontier_svg(rows: list[D.Result], front: list[D.Result], budget_bytes: int 
     for t in _ticks(y_lo, y_hi):
         out.append(f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
         out.append(f'<line x1="{left}" x2="{w - right}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" stroke="#e4e4e4"/>')
-    out.append(f'<text x="{(left + w - right) / 2}" y="{h - 12}" text-anchor="middle">peak VRAM (GiB)</text>')
+    xlabel = "peak VRAM (GiB)" if any(r.peak_vram_bytes for r in rows) else "peak VRAM (none measured: a CPU study)"
+    out.append(f'<text x="{(left + w - right) / 2}" y="{h - 12}" text-anchor="middle">{xlabel}</text>')
     out.append(f'<text x="14" y="{(top + h - bottom) / 2}" text-anchor="middle" '
                f'transform="rotate(-90 14 {(top + h - bottom) / 2})">latency per request (s)</text>')
     if budget_bytes:

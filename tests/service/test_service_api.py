@@ -65,7 +65,7 @@ def test_one_best_everywhere(client, fake_study):
     assert [b["trial_id"] for b in detail["best"]] == [rec["trial_id"]]
     assert res.winner.trial_id == rec["trial_id"]
     summary = next(s for s in client.get("/v1/studies").json() if s["name"] == res.study)
-    assert summary["best_latency_s"] == rec["latency_s"]
+    assert summary["best_latency_s"] == rec["latency_s"] and summary["best_trial_id"] == rec["trial_id"]
     exported = client.get("/v1/export?format=json&model=flux-dev&num_gpus=1&vram_budget=40GiB").json()
     assert [x["trial_id"] for x in exported if x["best"]] == [rec["trial_id"]]
     assert f"trial {rec['trial_id']}" in client.get("/v1/export?format=sh&num_gpus=1&vram_budget=40GiB").text
@@ -253,3 +253,12 @@ def test_serve_refuses_non_loopback_without_a_token(monkeypatch, tmp_path):
     from dittune.service import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and not is_loopback("10.0.0.1")
+
+
+def test_export_num_gpus_is_the_cli_export(client, fake_study):
+    url, _ = fake_study
+    api = client.get("/v1/export?format=json&num_gpus=2").json()
+    assert {r["num_gpus"] for r in api} == {2} and [r["latency_s"] for r in api] == [3.0, 5.0]
+    assert api == cli_json("export", "--db", url, "--format", "json", "--num-gpus", "2")
+    r = CliRunner().invoke(cli, ["export", "--db", url, "--num-gpus", "0"])
+    assert r.exit_code == 1 and "--num-gpus 0: need at least one GPU" in r.stderr
