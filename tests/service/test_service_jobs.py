@@ -46,6 +46,9 @@ def test_jobs_run_stop_fail_and_survive_a_restart(tmp_path, monkeypatch):
         assert not failed["resumable"]
         running = poll(c, job["id"], lambda v: v["trials_done"] >= 2)
         assert running["state"] == "running" and running["best_so_far"]["latency_s"] > 0 and running["eta_s"] > 0
+        live = c.get("/v1/studies/svc-job")  # reads share the database with the tune writing to it
+        assert live.status_code == 200 and len(live.json()["trial_rows"]) >= 2
+        assert c.get("/v1/recommend?model=flux-dev").status_code == 200
 
     # the service restarts while the job runs: the new one adopts it, and stops it
     with make_client(url, jobs_dir=jobs, command=DRIVER) as c:
