@@ -25,16 +25,16 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [lo + i * step for i in range(n + 1)]
 
 
-def _marker(shape: str, x: float, y: float, colour: str, attrs: str) -> str:
+def _marker(shape: str, x: float, y: float, colour: str, attrs: str, title: str = "") -> str:
+    inner = f"<title>{escape(title)}</title>" if title else ""
     if shape == "square":
-        return f'<rect x="{x - 4:.1f}" y="{y - 4:.1f}" width="8" height="8" fill="{colour}" {attrs}>'
-    if shape == "diamond":
-        pts = f"{x:.1f},{y - 5:.1f} {x + 5:.1f},{y:.1f} {x:.1f},{y + 5:.1f} {x - 5:.1f},{y:.1f}"
-        return f'<polygon points="{pts}" fill="{colour}" {attrs}>'
-    if shape == "triangle":
-        pts = f"{x:.1f},{y - 5:.1f} {x + 5:.1f},{y + 4:.1f} {x - 5:.1f},{y + 4:.1f}"
-        return f'<polygon points="{pts}" fill="{colour}" {attrs}>'
-    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{colour}" {attrs}>'
+        return (f'<rect x="{x - 4:.1f}" y="{y - 4:.1f}" width="8" height="8" fill="{colour}" {attrs}>'
+                f"{inner}</rect>")
+    if shape in ("diamond", "triangle"):
+        pts = (f"{x:.1f},{y - 5:.1f} {x + 5:.1f},{y:.1f} {x:.1f},{y + 5:.1f} {x - 5:.1f},{y:.1f}" if shape == "diamond"
+               else f"{x:.1f},{y - 5:.1f} {x + 5:.1f},{y + 4:.1f} {x - 5:.1f},{y + 4:.1f}")
+        return f'<polygon points="{pts}" fill="{colour}" {attrs}>{inner}</polygon>'
+    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{colour}" {attrs}>{inner}</circle>'
 
 
 def frontier_svg(rows: list[D.Result], front: list[D.Result], budget_bytes: int = 0,
@@ -80,9 +80,9 @@ def frontier_svg(rows: list[D.Result], front: list[D.Result], budget_bytes: int 
         pts = [r for r in front if r.num_gpus == n]
         if len(pts) > 1:
             path = []
-            for a, b in zip(pts, pts[1:]):  # fastest first; a step: same latency until the next budget
+            for a, b in zip(pts, pts[1:]):  # fastest first; below a's peak the answer is b, down to b's peak
                 path += [f"{X((a.peak_vram_bytes or 0) / GiB):.1f},{Y(a.latency_s):.1f}",
-                         f"{X((b.peak_vram_bytes or 0) / GiB):.1f},{Y(a.latency_s):.1f}"]
+                         f"{X((a.peak_vram_bytes or 0) / GiB):.1f},{Y(b.latency_s):.1f}"]
             path.append(f"{X((pts[-1].peak_vram_bytes or 0) / GiB):.1f},{Y(pts[-1].latency_s):.1f}")
             out.append(f'<polyline class="frontier-line" points="{" ".join(path)}" fill="none" stroke="{colour}" '
                        f'stroke-width="1.5"/>')
@@ -91,14 +91,13 @@ def frontier_svg(rows: list[D.Result], front: list[D.Result], budget_bytes: int 
         x, y = X((r.peak_vram_bytes or 0) / GiB), Y(r.latency_s)
         tip = (f"trial {r.trial_id} ({r.status}): {r.latency_s:.3f} s, peak {(r.peak_vram_bytes or 0) / GiB:.2f} GiB, "
                f"{r.num_gpus} GPU(s): {r.argv or '(defaults)'}")
-        out.append(_marker(shape, x, y, colour, f'class="trial" data-trial="{r.trial_id}" fill-opacity="0.75"')
-                   + f"<title>{escape(tip)}</title></{'rect' if shape == 'square' else 'polygon' if shape in ('diamond', 'triangle') else 'circle'}>")
+        out.append(_marker(shape, x, y, colour, f'class="trial" data-trial="{r.trial_id}" fill-opacity="0.75"', tip))
         if r.trial_id in picked:
             out.append(f'<circle class="best" cx="{x:.1f}" cy="{y:.1f}" r="9" fill="none" stroke="#000" stroke-width="1.5"/>')
     for i, n in enumerate(counts):
         colour, shape = _style(n)
         lx, ly = left + 14, top + 14 + 16 * i
-        out.append(_marker(shape, lx, ly, colour, 'class="legend"') + f"</{'rect' if shape == 'square' else 'polygon' if shape in ('diamond', 'triangle') else 'circle'}>")
+        out.append(_marker(shape, lx, ly, colour, 'class="legend"'))
         out.append(f'<text x="{lx + 10}" y="{ly + 4}">{n} GPU{"s" if n > 1 else ""}</text>')
     out.append("</svg>")
     return "\n".join(out)
