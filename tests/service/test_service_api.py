@@ -83,6 +83,9 @@ def test_a_tie_within_noise_goes_to_the_smaller_peak(tmp_path):
         (row,) = c.get("/v1/recommend?model=flux-dev").json()  # step_spread 1%: 10.05 s is within the band
         assert row["flags"] == {"text-encoder-cpu-offload": True}
         assert row["rule"].startswith("within the noise band ±1.0% (confirmation repeats) of the fastest (10.000 s")
+        (study,) = c.get("/v1/studies").json()
+        assert study["best_trial_id"] == row["trial_id"] and study["best_latency_s"] == 10.05
+        assert "10.050" in CliRunner().invoke(cli, ["studies", "--db", url]).stdout
         (row,) = c.get("/v1/recommend?model=flux-dev&vram_budget=35GiB").json()
         assert row["flags"] == {"text-encoder-cpu-offload": True} and row["rule"].startswith("fastest measured")
         exported = c.get("/v1/export?format=json").json()
