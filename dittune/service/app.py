@@ -72,9 +72,10 @@ class TuneBody(BaseModel):
         if self.device not in (None, "cpu"):
             raise DittuneError(f"device {self.device!r}: only 'cpu' (or none: the GPU) is accepted")
 
-    def argv(self, db_url: str) -> list[str]:
+    def argv(self) -> list[str]:
+        """`dittune tune` arguments; the database reaches the job as DITTUNE_DB (a URL may hold a password)."""
         out = ["tune", self.model, "--trials", str(self.trials), "--gpu", str(self.gpu), "--seed", str(self.seed),
-               "--objective", self.objective, "--confirm", str(self.confirm), "--db", db_url]
+               "--objective", self.objective, "--confirm", str(self.confirm)]
         for name in ("vram_budget", "timeout", "width", "height", "steps", "guidance", "study", "device",
                      "trial_timeout", "measure_steps"):
             v = getattr(self, name)
@@ -186,7 +187,7 @@ def create_app(db: D.Database, token: str | None = None, jobs: JobRunner | None 
     def tune(body: TuneBody) -> dict[str, Any]:
         body.check()
         lane = "cpu" if body.device == "cpu" else f"gpu{body.gpu}"
-        return runner.submit(body.model_dump(), body.argv(db.url), lane, body.trials)
+        return runner.submit(body.model_dump(), body.argv(), lane, body.trials)
 
     @app.get("/v1/jobs")
     def jobs_() -> list[dict[str, Any]]:

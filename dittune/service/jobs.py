@@ -77,7 +77,7 @@ class JobRunner:
         os.replace(tmp, self._path(rec["id"], "json"))
 
     def submit(self, request: dict[str, Any], argv: list[str], lane: str, trials: int) -> dict[str, Any]:
-        """Queue `dittune tune` with `argv` (everything after `dittune`)."""
+        """Queue `dittune tune` with `argv` (everything after `dittune`) on this runner's database."""
         rec = {
             "id": uuid.uuid4().hex[:12], "state": "queued", "request": request, "argv": argv, "lane": lane,
             "trials_target": trials, "created_at": _now(), "started_at": None, "ended_at": None, "pid": None,
@@ -131,7 +131,7 @@ class JobRunner:
     def _start(self, rec: dict[str, Any]) -> None:
         cmd = [sys.executable, "-m", "dittune.service.jobchild", str(self._path(rec["id"], "rc")), *self.command,
                *rec["argv"]]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", DITTUNE_JOB=rec["id"])
+        env = dict(os.environ, PYTHONUNBUFFERED="1", DITTUNE_JOB=rec["id"], DITTUNE_DB=self.db_url)
         with open(self._path(rec["id"], "log"), "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)

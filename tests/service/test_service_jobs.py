@@ -34,7 +34,7 @@ def test_jobs_run_stop_fail_and_survive_a_restart(tmp_path, monkeypatch):
         job = c.post("/v1/tune", json=body, headers=AUTH)
         assert job.status_code == 202, job.text
         job = job.json()
-        assert job["state"] == "running" and job["argv"][:2] == ["tune", "flux-dev"] and "--db" in job["argv"]
+        assert job["state"] == "running" and job["argv"][:2] == ["tune", "flux-dev"] and "--db" not in job["argv"]
         queued = c.post("/v1/tune", json={**body, "study": "svc-job-2"}, headers=AUTH).json()
         assert queued["state"] == "queued"  # one job at a time on GPU 0
         failing = c.post("/v1/tune", json={"model": "flux-dev", "trials": 2, "gpu": 1}, headers=AUTH).json()
