@@ -1,12 +1,12 @@
 """dittune's database: SQLAlchemy 2.0 ORM (tables prefixed dittune_), SQLite by default, any SQL URL."""
 
 from .models import SCHEMA_VERSION, Gpu, Study, Trial, Workload
-from .queries import Result, StudySummary, best, frontier, measured, pareto, studies, trials
+from .queries import BEST_RULE, Result, StudySummary, UnknownStudy, best, frontier, measured, pareto, pick, studies, study, trials
 from .session import Database, DatabaseError, default_url, open_db
 from .store import MEASURED, GpuKey, StudyKey, TrialRecord, WorkloadKey, find_measured, open_study, record_trial
 
 __all__ = [
-    "SCHEMA_VERSION", "Gpu", "Study", "Trial", "Workload", "Result", "StudySummary", "best", "frontier",
-    "measured", "pareto", "studies", "trials", "Database", "DatabaseError", "default_url", "open_db", "MEASURED", "GpuKey",
+    "SCHEMA_VERSION", "Gpu", "Study", "Trial", "Workload", "BEST_RULE", "Result", "StudySummary", "UnknownStudy",
+    "best", "frontier", "measured", "pareto", "pick", "studies", "study", "trials", "Database", "DatabaseError", "default_url", "open_db", "MEASURED", "GpuKey",
     "StudyKey", "TrialRecord", "WorkloadKey", "find_measured", "open_study", "record_trial",
 ]

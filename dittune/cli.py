@@ -93,15 +93,10 @@ def studies(db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)) -> Non
                   format_bytes(r.budget_bytes) if r.budget_bytes else "-", r.objective, str(r.trials), str(r.measured),
                   f"{r.best_latency_s:.3f}" if r.best_latency_s is not None else "-", f"{r.created_at:%Y-%m-%d %H:%M}")
     out.print(t)
+    out.print(f"best (s): {D.BEST_RULE}")
 
 
-def _budget_fn(vram_budget: Optional[str]):
-    from dittune.engine.budget import parse_budget
-
-    if vram_budget is None:
-        return None
-    b = parse_budget(vram_budget)
-    return b.resolve
+NUM_GPUS_HELP = "Only configurations measured on this many GPUs (default: every GPU count measured, one answer each)."
 
 
 @app.command()
@@ -109,30 +104,25 @@ def _budget_fn(vram_budget: Optional[str]):
 def recommend(
     model: str = typer.Argument(..., help="Model name (see `dittune models`)."),
     gpu: Optional[str] = typer.Option(None, help="GPU name or part of it, e.g. H100."),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help=NUM_GPUS_HELP),
     vram_budget: Optional[str] = typer.Option(None, help="24GiB, 24G, 24000MiB, 0.5 (of the card) or 80%."),
     format: str = typer.Option("text", "--format", help="text or json."),
     db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
 ) -> None:
-    """The fastest stored configuration for MODEL whose measured peak VRAM fits the budget."""
+    """The best stored configuration for MODEL whose measured peak VRAM fits the budget (the rule: README)."""
+    from dittune import answers
     from dittune import db as D
-    from dittune.engine.models import get_spec
-    from dittune.tuner import emit
-    from dittune.tuner.versions import staleness_keys
 
-    get_spec(model)
     if format not in ("text", "json"):
         raise DittuneError(f"--format {format!r}: choose text or json")
-    budget = _budget_fn(vram_budget)
-    results = D.best(D.open_db(db), model, gpu, budget, staleness_keys())
-    if not results:
-        where = f" on a GPU matching {gpu!r}" if gpu else ""
-        fits = f" within {vram_budget}" if vram_budget else ""
-        raise DittuneError(f"no measured configuration of {model}{where}{fits}; run `dittune tune {model}`")
+    q = answers.Question(model, gpu, num_gpus, vram_budget)
+    q.check()
+    results = answers.recommend(D.open_db(db), q)
     if format == "json":
-        print(json.dumps([emit.to_dict(r) for r in results], indent=2))
+        print(json.dumps([answers.answer_dict(r) for r in results], indent=2))
     else:
         for r in results:
-            print(emit.render_text(r))
+            print(answers.answer_text(r))
 
 
 @app.command()
@@ -140,25 +130,19 @@ def recommend(
 def export(
     model: Optional[str] = typer.Option(None, help="Only this model."),
     gpu: Optional[str] = typer.Option(None, help="Only GPUs whose name contains this."),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help=NUM_GPUS_HELP),
     vram_budget: Optional[str] = typer.Option(None, help="Only configurations that fit this budget."),
     format: str = typer.Option("sh", "--format", help="sh, json, md or sglang."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of stdout."),
     db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
 ) -> None:
-    """Export the measured latency/VRAM frontier as command lines (fastest first)."""
+    """Export the measured latency/VRAM frontier as command lines (fastest first), the best one marked."""
+    from dittune import answers
     from dittune import db as D
-    from dittune.engine.models import get_spec
-    from dittune.tuner import emit
-    from dittune.tuner.versions import staleness_keys
 
-    if model:
-        get_spec(model)
-    if format not in emit.FORMATS:
-        raise DittuneError(f"--format {format!r}: choose one of {', '.join(emit.FORMATS)}")
-    rows = D.frontier(D.open_db(db), model, gpu, _budget_fn(vram_budget), staleness_keys())
-    if not rows:
-        raise DittuneError("no measured configurations match; run `dittune tune MODEL` first")
-    text = emit.render(rows, format)
+    q = answers.Question(model, gpu, num_gpus, vram_budget)
+    q.check()
+    text, n = answers.export(D.open_db(db), q, format)
     if output is None:
         sys.stdout.write(text)
     else:
@@ -166,7 +150,7 @@ def export(
             output.write_text(text)
         except OSError as e:
             raise DittuneError(f"cannot write {output}: {e.strerror}") from None
-        out.print(f"wrote {len(rows)} configurations to {output}")
+        out.print(f"wrote {n} configurations to {output}")
 
 
 @app.command()
@@ -237,6 +221,34 @@ def compare(
     out.print(t)
     for name, a, b in flag_changes:
         out.print(f"flag {name}: {a} -> {b}")
+
+
+@app.command()
+@expected_failures
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (non-loopback needs a token)."),
+    port: int = typer.Option(8765, help="Port."),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+    token: Optional[str] = typer.Option(None, "--token", help="Bearer token for writes (default: $DITTUNE_TOKEN; none: writes refused)."),
+) -> None:
+    """Serve recommendations, studies and exports over HTTP (JSON API under /v1, HTML pages, tune jobs)."""
+    from dittune.service import serve as run_serve
+
+    run_serve(host, port, db, token)
+
+
+@app.command()
+@expected_failures
+def report(
+    study: str = typer.Argument(..., help="Study name (see `dittune studies`)."),
+    output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file to write."),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """Write STUDY's page (frontier and per-flag plots, trials, recommended command) as one self-contained HTML file."""
+    from dittune.service import write_report
+
+    size = write_report(study, output, db)
+    out.print(f"wrote {output} ({size / 1024:.0f} KiB)")
 
 
 def _with_engine_flags(fn):
