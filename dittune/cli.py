@@ -262,15 +262,16 @@ def _with_engine_flags(fn):
 @expected_failures
 @_with_engine_flags
 def generate(
-    model: str = typer.Option(..., "--model", help="Model name (see `dittune models`)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name (see `dittune models`); with --model-path, must match the checkpoint."),
     prompt: str = typer.Option("A photo of a cat sitting on a windowsill", "--prompt"),
-    negative_prompt: str = typer.Option("", "--negative-prompt", help="For true-CFG models."),
-    model_path: Optional[Path] = typer.Option(None, "--model-path", help="Diffusers-format checkpoint dir; without it, synthetic weights at real shapes."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="For true-CFG runs (Qwen-Image; Z-Image with --guidance > 0)."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help="Diffusers-format checkpoint dir (its model_index.json names the model); without it, synthetic weights at real shapes."),
+    max_sequence_length: Optional[int] = typer.Option(None, "--max-sequence-length", help="Prompt tokens of the long text encoder, as diffusers' max_sequence_length (default: the model's)."),
     width: Optional[int] = typer.Option(None, "--width"),
     height: Optional[int] = typer.Option(None, "--height"),
     steps: Optional[int] = typer.Option(None, "--steps"),
     guidance: Optional[float] = typer.Option(None, "--guidance"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Noise seed: the same noise as diffusers with generator=torch.Generator(\"cpu\").manual_seed(SEED)."),
     output: Optional[Path] = typer.Option(Path("out.png"), "--output", help="PNG to write."),
     perf_dump_path: Optional[Path] = typer.Option(None, "--perf-dump-path", help="Write stage/step times, peak VRAM and the manifest as JSON."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when available)."),
@@ -286,7 +287,7 @@ def generate(
     cfg = F.config_from_dict({name: value for name, value in flags.items()})
     req = GenerateRequest(
         model=model, prompt=prompt, negative_prompt=negative_prompt, model_path=model_path, width=width,
-        height=height, steps=steps, guidance=guidance, seed=seed, output=output, perf_dump_path=perf_dump_path,
+        height=height, steps=steps, guidance=guidance, seed=seed, max_sequence_length=max_sequence_length, output=output, perf_dump_path=perf_dump_path,
         device=device, dtype=dtype, warmup=warmup, vram_budget=vram_budget, flags=cfg,
     )
     result = run_generate(req, progress=True)
