@@ -15,7 +15,7 @@ def _merges_for(words, suffix: str = "", prefix: str = "") -> list[tuple[str, st
     """Left-to-right merges that build each word from its characters."""
     out: list[tuple[str, str]] = []
     for w in words:
-        pieces = [prefix + w[0], *w[1:-1], w[-1] + suffix] if len(w) > 1 else [prefix + w + suffix]
+        pieces = ([prefix] if prefix else []) + list(w[:-1]) + [w[-1] + suffix]
         acc = pieces[0]
         for p in pieces[1:]:
             if (acc, p) not in out:
