@@ -18,6 +18,8 @@ from dittune.errors import DittuneError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    # Plain click help: flag names stay whole in any terminal width (rich panels cut them at 80 columns).
+    rich_markup_mode=None,
     help="Measure the fastest flags for a diffusion model on your GPU, within your VRAM budget.",
 )
 
@@ -213,7 +215,9 @@ def tune(
         errs = sorted(abs(p - m) / m for p, m in res.predicted_vs_measured)
         out.print(f"memory model: median error {errs[len(errs) // 2]:.1%}, max {errs[-1]:.1%} over {len(errs)} trials")
     if res.winner is None:
-        raise DittuneError("no configuration was measured within the budget")
+        if res.budget_bytes is None:
+            raise DittuneError(f"no configuration was measured: every trial failed (see `dittune studies --db {res.db_url}`)")
+        raise DittuneError(f"no configuration was measured within the budget {format_bytes(res.budget_bytes)}")
     band = f" (noise band ±{res.noise_band:.1%})" if res.noise_band is not None else ""
     out.print(f"fastest{band}: {res.winner.latency_s:.3f} s per request, peak {format_bytes(res.winner.peak_vram_bytes)}")
     print(emit.generate_command(res.winner))

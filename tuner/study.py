@@ -28,6 +28,7 @@ from dittune.engine.models import get_family
 from dittune.engine.run import check_workload
 
 from . import memory
+from .checks import check_machine, check_options
 from .errors import TunerError
 from .presets import load_preset
 from .runner import WORKER_CMD, Outcome, run_trial
@@ -103,6 +104,7 @@ class _Setup:
 
 def _setup(opt: TuneOptions) -> _Setup:
     """Everything that can be wrong with the request is found here, before the database is touched."""
+    check_options(opt)
     if opt.objective not in OBJECTIVES:
         raise TunerError(f"--objective {opt.objective!r}: choose {' or '.join(OBJECTIVES)}")
     if opt.trials < 1:
@@ -122,6 +124,7 @@ def _setup(opt: TuneOptions) -> _Setup:
     fix = F.parse_fix(opt.fix)
 
     det = detect()
+    check_machine(opt, det)
     import torch
 
     from dittune.engine.pipeline import supported_values
