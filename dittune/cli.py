@@ -174,7 +174,8 @@ def export(
 @app.command()
 @expected_failures
 def tune(
-    model: str = typer.Argument(..., help="Model name (see `dittune models`)."),
+    model: Optional[str] = typer.Argument(None, help="Model name (see `dittune models`); optional with --model-path."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help="Diffusers-format checkpoint dir: trials load its weights."),
     vram_budget: Optional[str] = typer.Option(None, help="24GiB, 24G, 24000MiB, 0.5 (of the card) or 80% (default: the whole card)."),
     trials: int = typer.Option(30, help="Measured trials the study should hold; a rerun continues towards it."),
     timeout: Optional[str] = typer.Option(None, help="Stop this run after this long: 600, 10m, 1h."),
@@ -202,6 +203,7 @@ def tune(
         width=width, height=height, steps=steps, guidance=guidance, fix=tuple(fix), allow_lossy=allow_lossy,
         db_url=db, study_name=study, gpu_index=gpu, seed=seed, objective=objective, confirm=confirm, device=device,
         trial_timeout_s=parse_duration(trial_timeout) if trial_timeout else None, measure_steps=measure_steps,
+        model_path=model_path,
     )
     res = run_tune(opts, progress=sys.stdout.isatty(), log=None if sys.stdout.isatty() else print)
     out.print(f"study {res.study}: {res.measured} measured trials; stopped: {res.stopped}")

@@ -129,3 +129,16 @@ def _vae_scale(family: str, vae: dict[str, Any]) -> int:
         return 2 ** (len(vae["block_out_channels"]) - 1)
     except (KeyError, TypeError):
         raise EngineError(f"the checkpoint's vae/config.json lacks the layout of a {family} VAE") from None
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of the checkpoint's model_index.json and its components' JSON files (configs,
+    tokenizer files, shard indexes): which checkpoint a study measured, without reading weights."""
+    import hashlib
+
+    path = Path(path)
+    files = [path / "model_index.json", *sorted(p for p in path.glob("*/*.json") if p.is_file())]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()

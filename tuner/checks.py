@@ -9,7 +9,7 @@ import torch
 from dittune.engine.budget import parse_budget
 from dittune.engine.checks import check_guidance, check_host_memory, parse_device
 from dittune.engine.gpu import Detection
-from dittune.engine.models import get_family
+from dittune.engine.checkpoint import resolve
 
 from .errors import TunerError
 
@@ -18,7 +18,7 @@ def check_options(opt) -> None:
     """`opt` (TuneOptions) on its own: reported before anything about the machine."""
     if opt.vram_budget is not None:
         parse_budget(opt.vram_budget)
-    check_guidance(get_family(opt.model), opt.guidance)
+    check_guidance(resolve(opt.model, opt.model_path), opt.guidance)
     device = parse_device(opt.device)
     if device is not None and device.type == "cuda" and device.index is not None:
         raise TunerError(f"--device {opt.device}: tune picks the GPU with --gpu {device.index}, and --device cuda")
@@ -42,4 +42,4 @@ def check_machine(opt, det: Detection) -> None:
         raise TunerError(f"--gpu {opt.gpu_index}: the study runs on the CPU here ({det.reason or '--device cpu'})")
     if opt.vram_budget is not None:
         raise TunerError(f"--vram-budget needs an NVIDIA GPU ({det.reason or 'running on the CPU'})")
-    check_host_memory(get_family(opt.model), torch.float32)  # CPU trials run in fp32
+    check_host_memory(resolve(opt.model, opt.model_path), torch.float32)  # CPU trials run in fp32

@@ -173,3 +173,27 @@ def test_broken_checkpoints_are_clear_errors(checkpoint, tmp_path, breakage, fra
     with pytest.raises(EngineError) as e:
         generate(GenerateRequest(model=model, model_path=p, width=32, height=24, steps=1, device="cpu"))
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tune_trials_load_the_checkpoint(checkpoint, tmp_path):
+    """`dittune tune --model-path DIR`: the trial's engine runs the checkpoint's weights, and the
+    study's key names the checkpoint (path and a hash of its configs)."""
+    from dittune import db as D
+    from dittune.db.models import Study, Trial
+    from dittune.engine.checkpoint import fingerprint
+    from dittune.tuner import TuneOptions, tune
+    from sqlalchemy import select
+
+    _, path = checkpoint
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    res = tune(TuneOptions(None, model_path=path, width=32, height=24, steps=1, trials=1, confirm=0, device="cpu",
+                           db_url=url, fix=("enable-torch-compile=false",)), log=lambda m: None)
+    digest = fingerprint(path)
+    assert res.measured == 1 and f"ckpt{digest[:8]}" in res.study
+    db = D.open_db(url)
+    with db.session() as s:
+        study = s.scalars(select(Study)).one()
+        trial = s.scalars(select(Trial)).one()
+    assert study.versions["checkpoint"] == {"path": str(path.resolve()), "sha256": digest}
+    assert trial.manifest["weights"] == f"checkpoint:{path.resolve()}"
+    assert trial.manifest["parameters"]["dit"] == sum(p.numel() for p in checkpoint[0].transformer.parameters())
