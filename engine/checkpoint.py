@@ -65,14 +65,9 @@ def checkpoint_spec(path: Path, model: str | None = None) -> ModelSpec:
         raise EngineError(f"{path}: model_index.json names pipeline {pipeline!r}; dittune runs {', '.join(PIPELINES)}")
     if model is not None and get_spec(model).family != family:
         raise EngineError(f"--model {model} is a {get_spec(model).family} model but --model-path {path} holds a {pipeline} checkpoint")
-    base = get_spec(model or _default_model(family, {}))
-    needed = ["transformer", "vae", "scheduler", *(te.name for te in base.text_encoders), *(te.tokenizer for te in base.text_encoders)]
-    missing = [c for c in needed if c not in index or not (path / c).is_dir()]
-    if missing:
-        raise EngineError(f"checkpoint {path} lacks component folder(s) {', '.join(missing)} needed by a {pipeline}")
+    check_components(path, index, get_spec(model or _default_model(family, {})))
     dit_cfg = read_json(path / "transformer" / "config.json")
-    if model is None:
-        base = get_spec(_default_model(family, dit_cfg))
+    base = get_spec(model or _default_model(family, dit_cfg))
     dit_config = type(base.dit_config).from_diffusers(dit_cfg)
     if family == "flux" and bool(dit_config.guidance_embeds) != bool(base.dit_config.guidance_embeds):
         kind = "a guidance-distilled (dev)" if dit_config.guidance_embeds else "a timestep-distilled (schnell)"
@@ -93,6 +88,14 @@ def checkpoint_spec(path: Path, model: str | None = None) -> ModelSpec:
         scheduler=SchedulerSpec.from_config(sched_cfg), vae_scale=_vae_scale(family, vae_cfg),
         tiny=False, notes=f"checkpoint {path}",
     )
+
+
+def check_components(path: Path, index: dict[str, Any], spec: ModelSpec) -> None:
+    """The component folders a `spec.family` pipeline needs, listed in model_index.json and present."""
+    needed = ["transformer", "vae", "scheduler", *(te.name for te in spec.text_encoders), *(te.tokenizer for te in spec.text_encoders)]
+    missing = [c for c in needed if c not in index or not (path / c).is_dir()]
+    if missing:
+        raise EngineError(f"checkpoint {path} lacks component folder(s) {', '.join(missing)} needed by {spec.family} models")
 
 
 def with_max_sequence_length(spec: ModelSpec, n: int) -> ModelSpec:

@@ -120,19 +120,9 @@ def _read_safetensors(folder: Path, device: torch.device, dtype: torch.dtype) ->
 
 
 def check_checkpoint_dir(path: Path, family: Family) -> None:
-    if not path.is_dir():
-        raise EngineError(f"--model-path {path} is not a directory")
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise EngineError(f"--model-path {path} has no model_index.json (not a diffusers-format checkpoint)")
-    try:
-        components = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise EngineError(f"malformed {index}: {e}") from None
-    needed = ["transformer", "vae", *(te.name for te in family.spec.text_encoders), *(te.tokenizer for te in family.spec.text_encoders)]
-    missing = [c for c in needed if c not in components or not (path / c).is_dir()]
-    if missing:
-        raise EngineError(f"checkpoint {path} lacks component folder(s) {', '.join(missing)} needed by {family.spec.name}")
+    from .checkpoint import check_components, read_index
+
+    check_components(path, read_index(path), family.spec)
 
 
 # --- text encoders --------------------------------------------------------------------------------
