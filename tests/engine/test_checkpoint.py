@@ -197,3 +197,27 @@ def test_tune_trials_load_the_checkpoint(checkpoint, tmp_path):
     assert study.versions["checkpoint"] == {"path": str(path.resolve()), "sha256": digest}
     assert trial.manifest["weights"] == f"checkpoint:{path.resolve()}"
     assert trial.manifest["parameters"]["dit"] == sum(p.numel() for p in checkpoint[0].transformer.parameters())
+
+
+@pytest.mark.gpu
+def test_gpu_noise_is_diffusers_cpu_generator_noise(monkeypatch):
+    """On the GPU too, --seed S draws diffusers' noise for generator=torch.Generator("cpu").manual_seed(S)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from dittune.engine.models.flux import FluxFamily, _pack
+
+    seen = []
+    original = FluxFamily.prepare_latents
+
+    def spy(self, batch, height, width, generator, device, dtype):
+        out = original(self, batch, height, width, generator, device, dtype)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(FluxFamily, "prepare_latents", spy)
+    generate(GenerateRequest(model="flux-dev-tiny", width=64, height=64, steps=1, seed=11, device="cuda"))
+    (got,) = seen
+    c = 16  # flux-dev-tiny: 16 latent channels, 8x VAE
+    want = randn_tensor((1, c, 8, 8), generator=torch.Generator("cpu").manual_seed(11), device=torch.device("cuda"),
+                        dtype=torch.bfloat16)
+    assert torch.equal(got, _pack(want))
