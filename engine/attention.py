@@ -1,5 +1,5 @@
-"""The one attention layer. Every DiT calls attention through `Attention`; backends plug in here
-(and later sequence parallelism). A backend either runs as asked or raises: forced SDPA
+"""The one attention layer. Every DiT calls attention through `Attention`; backends plug in here,
+and so does sequence parallelism (engine/parallel/attention.py). A backend either runs as asked or raises: forced SDPA
 backends use `sdpa_kernel` with a single backend, so PyTorch cannot fall back silently.
 """
 
@@ -134,10 +134,15 @@ class Attention(nn.Module):
         super().__init__()
         self.backend = "torch_sdpa"
         self.calls: Counter[str] = Counter()
+        # Sequence parallelism (engine/parallel): q, k, v are this rank's tokens; `mask` covers the
+        # keys of every rank, in rank order.
+        self.sp = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             self.calls[self.backend] += 1
+        if self.sp is not None:
+            return self.sp(q, k, v, mask, _IMPLS[self.backend], self.backend)  # [B, L_r, H*D]
         out = _IMPLS[self.backend](q, k, v, mask)  # [B, H, L, D]
         b, h, l, d = out.shape
         return out.transpose(1, 2).reshape(b, l, h * d)

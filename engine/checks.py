@@ -29,12 +29,6 @@ def parse_device(text: str | None) -> torch.device | None:
     return device
 
 
-def uses_cfg(family: Family, guidance: float) -> bool:
-    """Whether a run makes the negative (true-CFG) pass: the pipeline's rule."""
-    spec = family.spec
-    return spec.true_cfg and guidance > (0.0 if spec.cfg_style == "zimage" else 1.0)
-
-
 def check_guidance(family: Family, guidance: float | None, negative_prompt: str = "") -> None:
     """Refuse what the model would silently ignore: a negative prompt without a CFG pass, a
     guidance value for a model with neither a guidance input nor CFG; and negative guidance."""
@@ -45,7 +39,7 @@ def check_guidance(family: Family, guidance: float | None, negative_prompt: str 
     guided = bool(getattr(spec.dit_config, "guidance_embeds", False))
     if guidance and not spec.true_cfg and not guided:
         raise EngineError(f"--guidance {guidance:g}: {spec.name} has no guidance input (timestep-distilled); leave --guidance out")
-    if negative_prompt and not uses_cfg(family, g):
+    if negative_prompt and not spec.uses_cfg(g):
         if not spec.true_cfg:
             why = f"{spec.name} has no classifier-free guidance pass"
         else:

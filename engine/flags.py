@@ -83,6 +83,23 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
+    # Parallel layout over the GPUs of one host (SGLang's names): num_gpus = cfg x ulysses x ring.
+    Flag("num-gpus", int, 1,
+         "Processes, one per GPU, started by dittune itself; must equal the product of the layout's "
+         "degrees (2 with --enable-cfg-parallel, x --ulysses-degree x --ring-degree).",
+         minimum=1, multi_gpu=True, sglang="num-gpus"),
+    Flag("ulysses-degree", int, 1,
+         "Ulysses sequence parallel: an all-to-all turns each GPU's token shard into a head shard "
+         "around attention; the model's attention heads must divide by it.",
+         minimum=1, multi_gpu=True, sglang="ulysses-degree"),
+    Flag("ring-degree", int, 1,
+         "Ring sequence parallel: each GPU attends to every GPU's keys and values and merges the "
+         "partial results by log-sum-exp; combines with --ulysses-degree.",
+         minimum=1, multi_gpu=True, sglang="ring-degree"),
+    Flag("enable-cfg-parallel", bool, False,
+         "True-CFG workloads: half of the GPUs run the conditional pass, half the negative one; one "
+         "gather of the prediction per step.",
+         multi_gpu=True, sglang="enable-cfg-parallel"),
     Flag("attention-backend", str, "torch_sdpa",
          "Attention kernel: torch_sdpa lets PyTorch pick; the torch_*_sdpa ones force one SDPA kernel "
          "(error if it cannot run); fa = flash-attn 3/4; sage_attn = SageAttention (lossy).",
@@ -145,10 +162,26 @@ EngineConfig.__doc__ = "Engine flags, one field per registry flag (generated fro
 class Constraint:
     name: str
     violated: Callable[[Any], bool]  # EngineConfig -> True when the combination is bad
-    message: str
+    message: str | Callable[[Any], str]  # or EngineConfig -> the message, naming the values
+
+
+def layout_product(c: Any) -> int:
+    return (2 if c.enable_cfg_parallel else 1) * c.ulysses_degree * c.ring_degree
 
 
 CONSTRAINTS: tuple[Constraint, ...] = (
+    Constraint("num-gpus-is-layout-product",
+               lambda c: c.num_gpus != layout_product(c),
+               lambda c: f"--num-gpus {c.num_gpus} must equal the product of the layout's degrees, here "
+                         f"{'2 (cfg parallel) x ' if c.enable_cfg_parallel else ''}{c.ulysses_degree} (ulysses) x "
+                         f"{c.ring_degree} (ring) = {layout_product(c)}; e.g. --num-gpus 2 --ulysses-degree 2"),
+    Constraint("ring-needs-torch-attention",
+               lambda c: c.ring_degree > 1 and c.attention_backend in ("fa", "sage_attn"),
+               "--ring-degree merges partial attention by log-sum-exp, which only the torch_* attention "
+               "backends return here; use --attention-backend torch_cudnn_sdpa (or another torch_*)"),
+    Constraint("multi-gpu-excludes-dit-offload",
+               lambda c: c.num_gpus > 1 and (c.dit_cpu_offload or c.dit_layerwise_offload),
+               "--dit-cpu-offload and --dit-layerwise-offload run on one GPU only; drop them or use --num-gpus 1"),
     Constraint("layerwise-excludes-dit-cpu-offload",
                lambda c: c.dit_layerwise_offload and c.dit_cpu_offload,
                "--dit-layerwise-offload and --dit-cpu-offload both move the DiT; use one of them"),
@@ -165,6 +198,49 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                "--no-pin-cpu-memory has no effect without an offload flag (--dit-cpu-offload, "
                "--text-encoder-cpu-offload, --vae-cpu-offload or --dit-layerwise-offload)"),
 )
+
+
+@dataclass(frozen=True)
+class ModelConstraint:
+    """A rule that reads the model spec and the workload's guidance as well as the flags."""
+
+    name: str
+    message: Callable[[Any, Any, float], str | None]  # (config, ModelSpec, guidance) -> why not, or None
+
+
+def _heads_rule(c: Any, spec: Any, guidance: float) -> str | None:
+    heads = spec.attention_heads
+    if heads % c.ulysses_degree:
+        return (f"--ulysses-degree {c.ulysses_degree} does not divide {spec.name}'s {heads} attention heads; "
+                f"use a divisor of {heads} or --ring-degree for the rest")
+    return None
+
+
+def _cfg_rule(c: Any, spec: Any, guidance: float) -> str | None:
+    if not c.enable_cfg_parallel or spec.uses_cfg(guidance):
+        return None
+    if not spec.true_cfg:
+        return (f"--enable-cfg-parallel needs true CFG; {spec.name} has none (one DiT pass per step: "
+                "its guidance is distilled or absent); use --ulysses-degree or --ring-degree")
+    threshold = "> 0" if spec.cfg_style == "zimage" else "> 1"
+    return (f"--enable-cfg-parallel needs true CFG; {spec.name} runs it only with --guidance {threshold} "
+            f"(got {guidance:g})")
+
+
+MODEL_CONSTRAINTS: tuple[ModelConstraint, ...] = (
+    ModelConstraint("ulysses-divides-heads", _heads_rule),
+    ModelConstraint("cfg-parallel-needs-true-cfg", _cfg_rule),
+)
+
+
+def validate_for_model(cfg: Any, spec: Any, guidance: float) -> Any:
+    """`validate`, then the rules that depend on the model and the workload."""
+    validate(cfg)
+    for c in MODEL_CONSTRAINTS:
+        why = c.message(cfg, spec, guidance)
+        if why:
+            raise FlagError(why)
+    return cfg
 
 
 def _flag(name: str) -> Flag:
@@ -192,7 +268,7 @@ def validate(cfg: Any) -> Any:
             raise FlagError(f"{f.option} has no effect without --{f.requires}; add --{f.requires} or drop it")
     for c in CONSTRAINTS:
         if c.violated(cfg):
-            raise FlagError(c.message)
+            raise FlagError(c.message(cfg) if callable(c.message) else c.message)
     return cfg
 
 
@@ -287,7 +363,7 @@ def registry_hash() -> str:
             "lossy": sorted(map(str, f.lossy_values)), "requires": f.requires, "multi_gpu": f.multi_gpu,
         }
         for f in FLAGS
-    ] + [c.name for c in CONSTRAINTS]
+    ] + [c.name for c in CONSTRAINTS] + [c.name for c in MODEL_CONSTRAINTS]
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
 

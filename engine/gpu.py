@@ -74,6 +74,32 @@ def detect() -> Detection:
             pass
 
 
+def nvml_index(device) -> int | None:
+    """NVML's index of a torch CUDA device. The two orders differ under CUDA_VISIBLE_DEVICES (and
+    CUDA_DEVICE_ORDER), so match by UUID."""
+    try:
+        import torch
+
+        uuid = str(torch.cuda.get_device_properties(device).uuid).lower().removeprefix("gpu-")
+        nv = _nvml()
+    except Exception:
+        return None
+    try:
+        for i in range(nv.nvmlDeviceGetCount()):
+            u = nv.nvmlDeviceGetUUID(nv.nvmlDeviceGetHandleByIndex(i))
+            u = (u.decode() if isinstance(u, bytes) else u).lower().removeprefix("gpu-")
+            if u == uuid:
+                return i
+        return None
+    except Exception:
+        return None
+    finally:
+        try:
+            nv.nvmlShutdown()
+        except Exception:
+            pass
+
+
 def process_used_bytes(index: int) -> int | None:
     """VRAM NVML charges to this process on GPU `index` (includes the CUDA context), or None."""
     try:

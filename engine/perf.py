@@ -102,9 +102,14 @@ def memory(device: torch.device, peaks: StagePeaks | None = None) -> dict[str, A
     return {
         "torch_max_reserved_bytes": reserved,
         "torch_max_allocated_bytes": allocated,
-        "nvml_process_bytes": gpu_mod.process_used_bytes(device.index or 0),
+        "nvml_process_bytes": _nvml_process_bytes(device),
         **out,
     }
+
+
+def _nvml_process_bytes(device: torch.device) -> int | None:
+    index = gpu_mod.nvml_index(device)
+    return None if index is None else gpu_mod.process_used_bytes(index)
 
 
 def versions() -> dict[str, str | None]:

@@ -9,7 +9,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from .models.base import Family, pack_modulation
 from .offload import ComponentOffload, LayerwiseOffload, TextEncoderOffload
 from .ops import use_fused_kernels
 from .perf import StagePeaks, StepTimer, sync
+
+if TYPE_CHECKING:
+    from .parallel.context import RankContext
 
 CUDA_ONLY_FLAGS = ("dit_cpu_offload", "text_encoder_cpu_offload", "vae_cpu_offload", "dit_layerwise_offload",
                    "enable_cuda_graph")
@@ -49,9 +52,13 @@ class RequestTimes:
 
 
 class Pipeline:
-    def __init__(self, family: Family, flags: Any, device: torch.device, dtype: torch.dtype, model_path: Path | None = None):
+    def __init__(self, family: Family, flags: Any, device: torch.device, dtype: torch.dtype, model_path: Path | None = None,
+                 parallel: "RankContext | None" = None):
         self.family, self.spec, self.flags = family, family.spec, flags
         self.device, self.dtype, self.model_path = device, dtype, model_path
+        # One rank of several (engine/parallel): rank 0 alone holds the text encoders and the VAE.
+        self.par = parallel
+        self.main = parallel is None or parallel.is_main
         self._check_supported()
         if model_path is not None:
             components.check_checkpoint_dir(model_path, family)
@@ -72,14 +79,17 @@ class Pipeline:
         # The DiT first: a checkpoint whose DiT does not match fails before ~9 GiB of T5-XXL load.
         self.dit = components.build_dit(family, self._home(flags.dit_cpu_offload or flags.dit_layerwise_offload), dtype, model_path)
         part("dit_s")
-        self.tokenizers = {te.name: components.build_tokenizer(te, model_path) for te in self.spec.text_encoders}
+        encoders = self.spec.text_encoders if self.main else ()
+        self.tokenizers = {te.name: components.build_tokenizer(te, model_path) for te in encoders}
         self.text_encoders = {
             te.name: components.build_text_encoder(te, self._home(flags.text_encoder_cpu_offload), dtype, model_path, seed=i + 1)
-            for i, te in enumerate(self.spec.text_encoders)
+            for i, te in enumerate(encoders)
         }
         part("text_encoders_s")
         self.vae_dtype = torch.float32 if flags.vae_precision == "fp32" else torch.bfloat16
-        self.vae = components.build_vae(self.spec.vae, self._home(flags.vae_cpu_offload), self.vae_dtype, model_path)
+        self.vae = None
+        if self.main:
+            self.vae = components.build_vae(self.spec.vae, self._home(flags.vae_cpu_offload), self.vae_dtype, model_path)
         part("vae_s")
 
         pin = flags.pin_cpu_memory
@@ -87,7 +97,7 @@ class Pipeline:
             # Layers streamed during encode, the rest visiting for it: never the whole encoder on the GPU.
             for name, enc in self.text_encoders.items():
                 self._offloads[name] = TextEncoderOffload(enc, device, pin)
-        if flags.vae_cpu_offload:
+        if flags.vae_cpu_offload and self.vae is not None:
             self._offloads["vae"] = ComponentOffload(self.vae, device, pin)
         if flags.dit_cpu_offload:
             self._offloads["dit"] = ComponentOffload(self.dit, device, pin)
@@ -103,6 +113,11 @@ class Pipeline:
             torch.cuda.empty_cache()  # the per-block weights it replaced would stay reserved (6 GiB for FLUX)
         attention.set_backend(self.dit, flags.attention_backend)
         self.fused = use_fused_kernels(self.dit, device) if flags.fused_kernels else []
+        self.sp_attention = 0
+        if parallel is not None:  # before compile, so compiled blocks trace the collectives
+            from .parallel import sequence_parallel
+
+            self.sp_attention = sequence_parallel(self.dit, parallel.groups)
         self._apply_compile()
         self.graphed = GraphedPasses(self._passes, device) if flags.enable_cuda_graph else None
         part("dit_setup_s")  # packing, backends, kernels, compile wrappers (compiling happens at the first call)
@@ -178,13 +193,16 @@ class Pipeline:
     ) -> tuple[torch.Tensor, RequestTimes]:
         times = RequestTimes()
         dev = self.device
-        do_cfg = self.spec.true_cfg and guidance > (0.0 if self.spec.cfg_style == "zimage" else 1.0)
+        do_cfg = self.spec.uses_cfg(guidance)
 
         sync(dev)
         t = time.perf_counter()
         with self.peaks.stage("encode"):
-            cond = self.encode(prompt)
-            neg = self.encode(negative_prompt) if do_cfg else None
+            if self.main:
+                cond = self.encode(prompt)
+                neg = self.encode(negative_prompt) if do_cfg else None
+            if self.par is not None:  # rank 0 encodes, every rank gets the embeddings
+                cond, neg = self.par.broadcast((cond, neg) if self.main else None)
             sync(dev)
         times.stages["encode_s"] = time.perf_counter() - t
 
@@ -199,13 +217,18 @@ class Pipeline:
 
         t = time.perf_counter()
         timer = StepTimer(dev)
+        cfg_parallel = self.flags.enable_cfg_parallel
         with self.peaks.stage("denoise"), self._denoising():
             for i in range(steps):
                 timer.start()
                 sigma = torch.full((1,), sig[i], device=dev, dtype=torch.float32)
                 conds = [cond, neg] if do_cfg else [cond]
+                if cfg_parallel:  # this rank's branch only
+                    conds = [conds[self.par.cfg_index]]
                 run = self._passes if self.graphed is None else self.graphed
                 vs = run(latents, sigma, conds, (guidance, height, width))
+                if cfg_parallel:  # one gather of the prediction per step
+                    vs = self.par.gather_cfg(vs[0])
                 v = cfg_combine(vs[0], vs[1], guidance, self.spec.cfg_style, self.spec.cfg_renorm) if do_cfg else vs[0]
                 latents = scheduler.euler_step(latents, v, sig[i], sig[i + 1])
                 timer.stop()
@@ -214,8 +237,12 @@ class Pipeline:
             sync(dev)
         times.stages["denoise_s"] = time.perf_counter() - t
         times.steps = timer.seconds()
+        self.last_latents = latents  # [B, L, C], for checks of parallel layouts against one process
 
         t = time.perf_counter()
+        if not self.main:  # the VAE lives on rank 0
+            times.stages["decode_s"] = 0.0
+            return None, times
         with self.peaks.stage("decode"):
             with self._visit(["vae"]):
                 z = self.family.unpack_latents(latents, height, width).to(self.vae_dtype)
@@ -226,6 +253,37 @@ class Pipeline:
             sync(dev)
         times.stages["decode_s"] = time.perf_counter() - t
         return image, times
+
+    def account_collectives(self, prompt: str, negative_prompt: str, width: int, height: int, guidance: float) -> dict[str, Any]:
+        """Bytes this rank sends to other ranks in one denoise step, counted on one eager step
+        (compiled and graphed steps run the same collectives but cannot count them). Run it after
+        the measured request: it is not timed, and its peak memory is not the configuration's."""
+        from .parallel.attention import SequenceParallelAttention
+
+        sps = {id(m.sp): m.sp for m in self.dit.modules()
+               if isinstance(m, attention.Attention) and isinstance(m.sp, SequenceParallelAttention)}
+        for sp in [*sps.values(), self.dit.seq]:
+            sp.bytes_sent = 0
+        do_cfg = self.spec.uses_cfg(guidance)
+        with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+            cond = neg = None
+            if self.main:
+                cond = self.encode(prompt)
+                neg = self.encode(negative_prompt) if do_cfg else None
+            cond, neg = self.par.broadcast((cond, neg) if self.main else None)
+            latents = self.family.prepare_latents(1, height, width, torch.Generator("cpu").manual_seed(0), self.device, self.dtype)
+            sigma = torch.ones(1, device=self.device)
+            conds = [cond, neg] if do_cfg else [cond]
+            if self.flags.enable_cfg_parallel:
+                conds = [conds[self.par.cfg_index]]
+            with self._denoising():
+                vs = self._passes(latents, sigma, conds, (guidance, height, width))
+            sync(self.device)
+        attn = sum(sp.bytes_sent for sp in sps.values())
+        out = self.dit.seq.bytes_sent if sps else 0
+        cfg = vs[0].numel() * vs[0].element_size() if self.flags.enable_cfg_parallel else 0
+        return {"attention_bytes": attn, "output_gather_bytes": out, "cfg_gather_bytes": cfg,
+                "total_bytes": attn + out + cfg}
 
     def _passes(self, latents: torch.Tensor, sigma: torch.Tensor, conds: list, static: tuple) -> list[torch.Tensor]:
         """The DiT passes of one denoise step (conditional, then negative under true CFG); they
@@ -266,7 +324,7 @@ class Pipeline:
             "placement": {
                 "dit": place("dit"),
                 **{name: place(name) for name in self.text_encoders},
-                "vae": place("vae"),
+                **({"vae": place("vae")} if self.vae is not None else {}),
             },
             "offloaded_bytes": {n: o.bytes for n, o in self._offloads.items()},
             "pinned": bool(self._offloads) and f.pin_cpu_memory,
@@ -278,8 +336,9 @@ class Pipeline:
             "parameters": {
                 "dit": _count(self.dit),
                 **{name: _count(m) for name, m in self.text_encoders.items()},
-                "vae": _count(self.vae),
+                **({"vae": _count(self.vae)} if self.vae is not None else {}),
             },
+            "sequence_parallel_attention": self.sp_attention,
         }
 
 

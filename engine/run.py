@@ -3,6 +3,7 @@ measured request, save the PNG and the perf dump (format: docs/PERF_DUMP.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -19,7 +20,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 from .errors import BudgetExceededError, EngineError  # noqa: E402
-from .flags import EngineConfig, validate  # noqa: E402
+from .flags import EngineConfig, validate, validate_for_model  # noqa: E402
 from .checkpoint import resolve  # noqa: E402
 from .checks import check_guidance, check_host_memory, parse_device  # noqa: E402
 from .perf import memory, summarize_steps, versions  # noqa: E402
@@ -77,7 +78,7 @@ def check_workload(spec, width: int, height: int, steps: int) -> None:
         raise EngineError(f"--steps {steps}: need at least one denoise step")
 
 
-def _resolve(req: GenerateRequest):
+def _workload(req: GenerateRequest):
     family = resolve(req.model, Path(req.model_path) if req.model_path is not None else None, req.max_sequence_length)
     spec = family.spec
     width = req.width if req.width is not None else spec.width
@@ -88,6 +89,12 @@ def _resolve(req: GenerateRequest):
     check_guidance(family, req.guidance, req.negative_prompt)
     if req.warmup < 0:
         raise EngineError(f"--warmup {req.warmup} must be >= 0")
+    validate_for_model(req.flags, spec, guidance)
+    return family, width, height, steps, guidance
+
+
+def _resolve(req: GenerateRequest):
+    family, width, height, steps, guidance = _workload(req)
     device = parse_device(req.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -109,9 +116,13 @@ def _cap_vram(budget_text: str, device: torch.device) -> int:
 
 
 def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
+    from .parallel import context
     from .pipeline import Pipeline
 
     validate(req.flags)
+    par = context.current()
+    if req.flags.num_gpus > 1 and par is None:
+        return _launch(req, progress)
     family, width, height, steps, guidance, device, dtype = _resolve(req)
     budget = None
     if req.vram_budget is not None:
@@ -125,7 +136,7 @@ def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
 
     try:
         t_start = time.perf_counter()
-        pipe = Pipeline(family, req.flags, device, dtype, Path(req.model_path) if req.model_path else None)
+        pipe = Pipeline(family, req.flags, device, dtype, Path(req.model_path) if req.model_path else None, par)
         run = lambda on_step=None: pipe(  # noqa: E731
             req.prompt, req.negative_prompt, width, height, steps, guidance, req.seed, on_step
         )
@@ -174,16 +185,97 @@ def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
         "latency_s": latency_s,
         "peak_vram": memory(device, pipe.peaks),
         "manifest": manifest,
+        **({"parallel": _parallel_report(pipe, par, req, width, height, guidance)} if par is not None else {}),
         "pid": os.getpid(),
         "started_at": time.time() - (time.perf_counter() - t_start),
     }
+    if par is not None:
+        dump["peak_vram"] = _binding_peak(dump["parallel"]["ranks"])
     t = time.perf_counter()
-    if req.output is not None:
+    if req.output is not None and image is not None:  # several ranks: rank 0 has the image
         save_png(image, Path(req.output))
     dump["stages"]["save_s"] = time.perf_counter() - t
-    if req.perf_dump_path is not None:
+    if req.perf_dump_path is not None and (par is None or par.is_main):
         Path(req.perf_dump_path).write_text(json.dumps(dump, indent=2))
     return GenerateResult(dump, image)
+
+
+# --- several GPUs ---------------------------------------------------------------------------------
+
+
+def _launch(req: GenerateRequest, progress: bool) -> GenerateResult:
+    """--num-gpus N: check the request here, then run it as N ranks (engine/parallel/launch.py)."""
+    from .parallel import launch
+
+    _workload(req)  # a bad model, workload or layout fails here, before any rank starts
+    n = req.flags.num_gpus
+    kind = (req.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+    if kind == "cuda":
+        if req.device not in (None, "cuda"):
+            raise EngineError(f"--device {req.device} with --num-gpus {n}: the ranks use cuda:0..{n - 1} of the "
+                              "visible GPUs; choose them with CUDA_VISIBLE_DEVICES and pass --device cuda")
+        if not torch.cuda.is_available():
+            raise EngineError("--device cuda: no CUDA device is available to PyTorch here")
+        count = torch.cuda.device_count()
+        if count < n:
+            raise EngineError(f"--num-gpus {n}: only {count} CUDA device(s) visible")
+    elif kind != "cpu":
+        raise EngineError(f"--device {req.device!r}: only cuda and cpu are supported")
+    if req.perf_dump_path is not None:
+        Path(req.perf_dump_path).parent.mkdir(parents=True, exist_ok=True)
+    return launch.run(n, "dittune.engine.run:rank_generate", (req, progress), "nccl" if kind == "cuda" else "gloo")
+
+
+def rank_generate(rank: int, world: int, payload) -> GenerateResult | None:
+    """One rank of `_launch`: join the layout, run the request; rank 0 returns the result."""
+    from .parallel import Layout, context
+
+    req, progress = payload
+    device = torch.device("cuda", rank) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    context.enter(Layout.from_flags(req.flags), rank, world, device)
+    result = generate(dataclasses.replace(req, device=str(device)), progress=progress and rank == 0)
+    return result if rank == 0 else None
+
+
+def _parallel_report(pipe, par, req: GenerateRequest, width: int, height: int, guidance: float) -> dict[str, Any]:
+    """Every rank's device and peaks (rank 0 gets them all), and the bytes one step sends."""
+    from . import gpu as gpu_mod
+
+    device = pipe.device
+    mine = {"rank": par.rank, "device": str(device), **par.groups.coords,
+            "peak_vram": memory(device, pipe.peaks)}
+    if device.type == "cuda":
+        mine["gpu"] = torch.cuda.get_device_name(device)
+        mine["nvml_index"] = gpu_mod.nvml_index(device)
+    try:
+        collectives = pipe.account_collectives(req.prompt, req.negative_prompt, width, height, guidance)
+    except torch.OutOfMemoryError:
+        collectives = None  # the accounting pass runs eagerly and may not fit where the compiled step did
+    mine["collectives_per_step"] = collectives
+    ranks = par.all_ranks(mine)
+    lay = par.layout
+    return {
+        "layout": {"world_size": lay.world, "cfg": lay.cfg, "ulysses": lay.ulysses, "ring": lay.ring,
+                   "describe": lay.describe()},
+        "text_encoders": "rank 0 (embeddings broadcast to every rank)",
+        "vae": "rank 0",
+        "text_tokens": "sharded with the image tokens",
+        "ranks": ranks,
+    }
+
+
+def _binding_peak(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-GPU figure a budget binds: each peak's maximum over the ranks (stages: that rank's)."""
+    peaks = [r["peak_vram"] for r in ranks]
+    out: dict[str, Any] = {}
+    for key in ("torch_max_reserved_bytes", "torch_max_allocated_bytes", "nvml_process_bytes"):
+        vals = [p.get(key) for p in peaks if p.get(key) is not None]
+        out[key] = max(vals) if vals else None
+    top = max(range(len(peaks)), key=lambda i: peaks[i].get("torch_max_reserved_bytes") or 0)
+    if "stages" in peaks[top]:
+        out["stages"] = peaks[top]["stages"]
+    out["rank"] = top
+    return out
 
 
 def _with_progress(run, steps: int):

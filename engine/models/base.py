@@ -88,6 +88,14 @@ class ModelSpec:
     def size_multiple(self) -> int:
         return self.vae_scale * self.patch
 
+    @property
+    def attention_heads(self) -> int:
+        return self.dit_config.heads
+
+    def uses_cfg(self, guidance: float) -> bool:
+        """Whether this guidance runs true CFG (two DiT passes per step)."""
+        return self.true_cfg and guidance > (0.0 if self.cfg_style == "zimage" else 1.0)
+
 
 class Family(abc.ABC):
     """Family-specific glue around a DiT; one subclass per model file."""

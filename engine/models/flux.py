@@ -20,6 +20,7 @@ from torch import nn
 
 from ..attention import Attention
 from ..ops import reference
+from ..parallel.sequence import NO_SHARDS
 from .rope import joint_qk_norm_rope, rms_norm, rope
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec, modulations
@@ -53,6 +54,10 @@ class FluxConfig:
             )
         if self.patch_size != 1:
             raise EngineError(f"flux patch_size={self.patch_size} is not supported (only 1)")
+
+    @property
+    def heads(self) -> int:
+        return self.num_attention_heads
 
     @property
     def hidden_size(self) -> int:
@@ -287,6 +292,7 @@ class FluxTransformer(nn.Module):
     """Denoiser: packed latent tokens + T5 tokens + CLIP pooled vector -> velocity tokens."""
 
     repeated_blocks: tuple[str, ...] = ("double_blocks", "single_blocks")
+    seq = NO_SHARDS  # token sharding seam: identity on one GPU (engine/parallel/sequence.py)
 
     def __init__(self, config: FluxConfig):
         super().__init__()
@@ -313,7 +319,11 @@ class FluxTransformer(nn.Module):
         txt_ids: torch.Tensor,  # [Lt, 3] zeros
         guidance: torch.Tensor | None = None,  # [B] guidance scale; dev only
     ) -> torch.Tensor:
-        img = self.x_embedder(hidden_states)  # [B, Li, D]
+        # Under sequence parallelism each rank keeps its slice of the text and of the image tokens
+        # (and of their RoPE rows); attention is the only place tokens meet.
+        seq, n_img, n_txt = self.seq, hidden_states.shape[1], encoder_hidden_states.shape[1]
+        seq.joint(n_txt, n_img)
+        img = self.x_embedder(seq.split(hidden_states, 1))  # [B, Li, D]
         dtype = img.dtype
         # Same casts as diffusers: timestep rounds to the model dtype before the x1000.
         t_emb = timestep_embedding(timestep.to(dtype) * 1000).to(pooled_projections.dtype)
@@ -327,10 +337,11 @@ class FluxTransformer(nn.Module):
             raise EngineError("this FLUX transformer has no guidance embedding (FLUX.1-schnell): pass guidance=None")
         temb = temb + self.pooled_in(pooled_projections)
         vec = F.silu(temb).to(dtype)  # [B, D], shared by every modulation
-        txt = self.context_embedder(encoder_hidden_states)  # [B, Lt, D]
+        txt = self.context_embedder(seq.split(encoder_hidden_states, 1))  # [B, Lt, D]
         lt = txt.shape[1]
 
-        cos, sin = rope_tables(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope, self.config.rope_theta)
+        ids = torch.cat([seq.split(txt_ids, 0), seq.split(img_ids, 0)])
+        cos, sin = rope_tables(ids, self.config.axes_dims_rope, self.config.rope_theta)
 
         mods = modulations(self, vec) or [None] * (len(self.double_blocks) + len(self.single_blocks) + 1)
         nd = len(self.double_blocks)
@@ -342,7 +353,7 @@ class FluxTransformer(nn.Module):
         img = x[:, lt:]
 
         scale, shift = (self.norm_out(vec) if mods[-1] is None else mods[-1])[:, None].chunk(2, dim=-1)
-        return self.proj_out(self.ops.modulate(img, shift, scale))  # [B, Li, out_channels]
+        return seq.gather(self.proj_out(self.ops.modulate(img, shift, scale)), 1, n_img)  # [B, Li, out_channels]
 
     def modulation_groups(self) -> list[list[nn.Linear]]:
         """The adaLN Linears of vec, per consumer in forward order (see base.pack_modulation)."""

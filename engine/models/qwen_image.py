@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import Attention
+from ..parallel.sequence import NO_SHARDS
 from ..ops import reference
 from .rope import joint_qk_norm_rope, rms_norm
 from ..errors import EngineError
@@ -68,6 +69,10 @@ class QwenImageConfig:
                 f"axes_dims_rope {self.axes_dims_rope} must be even and sum to attention_head_dim "
                 f"{self.attention_head_dim}"
             )
+
+    @property
+    def heads(self) -> int:
+        return self.num_attention_heads
 
     @property
     def inner_dim(self) -> int:
@@ -266,6 +271,7 @@ class DualStreamBlock(nn.Module):
 
 class QwenImageTransformer(nn.Module):
     repeated_blocks: tuple[str, ...] = ("blocks",)
+    seq = NO_SHARDS  # token sharding seam: identity on one GPU (engine/parallel/sequence.py)
 
     def __init__(self, cfg: QwenImageConfig):
         super().__init__()
@@ -292,8 +298,12 @@ class QwenImageTransformer(nn.Module):
         cfg = self.cfg
         if img.shape[1] != grid_h * grid_w:
             raise EngineError(f"{img.shape[1]} image tokens do not form a {grid_h}x{grid_w} grid")
-        img = self.img_in(img)
-        txt = self.txt_in(rms_norm(txt, self.txt_norm, cfg.eps))
+        # Under sequence parallelism each rank keeps its slice of the text and of the image tokens
+        # (and of their RoPE rows); attention is the only place tokens meet.
+        seq, n_img, n_txt = self.seq, img.shape[1], txt.shape[1]
+        seq.joint(n_txt, n_img)
+        img = self.img_in(seq.split(img, 1))
+        txt = self.txt_in(rms_norm(seq.split(txt, 1), self.txt_norm, cfg.eps))
         # temb and the modulations depend on the timestep alone, so the passes of one step (true
         # CFG: conditional and negative prompt) compute them once.
         cached = step_cache.get("qwen_image_temb") if step_cache is not None else None
@@ -305,17 +315,18 @@ class QwenImageTransformer(nn.Module):
             mods = modulations(self, temb) or [None] * (len(self.blocks) + 1)
             if step_cache is not None:
                 step_cache["qwen_image_temb"] = (temb, mods)
-        cos, sin = rope_tables(grid_h, grid_w, txt.shape[1], cfg.axes_dims_rope, cfg.rope_theta, img.device)
+        cos, sin = (torch.cat([seq.split(t[:n_txt], 0), seq.split(t[n_txt:], 0)])
+                    for t in rope_tables(grid_h, grid_w, n_txt, cfg.axes_dims_rope, cfg.rope_theta, img.device))
         mask = None
-        if txt_mask is not None:
-            img_mask = txt_mask.new_ones(img.shape[:2], dtype=torch.bool)
-            mask = torch.cat([txt_mask.bool(), img_mask], dim=1)[:, None, None, :]  # [B, 1, 1, L]
+        if txt_mask is not None:  # over the keys of every rank, in the order attention sees them
+            img_mask = txt_mask.new_ones(img.shape[0], n_img, dtype=torch.bool)
+            mask = seq.rank_order([txt_mask.bool(), img_mask], 1)[:, None, None, :]  # [B, 1, 1, L]
 
         for block, mod in zip(self.blocks, mods):
             img, txt = block(img, txt, temb, cos, sin, mask, mod)
 
         scale, shift = (self.norm_out(temb) if mods[-1] is None else mods[-1])[:, None].chunk(2, dim=-1)
-        return self.proj_out(modulate(img, shift, scale, cfg.eps))
+        return seq.gather(self.proj_out(modulate(img, shift, scale, cfg.eps)), 1, n_img)
 
     def modulation_groups(self) -> list[list[nn.Linear]]:
         """The adaLN Linears of temb, per consumer in forward order (see base.pack_modulation)."""

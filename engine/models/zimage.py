@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import Attention
+from ..parallel.sequence import NO_SHARDS
 from ..ops import reference
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec
@@ -67,6 +68,10 @@ class ZImageConfig:
     t_scale: float = 1000.0
     axes_dims: tuple[int, ...] = (32, 48, 48)
     axes_lens: tuple[int, ...] = (1536, 512, 512)
+
+    @property
+    def heads(self) -> int:
+        return self.n_heads
 
     @property
     def head_dim(self) -> int:
@@ -286,6 +291,7 @@ class FinalLayer(nn.Module):
 
 class ZImageTransformer(nn.Module):
     repeated_blocks: tuple[str, ...] = ("noise_refiner", "context_refiner", "layers")
+    seq = NO_SHARDS  # token sharding seam: identity on one GPU (engine/parallel/sequence.py)
 
     def __init__(self, cfg: ZImageConfig):
         super().__init__()
@@ -334,22 +340,34 @@ class ZImageTransformer(nn.Module):
         cos, sin = freqs.unbind(-1)  # [L, D/2] views, image positions first
         c = self.t_embedder(t * cfg.t_scale).to(x.dtype)  # [B, adaln_dim]
 
+        # Under sequence parallelism each rank keeps its slice of the (padded) image and caption
+        # tokens and of their RoPE rows; attention is the only place tokens meet.
+        seq = self.seq
+        seq.joint(x_len)
+        seq.joint(cap_len)
+        seq.joint(x_len, cap_len)
+        cos_x, sin_x, cos_c, sin_c = (seq.split(t, 0) for t in (cos[:x_len], sin[:x_len], cos[x_len:], sin[x_len:]))
+
         x = self.x_embedder(x)  # [B, n_img, C]
         if x_len > n_img:
             x = torch.cat((x, self.x_pad_token.expand(b, x_len - n_img, -1)), dim=1)
+        x = seq.split(x, 1)
         for block in self.noise_refiner:
-            x = block(x, cos[:x_len], sin[:x_len], c)
+            x = block(x, cos_x, sin_x, c)
 
         cap = self.cap_proj(self.cap_norm(cap_feats))  # [B, Lc, C]
         if cap_len > cap.shape[1]:
             cap = torch.cat((cap, self.cap_pad_token.expand(b, cap_len - cap.shape[1], -1)), dim=1)
+        cap = seq.split(cap, 1)
         for block in self.context_refiner:
-            cap = block(cap, cos[x_len:], sin[x_len:], None)
+            cap = block(cap, cos_c, sin_c, None)
 
+        lx = x.shape[1]
         x = torch.cat((x, cap), dim=1)  # [B, x_len + cap_len, C]
+        cos, sin = torch.cat((cos_x, cos_c)), torch.cat((sin_x, sin_c))
         for block in self.layers:
             x = block(x, cos, sin, c)
-        return self.final_layer(x[:, :n_img], c)
+        return seq.gather(self.final_layer(x[:, :lx], c), 1, x_len)[:, :n_img]
 
 
 # ---------------------------------------------------------------------------------------------

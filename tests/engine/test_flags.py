@@ -23,6 +23,13 @@ def _config_with(f: F.Flag, value):
         parent = F.FLAG_BY_NAME[parent].requires
     if f.name == "pin-cpu-memory" and value is False:
         values["vae-cpu-offload"] = True
+    if f.multi_gpu:  # a layout whose degrees multiply to --num-gpus
+        if f.name == "num-gpus":
+            values["ulysses-degree"] = value
+        elif f.name == "enable-cfg-parallel":
+            values["num-gpus"] = 2 if value else 1
+        else:
+            values["num-gpus"] = value
     return F.config_from_dict(values)
 
 
@@ -96,6 +103,18 @@ BAD_AND_GOOD = {
         {"enable-cuda-graph": True, "dit-layerwise-offload": True},
         {"enable-cuda-graph": True, "text-encoder-cpu-offload": True, "vae-cpu-offload": True},
     ),
+    "num-gpus-is-layout-product": (
+        {"num-gpus": 2},
+        {"num-gpus": 4, "ulysses-degree": 2, "enable-cfg-parallel": True},
+    ),
+    "ring-needs-torch-attention": (
+        {"num-gpus": 2, "ring-degree": 2, "attention-backend": "fa"},
+        {"num-gpus": 2, "ring-degree": 2, "attention-backend": "torch_cudnn_sdpa"},
+    ),
+    "multi-gpu-excludes-dit-offload": (
+        {"num-gpus": 2, "ulysses-degree": 2, "dit-layerwise-offload": True},
+        {"num-gpus": 2, "ulysses-degree": 2, "text-encoder-cpu-offload": True, "vae-cpu-offload": True},
+    ),
     "unpinned-needs-offload": (
         {"pin-cpu-memory": False},
         {"pin-cpu-memory": False, "dit-cpu-offload": True},
@@ -110,10 +129,11 @@ def test_every_constraint_has_a_case():
 @pytest.mark.parametrize("name", sorted(BAD_AND_GOOD))
 def test_constraint_rejects_bad_accepts_good(name):
     bad, good = BAD_AND_GOOD[name]
-    msg = next(c.message for c in F.CONSTRAINTS if c.name == name)
+    c = next(c for c in F.CONSTRAINTS if c.name == name)
     with pytest.raises(FlagError) as e:
         F.config_from_dict(bad)
-    assert str(e.value) == msg
+    assert str(e.value) == (c.message(F.EngineConfig(**{F.FLAG_BY_NAME[k].attr: v for k, v in bad.items()}))
+                            if callable(c.message) else c.message)
     F.config_from_dict(good)
 
 
@@ -155,3 +175,39 @@ def test_sglang_translation_names_what_has_no_equivalent():
     assert missing == ["--attention-backend", "torch_cudnn_sdpa", "--dit-resident-layers", "8"]
     argv, missing = F.to_sglang_argv(F.config_from_dict({"attention-backend": "sage_attn"}))
     assert argv == ["--attention-backend", "sage_attn"] and missing == []
+
+
+def test_layout_product_message_names_the_degrees():
+    with pytest.raises(FlagError, match=r"--num-gpus 4 must equal .* 2 \(cfg parallel\) x 1 \(ulysses\) x 1 \(ring\) = 2"):
+        F.config_from_argv(["--num-gpus", "4", "--enable-cfg-parallel"])
+
+
+@pytest.mark.parametrize("model, guidance, argv, fragment", [
+    ("z-image-turbo", 0.0, ["--num-gpus", "4", "--ulysses-degree", "4"], "does not divide z-image-turbo's 30 attention heads"),
+    ("flux-dev", 3.5, ["--num-gpus", "2", "--enable-cfg-parallel"], "flux-dev has none"),
+    ("z-image-turbo", 0.0, ["--num-gpus", "2", "--enable-cfg-parallel"], "only with --guidance > 0"),
+    ("qwen-image", 1.0, ["--num-gpus", "2", "--enable-cfg-parallel"], "only with --guidance > 1"),
+])
+def test_model_constraints_refuse_layouts(model, guidance, argv, fragment):
+    from dittune.engine.models import get_spec
+
+    with pytest.raises(FlagError, match=fragment):
+        F.validate_for_model(F.config_from_argv(argv), get_spec(model), guidance)
+
+
+@pytest.mark.parametrize("model, guidance, argv", [
+    ("z-image-turbo", 0.0, ["--num-gpus", "2", "--ulysses-degree", "2"]),
+    ("z-image-turbo", 1.5, ["--num-gpus", "4", "--enable-cfg-parallel", "--ulysses-degree", "2"]),
+    ("z-image-turbo", 0.0, ["--num-gpus", "4", "--ring-degree", "4"]),
+    ("qwen-image", 4.0, ["--num-gpus", "2", "--enable-cfg-parallel"]),
+    ("flux-dev", 3.5, ["--num-gpus", "8", "--ulysses-degree", "8"]),
+])
+def test_model_constraints_accept_valid_layouts(model, guidance, argv):
+    from dittune.engine.models import get_spec
+
+    F.validate_for_model(F.config_from_argv(argv), get_spec(model), guidance)
+
+
+def test_layout_flags_translate_to_sglang():
+    argv, missing = F.to_sglang_argv(F.config_from_argv(["--num-gpus", "4", "--enable-cfg-parallel", "--ulysses-degree", "2"]))
+    assert argv == ["--num-gpus", "4", "--ulysses-degree", "2", "--enable-cfg-parallel"] and missing == []

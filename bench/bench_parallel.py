@@ -1,0 +1,311 @@
+"""One denoise step on two GPUs: dittune's best single-GPU configuration, each 2-GPU layout that
+applies (Ulysses-2, ring-2, CFG parallel), and diffusers' own context parallel / tensor parallel
+(`enable_parallelism`, regional compile, cuDNN attention), in the same call on the same synthetic
+weights and inputs. Step times (rank 0, medians of warmed-up steps), speed-up over one GPU, each
+GPU's peak, and the output's difference against dittune on one GPU.
+
+    python bench/bench_parallel.py --models flux-dev --json out.json        # 2 GPUs, NCCL
+    python bench/bench_parallel.py --models flux-dev --profile              # + kernel time split of one Ulysses-2 step
+    python bench/bench_parallel.py --tiny --device cpu                      # smoke test on gloo
+
+The ranks are started by dittune's own launcher (engine/parallel/launch.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+BEST = "--attention-backend torch_cudnn_sdpa --fused-kernels --enable-torch-compile"
+PASSES = {"qwen_image": 2}
+
+
+def _layouts(model: str, tiny: bool) -> list[dict]:
+    from dittune.engine.models import get_spec
+
+    spec = get_spec(model)
+    out = [{"ulysses": 2}, {"ring": 2}]
+    if spec.true_cfg and spec.uses_cfg(spec.guidance if spec.guidance > 0 else 1.5):
+        out.append({"cfg": 2})
+    return out
+
+
+def bench_rank(rank: int, world: int, payload: dict):
+    """Runs in every rank; returns the rows (rank 0)."""
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_dit import DIFFUSERS_BACKEND, build_reference, case, free, native_from, prepare_native, timeit  # noqa: F401
+
+    from dittune.engine import flags as F
+    from dittune.engine.cudagraph import capture
+    from dittune.engine.models import get_family
+    from dittune.engine.parallel import Layout, context, sequence_parallel
+    from dittune.engine.parallel.sequence import all_gather
+
+    model, size, tokens, warmup, iters = (payload[k] for k in ("model", "size", "tokens", "warmup", "iters"))
+    device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    family = get_family(model)
+    passes = PASSES.get(family.spec.family, 1)
+    ref_cls, ref_cfg, ref_fwd, our_fwd = case(model, size, size, tokens, device, dtype)
+    cfg = F.config_from_argv(shlex.split(payload["flags"]))
+    graphs = device.type == "cuda" and not payload.get("no_graphs")
+    rows: list[dict] = []
+
+    def peak_reset():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def peaks() -> list:
+        mine = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return context.current().all_ranks(mine) if context.current() else [mine]
+
+    torch.manual_seed(0)
+    ref = build_reference(ref_cls, ref_cfg, torch.device("cpu"), dtype)  # same random init on every rank
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    del ref
+
+    # --- dittune on one GPU (rank 0; the others wait) -------------------------------------------------
+    single_out = None
+    if rank == 0:
+        peak_reset()
+        ours = native_from(family, sd, device, dtype)
+        with torch.inference_mode():
+            t = time.perf_counter()
+            prepare_native(ours, cfg, device)
+            single_out = our_fwd(ours).float()
+            compile_s = time.perf_counter() - t
+
+            def step():
+                cache: dict = {}
+                for _ in range(passes):
+                    our_fwd(ours, cache)
+
+            ms = timeit(step, device, warmup, iters) * 1e3
+            rows.append({"config": "dittune 1 GPU " + payload["flags"], "gpus": 1, "step_ms": ms, "compile_s": compile_s,
+                         "peak_bytes": [torch.cuda.max_memory_allocated(device)] if device.type == "cuda" else [None]})
+            if graphs:
+                graph, _ = capture(step, device)
+                rows.append({"config": "dittune 1 GPU " + payload["flags"] + " --enable-cuda-graph", "gpus": 1,
+                             "step_ms": timeit(graph.replay, device, warmup, iters) * 1e3,
+                             "peak_bytes": [torch.cuda.max_memory_allocated(device)]})
+                del graph
+        del ours
+        free(device)
+    dist.barrier()
+    box = [single_out.cpu() if single_out is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    single_out = box[0].to(device)
+
+    # --- dittune layouts on every rank --------------------------------------------------------------
+    for lay in _layouts(model, payload["tiny"]):
+        layout = Layout(**lay)
+        name = f"dittune {layout.describe()} {payload['flags']}"
+        try:
+            par = context.enter(layout, rank, world, device)
+            peak_reset()
+            ours = native_from(family, sd, device, dtype)
+            with torch.inference_mode():
+                t = time.perf_counter()
+                from dittune.engine.models.base import pack_modulation
+
+                pack_modulation(ours)
+                from dittune.engine import attention
+                from dittune.engine.ops import use_fused_kernels
+                from dittune.engine.pipeline import compile_dit
+
+                attention.set_backend(ours, cfg.attention_backend)
+                if cfg.fused_kernels:
+                    use_fused_kernels(ours, device)
+                sequence_parallel(ours, par.groups)
+                if cfg.enable_torch_compile:
+                    compile_dit(ours, cfg.compile_scope, cfg.compile_mode)
+
+                if layout.cfg > 1:  # each rank one branch, one gather of the prediction per step
+                    def step():
+                        v = our_fwd(ours, {})
+                        return all_gather(v.contiguous(), 0, par.groups.cfg)
+                    out = step()[:1].float()
+                else:
+                    def step():
+                        cache: dict = {}
+                        for _ in range(passes):
+                            v = our_fwd(ours, cache)
+                        return v
+                    out = step().float()
+                compile_s = time.perf_counter() - t
+                ms = timeit(step, device, warmup, iters) * 1e3
+                diff = ((out - single_out).norm() / single_out.norm()).item()
+                rows.append({"config": name, "gpus": 2, "step_ms": ms, "compile_s": compile_s, "peak_bytes": peaks(),
+                             "rel_diff_vs_1gpu": diff})
+                if graphs:
+                    try:
+                        graph, _ = capture(step, device)
+                        rows.append({"config": name + " --enable-cuda-graph", "gpus": 2,
+                                     "step_ms": timeit(graph.replay, device, warmup, iters) * 1e3, "peak_bytes": peaks(),
+                                     "rel_diff_vs_1gpu": diff})
+                        del graph
+                    except Exception as e:  # noqa: BLE001 - recorded in the table
+                        rows.append({"config": name + " --enable-cuda-graph", "gpus": 2, "error": f"{type(e).__name__}: {e}"[:300]})
+            del ours
+        except Exception as e:  # noqa: BLE001
+            rows.append({"config": name, "gpus": 2, "error": f"{type(e).__name__}: {e}"[:300]})
+        free(device)
+        dist.barrier()
+
+    # --- diffusers' own parallelism ------------------------------------------------------------------
+    if not payload.get("no_diffusers"):
+        from diffusers import ContextParallelConfig, TensorParallelConfig
+
+        configs = [("diffusers ulysses 2", lambda: ContextParallelConfig(ulysses_degree=2)),
+                   ("diffusers ring 2", lambda: ContextParallelConfig(ring_degree=2))]
+        if payload.get("diffusers_tp"):
+            configs.append(("diffusers TP 2", lambda: TensorParallelConfig(tp_degree=2)))
+        for name, make in configs:
+            name += ", regional compile, cuDNN"
+            try:
+                peak_reset()
+                with torch.device("meta"):
+                    ref = ref_cls.from_config({k: v for k, v in ref_cfg.items() if not k.startswith("_")})
+                ref.load_state_dict({k: v.to(device) for k, v in sd.items()}, assign=True)
+                ref = ref.to(device, dtype).eval().requires_grad_(False)
+                if DIFFUSERS_BACKEND.get("torch_cudnn_sdpa") and device.type == "cuda":
+                    ref.set_attention_backend(DIFFUSERS_BACKEND["torch_cudnn_sdpa"])
+                ref.enable_parallelism(config=make())
+                with torch.inference_mode():
+                    t = time.perf_counter()
+                    if device.type == "cuda":
+                        ref.compile_repeated_blocks(fullgraph=True)
+                    out = ref_fwd(ref).float()
+                    compile_s = time.perf_counter() - t
+                    ms = timeit(lambda: [ref_fwd(ref) for _ in range(passes)], device, warmup, iters) * 1e3
+                    diff = ((out - single_out).norm() / single_out.norm()).item()
+                rows.append({"config": name, "gpus": 2, "step_ms": ms, "compile_s": compile_s, "peak_bytes": peaks(),
+                             "rel_diff_vs_1gpu": diff})
+                del ref
+            except Exception as e:  # noqa: BLE001
+                rows.append({"config": name, "gpus": 2, "error": f"{type(e).__name__}: {e}"[:300]})
+            free(device)
+            dist.barrier()
+
+    if payload.get("profile"):
+        rows.append(_profile(model, family, sd, cfg, device, dtype, our_fwd, passes, rank, world))
+    return rows if rank == 0 else None
+
+
+def _profile(model, family, sd, cfg, device, dtype, our_fwd, passes, rank, world) -> dict:
+    """Kernel time of one Ulysses-2 step on rank 0: NCCL kernels vs the rest, and the step's wall time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench_dit import native_from, prepare_native
+
+    from dittune.engine.parallel import Layout, context, sequence_parallel
+
+    par = context.enter(Layout(ulysses=2), rank, world, device)
+    ours = native_from(family, sd, device, dtype)
+    with torch.inference_mode():
+        from dittune.engine import attention
+        from dittune.engine.models.base import pack_modulation
+        from dittune.engine.ops import use_fused_kernels
+        from dittune.engine.pipeline import compile_dit
+
+        pack_modulation(ours)
+        attention.set_backend(ours, cfg.attention_backend)
+        if cfg.fused_kernels:
+            use_fused_kernels(ours, device)
+        sequence_parallel(ours, par.groups)
+        if cfg.enable_torch_compile:
+            compile_dit(ours, cfg.compile_scope, cfg.compile_mode)
+
+        def step():
+            cache: dict = {}
+            for _ in range(passes):
+                our_fwd(ours, cache)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            step()
+            torch.cuda.synchronize(device)
+            wall = time.perf_counter() - t
+    nccl = other = 0.0
+    top: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if e.device_type is None or str(e.device_type).endswith("CPU"):
+            continue
+        if "nccl" in e.key.lower():
+            nccl += us
+        else:
+            other += us
+        top[e.key[:80]] = us
+    return {"config": "profile: dittune ulysses 2, one step, rank 0", "wall_ms": wall * 1e3, "nccl_kernel_ms": nccl / 1e3,
+            "other_kernel_ms": other / 1e3,
+            "top_kernels_ms": {k: v / 1e3 for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=None)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--flags", default=BEST, help=f"dittune's engine flags for every row (default: {BEST})")
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--diffusers-tp", action="store_true", help="add diffusers' TensorParallelConfig(tp_degree=2) row")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    from dittune.engine.parallel import launch
+
+    models = a.models or (["flux-dev-tiny", "qwen-image-tiny", "z-image-turbo-tiny"] if a.tiny else ["flux-dev", "qwen-image", "z-image-turbo"])
+    flags = "" if a.device == "cpu" and a.flags == BEST else a.flags
+    table = []
+    for m in models:
+        tokens = 16 if a.tiny else (512 if m.startswith("flux") else 128)
+        payload = {"model": m, "size": 64 if a.tiny else a.size, "tokens": tokens, "warmup": a.warmup, "iters": a.iters,
+                   "flags": flags, "tiny": a.tiny, "no_graphs": a.no_graphs, "no_diffusers": a.no_diffusers,
+                   "diffusers_tp": a.diffusers_tp, "profile": a.profile}
+        sys.path.insert(0, str(Path(__file__).parent))
+        rows = launch.run(2, "bench_parallel:bench_rank", payload, "nccl" if a.device == "cuda" else "gloo")
+        one = next((r["step_ms"] for r in rows if r.get("gpus") == 1 and "step_ms" in r and "cuda-graph" in r["config"]),
+                   next((r["step_ms"] for r in rows if r.get("gpus") == 1 and "step_ms" in r), None))
+        for r in rows:
+            r["model"] = m
+            if "step_ms" in r and one:
+                r["speedup_vs_1gpu"] = one / r["step_ms"]
+            print(json.dumps(r), flush=True)
+        table += rows
+    if a.json:
+        import torch
+
+        Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
+                                            "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:], "rows": table}, indent=2))
+    print(f"\n{'model':16} {'config':92} {'step ms':>8} {'x 1GPU':>7} {'peak GiB/GPU':>14} {'rel diff':>9}")
+    for r in table:
+        if "step_ms" not in r:
+            print(f"{r['model']:16} {r['config'][-92:]:92} {r.get('error', json.dumps(r)[:60])}")
+            continue
+        pk = "/".join(f"{p / 2**30:.1f}" for p in r.get("peak_bytes") or [] if p) or "-"
+        sp = f"{r['speedup_vs_1gpu']:.3f}" if r.get("speedup_vs_1gpu") else "-"
+        rd = f"{r['rel_diff_vs_1gpu']:.1e}" if r.get("rel_diff_vs_1gpu") is not None else "-"
+        print(f"{r['model']:16} {r['config'][-92:]:92} {r['step_ms']:8.2f} {sp:>7} {pk:>14} {rd:>9}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

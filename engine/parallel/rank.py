@@ -1,0 +1,54 @@
+"""One rank: `python -m dittune.engine.parallel.rank JOBDIR RANK` (started by launch.py only).
+
+Joins the process group through the launcher's TCP store, runs the job's target, writes rank 0's
+result, or this rank's error (class, message, time) so the launcher can raise the first one."""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import pickle
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    job_dir, rank = Path(argv[0]), int(argv[1])
+    job = pickle.loads((job_dir / "job.pkl").read_bytes())
+    world, backend = job["world"], job["backend"]
+    try:
+        import torch
+        import torch.distributed as dist
+
+        host, port = os.environ["DITTUNE_RANK_STORE"].rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), None, False, timeout=datetime.timedelta(seconds=300))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=600))
+        module, _, name = job["target"].partition(":")
+        result = getattr(importlib.import_module(module), name)(rank, world, job["payload"])
+        if rank == 0:
+            tmp = job_dir / "result.pkl.tmp"
+            tmp.write_bytes(pickle.dumps(result))
+            tmp.rename(job_dir / "result.pkl")
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
+    except BaseException as e:  # noqa: BLE001 - every failure is reported, then the rank ends
+        from dittune.errors import DittuneError
+
+        (job_dir / f"error-{rank}.json").write_text(json.dumps(
+            {"type": type(e).__name__, "message": str(e), "time": time.time()}))
+        if not isinstance(e, DittuneError):
+            traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # no teardown: a peer may be gone, and destroying the group would wait for it
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
