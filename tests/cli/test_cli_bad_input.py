@@ -2,10 +2,8 @@
 database as it was and no directory created; `--help` stays readable at 80 columns."""
 
 import importlib.util
-import os
 import re
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -140,10 +138,8 @@ def test_no_measured_trial_without_a_budget_names_no_budget(monkeypatch):
 
 @pytest.mark.parametrize("command", ["generate", "tune"])
 def test_help_keeps_flag_names_whole_at_80_columns(command):
-    env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
-    r = subprocess.run([sys.executable, "-m", "dittune", command, "--help"], capture_output=True, text=True, env=env,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = cli.invoke(app, [command, "--help"], env={"COLUMNS": "80", "TERM": "dumb"})
+    assert r.exit_code == 0, r.output
     assert max(len(line) for line in r.stdout.splitlines()) <= 80
     assert "…" not in r.stdout
     from dittune.engine.flags import FLAGS
