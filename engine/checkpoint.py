@@ -30,7 +30,7 @@ def resolve(model: str | None, model_path: Path | None, max_sequence_length: int
     """The Family a request runs: `model`'s built-in spec, or the checkpoint's configs (checked
     against `model` when both are given), with the text length the user asked for."""
     if model is None and model_path is None:
-        raise EngineError("give --model NAME (see `dittune models`) or --model-path DIR (a diffusers checkpoint)")
+        raise EngineError("name a model (see `dittune models`) or give --model-path DIR (a diffusers checkpoint)")
     spec = get_spec(model) if model_path is None else checkpoint_spec(Path(model_path), model)
     if max_sequence_length is not None:
         spec = with_max_sequence_length(spec, max_sequence_length)
