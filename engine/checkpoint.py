@@ -104,7 +104,7 @@ def with_max_sequence_length(spec: ModelSpec, n: int) -> ModelSpec:
     pipelines' `max_sequence_length`."""
     name, prefix, limit = _SEQUENCE[spec.family]
     if n < 1 or (limit is not None and n > limit):
-        raise EngineError(f"--max-sequence-length {n}: {spec.name} takes 1 to {limit or 'any number of'} tokens")
+        raise EngineError(f"--max-sequence-length {n}: {spec.name} takes " + (f"1 to {limit} tokens" if limit else "at least 1 token"))
     if prefix is None:  # Qwen-Image: the tokenizer also sees the template prefix it drops
         prefix = spec.extra["drop_idx"]
     encoders = tuple(dataclasses.replace(te, max_length=prefix + n) if te.name == name else te for te in spec.text_encoders)
