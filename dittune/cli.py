@@ -18,6 +18,8 @@ from dittune.errors import DittuneError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    # Plain click help: flag names stay whole in any terminal width (rich panels cut them at 80 columns).
+    rich_markup_mode=None,
     help="Measure the fastest flags for a diffusion model on your GPU, within your VRAM budget.",
 )
 
@@ -156,7 +158,8 @@ def export(
 @app.command()
 @expected_failures
 def tune(
-    model: str = typer.Argument(..., help="Model name (see `dittune models`)."),
+    model: Optional[str] = typer.Argument(None, help="Model name (see `dittune models`); optional with --model-path."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help="Diffusers-format checkpoint dir: trials load its weights."),
     vram_budget: Optional[str] = typer.Option(None, help="24GiB, 24G, 24000MiB, 0.5 (of the card) or 80% (default: the whole card)."),
     trials: int = typer.Option(30, help="Measured trials the study should hold; a rerun continues towards it."),
     timeout: Optional[str] = typer.Option(None, help="Stop this run after this long: 600, 10m, 1h."),
@@ -184,6 +187,7 @@ def tune(
         width=width, height=height, steps=steps, guidance=guidance, fix=tuple(fix), allow_lossy=allow_lossy,
         db_url=db, study_name=study, gpu_index=gpu, seed=seed, objective=objective, confirm=confirm, device=device,
         trial_timeout_s=parse_duration(trial_timeout) if trial_timeout else None, measure_steps=measure_steps,
+        model_path=model_path,
     )
     res = run_tune(opts, progress=sys.stdout.isatty(), log=None if sys.stdout.isatty() else print)
     out.print(f"study {res.study}: {res.measured} measured trials; stopped: {res.stopped}")
@@ -197,7 +201,9 @@ def tune(
         errs = sorted(abs(p - m) / m for p, m in res.predicted_vs_measured)
         out.print(f"memory model: median error {errs[len(errs) // 2]:.1%}, max {errs[-1]:.1%} over {len(errs)} trials")
     if res.winner is None:
-        raise DittuneError("no configuration was measured within the budget")
+        if res.budget_bytes is None:
+            raise DittuneError(f"no configuration was measured: every trial failed (see `dittune studies --db {res.db_url}`)")
+        raise DittuneError(f"no configuration was measured within the budget {format_bytes(res.budget_bytes)}")
     band = f" (noise band ±{res.noise_band:.1%})" if res.noise_band is not None else ""
     out.print(f"fastest{band}: {res.winner.latency_s:.3f} s per request, peak {format_bytes(res.winner.peak_vram_bytes)}")
     print(emit.generate_command(res.winner))
@@ -274,15 +280,16 @@ def _with_engine_flags(fn):
 @expected_failures
 @_with_engine_flags
 def generate(
-    model: str = typer.Option(..., "--model", help="Model name (see `dittune models`)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name (see `dittune models`); with --model-path, must match the checkpoint."),
     prompt: str = typer.Option("A photo of a cat sitting on a windowsill", "--prompt"),
-    negative_prompt: str = typer.Option("", "--negative-prompt", help="For true-CFG models."),
-    model_path: Optional[Path] = typer.Option(None, "--model-path", help="Diffusers-format checkpoint dir; without it, synthetic weights at real shapes."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="For true-CFG runs (Qwen-Image; Z-Image with --guidance > 0)."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help="Diffusers-format checkpoint dir (its model_index.json names the model); without it, synthetic weights at real shapes."),
+    max_sequence_length: Optional[int] = typer.Option(None, "--max-sequence-length", help="Prompt tokens of the long text encoder, as diffusers' max_sequence_length (default: the model's)."),
     width: Optional[int] = typer.Option(None, "--width"),
     height: Optional[int] = typer.Option(None, "--height"),
     steps: Optional[int] = typer.Option(None, "--steps"),
     guidance: Optional[float] = typer.Option(None, "--guidance"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Noise seed: the same noise as diffusers with generator=torch.Generator(\"cpu\").manual_seed(SEED)."),
     output: Optional[Path] = typer.Option(Path("out.png"), "--output", help="PNG to write."),
     perf_dump_path: Optional[Path] = typer.Option(None, "--perf-dump-path", help="Write stage/step times, peak VRAM and the manifest as JSON."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when available)."),
@@ -298,7 +305,7 @@ def generate(
     cfg = F.config_from_dict({name: value for name, value in flags.items()})
     req = GenerateRequest(
         model=model, prompt=prompt, negative_prompt=negative_prompt, model_path=model_path, width=width,
-        height=height, steps=steps, guidance=guidance, seed=seed, output=output, perf_dump_path=perf_dump_path,
+        height=height, steps=steps, guidance=guidance, seed=seed, max_sequence_length=max_sequence_length, output=output, perf_dump_path=perf_dump_path,
         device=device, dtype=dtype, warmup=warmup, vram_budget=vram_budget, flags=cfg,
     )
     result = run_generate(req, progress=True)

@@ -24,10 +24,11 @@ from dittune.engine import flags as F
 from dittune.engine.budget import format_bytes, parse_budget
 from dittune.engine.errors import FlagError
 from dittune.engine.gpu import detect
-from dittune.engine.models import get_family
+from dittune.engine.checkpoint import fingerprint, resolve
 from dittune.engine.run import check_workload
 
 from . import memory
+from .checks import check_machine, check_options
 from .errors import TunerError
 from .presets import load_preset
 from .runner import WORKER_CMD, Outcome, run_trial
@@ -39,7 +40,7 @@ OBJECTIVES = ("frontier", "latency")
 
 @dataclass(frozen=True)
 class TuneOptions:
-    model: str
+    model: str | None  # None: the family of model_path's model_index.json
     vram_budget: str | None = None  # default: the whole card
     trials: int = 30  # measured trials the study should hold (a rerun continues towards it)
     timeout_s: float | None = None  # wall clock for this run
@@ -60,6 +61,7 @@ class TuneOptions:
     measure_steps: int | None = None
     trial_timeout_s: float | None = None
     worker_cmd: tuple[str, ...] = WORKER_CMD
+    model_path: Path | None = None  # a diffusers checkpoint: trials load its weights
 
 
 @dataclass
@@ -99,10 +101,12 @@ class _Setup:
     seeds: tuple[dict[str, Any], ...]
     fix: dict[str, Any]
     free_bytes: int | None = None  # NVML's free memory on the GPU at start
+    checkpoint: dict[str, str] | None = None  # {"path", "sha256"} of --model-path (engine.checkpoint.fingerprint)
 
 
 def _setup(opt: TuneOptions) -> _Setup:
     """Everything that can be wrong with the request is found here, before the database is touched."""
+    check_options(opt)
     if opt.objective not in OBJECTIVES:
         raise TunerError(f"--objective {opt.objective!r}: choose {' or '.join(OBJECTIVES)}")
     if opt.trials < 1:
@@ -111,7 +115,7 @@ def _setup(opt: TuneOptions) -> _Setup:
         raise TunerError(f"--measure-steps {opt.measure_steps}: need at least one step")
     if opt.trial_timeout_s is not None and opt.trial_timeout_s <= 0:
         raise TunerError("--trial-timeout must be positive")
-    family = get_family(opt.model)
+    family = resolve(opt.model, opt.model_path)
     spec = family.spec
     preset = load_preset(spec)
     width, height = opt.width or preset.width, opt.height or preset.height
@@ -122,6 +126,7 @@ def _setup(opt: TuneOptions) -> _Setup:
     fix = F.parse_fix(opt.fix)
 
     det = detect()
+    check_machine(opt, det)
     import torch
 
     from dittune.engine.pipeline import supported_values
@@ -146,8 +151,9 @@ def _setup(opt: TuneOptions) -> _Setup:
     num_blocks = len(memory.footprint(spec.name).dit_block_bytes)
     space = build_space(supported_values(torch.device(device)), preset.space, fix, opt.allow_lossy, num_blocks,
                         gpu_count=max(1, gpu.count))
+    ckpt = None if opt.model_path is None else {"path": str(Path(opt.model_path).resolve()), "sha256": fingerprint(opt.model_path)}
     return _Setup(spec, width, height, steps, guidance, measure_steps, preset.warmup,
-                  opt.trial_timeout_s or preset.timeout_s, device, gpu, budget, space, preset.seeds, fix, free)
+                  opt.trial_timeout_s or preset.timeout_s, device, gpu, budget, space, preset.seeds, fix, free, ckpt)
 
 
 def _default_name(opt: TuneOptions, s: _Setup) -> str:
@@ -159,8 +165,9 @@ def _default_name(opt: TuneOptions, s: _Setup) -> str:
     # parameter's distribution, so a changed space (a preset edit, a new backend) is a new study.
     space = repr([(d.flag.name, (d.values[0], d.values[-1]) if d.ordinal else d.values) for d in s.space.dims])
     tag = hashlib.sha256((F.registry_hash() + space).encode()).hexdigest()[:8]
-    return (f"{s.spec.name}-{s.width}x{s.height}-{s.steps}st-g{s.guidance:g}-{gpu}-{budget}-{opt.objective}{extra}{fixed}"
-            f"-r{tag}")
+    ckpt = f"-ckpt{s.checkpoint['sha256'][:8]}" if s.checkpoint else ""
+    return (f"{s.spec.name}{ckpt}-{s.width}x{s.height}-{s.steps}st-g{s.guidance:g}-{gpu}-{budget}-{opt.objective}{extra}"
+            f"{fixed}-r{tag}")
 
 
 def _record_from(outcome: Outcome, cfg, argv: str, number: int | None, s: _Setup, predicted: int | None) -> D.TrialRecord:
@@ -213,7 +220,7 @@ def tune(opt: TuneOptions, progress: bool = False, log: Callable[[str], None] | 
     deadline = time.monotonic() + opt.timeout_s if opt.timeout_s else None
     db = D.open_db(opt.db_url, create=True)
     name = opt.study_name or _default_name(opt, s)
-    versions = current_versions(s.gpu.driver or None)
+    versions = current_versions(s.gpu.driver or None) | ({"checkpoint": s.checkpoint} if s.checkpoint else {})
     study_id = D.open_study(db, D.StudyKey(
         name=name, workload=D.WorkloadKey(s.spec.name, s.width, s.height, s.steps, float(s.guidance)), gpu=s.gpu,
         budget_bytes=s.budget_bytes or 0, registry_hash=F.registry_hash(), versions=versions, objective=opt.objective,
@@ -524,6 +531,7 @@ def _job(s: _Setup, cfg, seed: int = 0) -> dict[str, Any]:
         "model": s.spec.name, "width": s.width, "height": s.height, "steps": s.measure_steps, "guidance": s.guidance,
         "warmup": s.warmup, "device": s.device, "flags": F.config_to_dict(cfg), "seed": seed,
         "vram_budget": f"{s.budget_bytes}B" if s.budget_bytes is not None else None,
+        "model_path": s.checkpoint["path"] if s.checkpoint else None,
     }
 
 
