@@ -145,9 +145,10 @@ def native_from(family, sd: dict, device, dtype):
     return ours.eval().requires_grad_(False)
 
 
-def prepare_native(ours, cfg, device, pack: bool = True) -> None:
+def prepare_native(ours, cfg, device, pack: bool = True, groups=None) -> None:
     """The engine's DiT-level setup for a resident DiT, as Pipeline does it: packed modulation,
-    attention backend, fused kernels, compile."""
+    attention backend, fused kernels, sequence parallelism over `groups` (a rank's
+    engine.parallel Groups), compile."""
     from dittune.engine.models.base import pack_modulation
     from dittune.engine.ops import use_fused_kernels
     from dittune.engine.pipeline import compile_dit
@@ -157,6 +158,10 @@ def prepare_native(ours, cfg, device, pack: bool = True) -> None:
     attention.set_backend(ours, cfg.attention_backend)
     if cfg.fused_kernels:
         use_fused_kernels(ours, device)
+    if groups is not None:
+        from dittune.engine.parallel import sequence_parallel
+
+        sequence_parallel(ours, groups)
     if cfg.enable_torch_compile:
         compile_dit(ours, cfg.compile_scope, cfg.compile_mode)
 

@@ -45,7 +45,7 @@ def bench_rank(rank: int, world: int, payload: dict):
     from dittune.engine import flags as F
     from dittune.engine.cudagraph import capture
     from dittune.engine.models import get_family
-    from dittune.engine.parallel import Layout, context, sequence_parallel
+    from dittune.engine.parallel import Layout, context
     from dittune.engine.parallel.sequence import all_gather
 
     model, size, tokens, warmup, iters = (payload[k] for k in ("model", "size", "tokens", "warmup", "iters"))
@@ -107,6 +107,7 @@ def bench_rank(rank: int, world: int, payload: dict):
 
     # --- dittune layouts on every rank --------------------------------------------------------------
     for lay in _layouts(model, payload["tiny"]):
+        torch._dynamo.reset()  # each row compiles afresh: no row inherits (or exhausts) another's cache
         layout = Layout(**lay)
         name = f"dittune {layout.describe()} {payload['flags']}"
         try:
@@ -115,19 +116,7 @@ def bench_rank(rank: int, world: int, payload: dict):
             ours = native_from(family, sd, device, dtype)
             with torch.inference_mode():
                 t = time.perf_counter()
-                from dittune.engine.models.base import pack_modulation
-
-                pack_modulation(ours)
-                from dittune.engine import attention
-                from dittune.engine.ops import use_fused_kernels
-                from dittune.engine.pipeline import compile_dit
-
-                attention.set_backend(ours, cfg.attention_backend)
-                if cfg.fused_kernels:
-                    use_fused_kernels(ours, device)
-                sequence_parallel(ours, par.groups)
-                if cfg.enable_torch_compile:
-                    compile_dit(ours, cfg.compile_scope, cfg.compile_mode)
+                prepare_native(ours, cfg, device, groups=par.groups)
 
                 if layout.cfg > 1:  # each rank one branch, one gather of the prediction per step
                     def step():
@@ -171,6 +160,7 @@ def bench_rank(rank: int, world: int, payload: dict):
             configs.append(("diffusers TP 2", lambda: TensorParallelConfig(tp_degree=2)))
         for name, make in configs:
             name += ", regional compile, cuDNN"
+            torch._dynamo.reset()
             try:
                 peak_reset()
                 with torch.device("meta"):
@@ -208,23 +198,13 @@ def _profile(model, family, sd, cfg, device, dtype, our_fwd, passes, rank, world
 
     from bench_dit import native_from, prepare_native
 
-    from dittune.engine.parallel import Layout, context, sequence_parallel
+    from dittune.engine.parallel import Layout, context
 
+    torch._dynamo.reset()
     par = context.enter(Layout(ulysses=2), rank, world, device)
     ours = native_from(family, sd, device, dtype)
     with torch.inference_mode():
-        from dittune.engine import attention
-        from dittune.engine.models.base import pack_modulation
-        from dittune.engine.ops import use_fused_kernels
-        from dittune.engine.pipeline import compile_dit
-
-        pack_modulation(ours)
-        attention.set_backend(ours, cfg.attention_backend)
-        if cfg.fused_kernels:
-            use_fused_kernels(ours, device)
-        sequence_parallel(ours, par.groups)
-        if cfg.enable_torch_compile:
-            compile_dit(ours, cfg.compile_scope, cfg.compile_mode)
+        prepare_native(ours, cfg, device, groups=par.groups)
 
         def step():
             cache: dict = {}

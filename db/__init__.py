@@ -2,12 +2,13 @@
 
 from . import leases
 from .models import SCHEMA_VERSION, Claim, Gpu, Lease, Study, Trial, Workload
-from .queries import Result, StudySummary, best, frontier, measured, pareto, studies, trials
+from .queries import BEST_RULE, Result, StudySummary, UnknownStudy, best, frontier, measured, pareto, pick, studies, study, trials
 from .session import Database, DatabaseError, default_url, exclusive, open_db
 from .store import MEASURED, GpuKey, StudyKey, TrialRecord, WorkloadKey, find_measured, open_study, record_trial
 
 __all__ = [
-    "leases", "SCHEMA_VERSION", "Claim", "Lease", "exclusive", "Gpu", "Study", "Trial", "Workload", "Result", "StudySummary", "best", "frontier",
-    "measured", "pareto", "studies", "trials", "Database", "DatabaseError", "default_url", "open_db", "MEASURED", "GpuKey",
+    "leases", "SCHEMA_VERSION", "Claim", "Lease", "exclusive", "Gpu", "Study", "Trial", "Workload", "BEST_RULE", "Result",
+    "StudySummary", "UnknownStudy", "best", "frontier", "measured", "pareto", "pick", "studies", "study", "trials",
+    "Database", "DatabaseError", "default_url", "open_db", "MEASURED", "GpuKey",
     "StudyKey", "TrialRecord", "WorkloadKey", "find_measured", "open_study", "record_trial",
 ]

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import joinedload
+from sqlalchemy.orm import defer, joinedload
+
+from dittune.errors import DittuneError
 
 from .models import Gpu, Study, Trial, Workload
 from .session import Database
 from .store import MEASURED
+
+# The one rule that decides "best" everywhere (recommend, studies, export, the service, tune).
+BEST_RULE = (
+    "fastest measured latency; among configurations within the fastest one's noise band, "
+    "the lowest peak VRAM, then the shortest cold start"
+)
+
+
+class UnknownStudy(DittuneError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -39,21 +52,35 @@ class Result:
     versions: dict[str, Any]
     registry_hash: str
     stale: bool
+    stale_reasons: tuple[str, ...] = ()  # "torch 2.11.0 -> 2.13.0"
+    rule: str = ""  # set by pick(): why this configuration is the best one of its group
+
+    @property
+    def num_gpus(self) -> int:
+        """GPUs the configuration ran on: the stored flags' "num-gpus" (absent before multi-GPU: 1)."""
+        return int(self.flags.get("num-gpus", 1))
 
     @property
     def group(self) -> tuple:
-        return (self.model, self.width, self.height, self.steps, self.guidance, self.gpu, self.gpu_memory_bytes)
+        return (self.model, self.width, self.height, self.steps, self.guidance, self.gpu, self.gpu_memory_bytes,
+                self.num_gpus)
+
+
+def _stale_reasons(study: Study, current: dict[str, Any] | None) -> tuple[str, ...]:
+    """What differs between the study's versions and `current`, e.g. ("torch 2.11.0 -> 2.13.0",)."""
+    if not current:
+        return ()
+    stored = dict(study.versions, registry_hash=study.registry_hash)
+    return tuple(f"{k} {stored[k]} -> {v}" for k, v in current.items() if v is not None and k in stored and stored[k] != v)
 
 
 def _is_stale(study: Study, current: dict[str, Any] | None) -> bool:
-    if not current:
-        return False
-    stored = dict(study.versions, registry_hash=study.registry_hash)
-    return any(k in stored and stored[k] != v for k, v in current.items() if v is not None)
+    return bool(_stale_reasons(study, current))
 
 
 def measured(
-    db: Database, model: str | None = None, gpu: str | None = None, current: dict[str, Any] | None = None
+    db: Database, model: str | None = None, gpu: str | None = None, current: dict[str, Any] | None = None,
+    study: str | None = None, num_gpus: int | None = None,
 ) -> list[Result]:
     """Measured configurations, one per (group, configuration): the latest confirmation when the
     configuration was re-measured, else its fastest measurement. Fresh results hide stale ones of
@@ -62,13 +89,16 @@ def measured(
         q = (
             select(Trial)
             .join(Study).join(Workload).join(Gpu)
-            .options(joinedload(Trial.study).joinedload(Study.workload), joinedload(Trial.study).joinedload(Study.gpu))
+            .options(joinedload(Trial.study).joinedload(Study.workload), joinedload(Trial.study).joinedload(Study.gpu),
+                     *(defer(c) for c in (Trial.manifest, Trial.stage_times, Trial.step_times, Trial.stderr_tail)))
             .where(Trial.status.in_(MEASURED), Trial.latency_s.is_not(None))
         )
         if model:
             q = q.where(Workload.model == model)
         if gpu:
             q = q.where(func.lower(Gpu.name).contains(gpu.lower()))
+        if study:
+            q = q.where(Study.name == study)
         rows = s.scalars(q.order_by(Trial.id)).unique().all()
     chosen: dict[tuple, Trial] = {}
     for t in rows:
@@ -78,19 +108,22 @@ def measured(
             chosen[key] = t
         elif t.status == "confirmed" or (prev.status != "confirmed" and t.latency_s < prev.latency_s):
             chosen[key] = t
-    results = [_result(t, _is_stale(t.study, current)) for t in chosen.values()]
+    results = [_result(t, _stale_reasons(t.study, current)) for t in chosen.values()]
+    if num_gpus is not None:
+        results = [r for r in results if r.num_gpus == num_gpus]
     fresh_groups = {r.group for r in results if not r.stale}
     return [r for r in results if not r.stale or r.group not in fresh_groups]
 
 
-def _result(t: Trial, stale: bool) -> Result:
+def _result(t: Trial, stale: tuple[str, ...]) -> Result:
     w, g = t.study.workload, t.study.gpu
     return Result(
         trial_id=t.id, study=t.study.name, model=w.model, width=w.width, height=w.height, steps=w.steps,
         guidance=w.guidance, gpu=g.name, gpu_memory_bytes=g.memory_bytes, flags=dict(t.flags), argv=t.argv,
         latency_s=t.latency_s, step_median_s=t.step_median_s, step_spread=t.step_spread,
         peak_vram_bytes=t.peak_vram_bytes, cold_start_s=t.cold_start_s, status=t.status,
-        measured_at=t.created_at, versions=dict(t.study.versions), registry_hash=t.study.registry_hash, stale=stale,
+        measured_at=t.created_at, versions=dict(t.study.versions), registry_hash=t.study.registry_hash, stale=bool(stale),
+        stale_reasons=stale,
     )
 
 
@@ -100,29 +133,48 @@ def _fits(r: Result, budget: Callable[[int], int] | None) -> bool:
     return r.peak_vram_bytes is not None and r.gpu_memory_bytes > 0 and r.peak_vram_bytes <= budget(r.gpu_memory_bytes)
 
 
+def pick(rows: list[Result]) -> Result | None:
+    """BEST_RULE applied to the configurations of one question (one workload, GPU kind and GPU
+    count, already cut to the budget). The noise band is the fastest row's: the spread between its
+    confirmation runs, or between the steps of its single run. The pick carries `rule`: which
+    part of the rule chose it."""
+    if not rows:
+        return None
+    fastest = min(rows, key=lambda r: (r.latency_s, r.peak_vram_bytes or 0, r.trial_id))
+    band = fastest.step_spread or 0.0
+    close = [r for r in rows if r.latency_s <= fastest.latency_s * (1 + band)]
+    chosen = min(close, key=lambda r: (r.peak_vram_bytes or 0, r.cold_start_s if r.cold_start_s is not None else math.inf,
+                                       r.latency_s, r.trial_id))
+    source = "confirmation repeats" if fastest.status == "confirmed" else "single run, spread of its steps"
+    if chosen is fastest:
+        why = f"fastest measured ({len(rows)} candidates)"
+        if len(close) > 1:
+            why += f"; {len(close) - 1} others within its noise band ±{band:.1%} ({source}) have no lower peak VRAM"
+    else:
+        why = (f"within the noise band ±{band:.1%} ({source}) of the fastest ({fastest.latency_s:.3f} s, trial "
+               f"{fastest.trial_id}), with a lower peak VRAM or cold start")
+    return replace(chosen, rule=f"{why}. Rule: {BEST_RULE}")
+
+
 def best(
     db: Database,
-    model: str,
+    model: str | None,
     gpu: str | None = None,
     budget: Callable[[int], int] | None = None,
     current: dict[str, Any] | None = None,
+    num_gpus: int | None = None,
+    study: str | None = None,
 ) -> list[Result]:
-    """The fastest measured configuration whose peak VRAM fits the budget, one per GPU and workload.
-    `budget` maps a GPU's memory size to the budget in bytes (so "50%" means half of each card)."""
-    out: dict[tuple, Result] = {}
-    for r in measured(db, model, gpu, current):
-        if not _fits(r, budget):
-            continue
-        cur = out.get(r.group)
-        if cur is None or _faster(r, cur):
-            out[r.group] = r
-    return sorted(out.values(), key=lambda r: r.group)
-
-
-def _faster(a: Result, b: Result) -> bool:
-    if a.latency_s != b.latency_s:
-        return a.latency_s < b.latency_s
-    return (a.peak_vram_bytes or 0) < (b.peak_vram_bytes or 0)
+    """THE answer to "best for (model, workload, GPU kind, GPU count, budget)": one pick() per
+    workload, GPU kind and GPU count among the measured configurations whose peak VRAM fits the
+    budget. `budget` maps a GPU's memory size to the budget in bytes (so "50%" means half of each
+    card). num_gpus=None answers for every GPU count measured (one row each); `study` restricts
+    to one study's trials."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in measured(db, model, gpu, current, study=study, num_gpus=num_gpus):
+        if _fits(r, budget):
+            groups.setdefault(r.group, []).append(r)
+    return [p for key in sorted(groups) if (p := pick(groups[key])) is not None]
 
 
 def pareto(rows: list[Result]) -> list[Result]:
@@ -144,11 +196,12 @@ def frontier(
     gpu: str | None = None,
     budget: Callable[[int], int] | None = None,
     current: dict[str, Any] | None = None,
+    num_gpus: int | None = None,
 ) -> list[Result]:
     """Pareto front of (latency, peak VRAM) per GPU and workload, fastest first: every row is the
     fastest configuration for budgets between its peak and the next row's."""
     groups: dict[tuple, list[Result]] = {}
-    for r in measured(db, model, gpu, current):
+    for r in measured(db, model, gpu, current, num_gpus=num_gpus):
         if _fits(r, budget):
             groups.setdefault(r.group, []).append(r)
     return [r for key in sorted(groups) for r in pareto(groups[key])]
@@ -161,32 +214,61 @@ class StudySummary:
     width: int
     height: int
     steps: int
+    guidance: float
     gpu: str
+    gpu_memory_bytes: int
     budget_bytes: int
     objective: str
     trials: int
     measured: int
-    best_latency_s: float | None
+    best_latency_s: float | None  # the pick() of the study's measured trials within its budget
+    best: Result | None
     created_at: dt.datetime
     stale: bool
+    stale_reasons: tuple[str, ...]
+    versions: dict[str, Any]
+    registry_hash: str
+    allow_lossy: bool
 
 
-def studies(db: Database, current: dict[str, Any] | None = None) -> list[StudySummary]:
+def studies(db: Database, current: dict[str, Any] | None = None, name: str | None = None) -> list[StudySummary]:
+    """Stored studies, oldest first, each with its best configuration by BEST_RULE (one row per
+    GPU count when a study measured several: the summary shows the fastest of those picks)."""
+    q = select(Study).options(joinedload(Study.workload), joinedload(Study.gpu), joinedload(Study.trials))
+    if name is not None:
+        q = q.where(Study.name == name)
     with db.session() as s:
-        rows = s.scalars(
-            select(Study).options(joinedload(Study.workload), joinedload(Study.gpu), joinedload(Study.trials))
-            .order_by(Study.created_at)
-        ).unique().all()
-        out = []
-        for st in rows:
-            lat = [t.latency_s for t in st.trials if t.status in MEASURED and t.latency_s is not None]
-            out.append(StudySummary(
-                name=st.name, model=st.workload.model, width=st.workload.width, height=st.workload.height,
-                steps=st.workload.steps, gpu=st.gpu.name, budget_bytes=st.budget_bytes, objective=st.objective,
-                trials=len(st.trials), measured=len(lat), best_latency_s=min(lat) if lat else None,
-                created_at=st.created_at, stale=_is_stale(st, current),
-            ))
-        return out
+        rows = s.scalars(q.order_by(Study.created_at, Study.id)).unique().all()
+    # Every study keeps its own results here, stale or not (measured() without `current`).
+    by_study: dict[str, list[Result]] = {}
+    for r in (measured(db, study=name) if rows else []):
+        by_study.setdefault(r.study, []).append(r)
+    out = []
+    for st in rows:
+        cap = st.budget_bytes
+        fits = [r for r in by_study.get(st.name, []) if not cap or r.peak_vram_bytes is None or r.peak_vram_bytes <= cap]
+        groups: dict[tuple, list[Result]] = {}
+        for r in fits:
+            groups.setdefault(r.group, []).append(r)
+        picks = [p for g in groups.values() if (p := pick(g)) is not None]
+        top = min(picks, key=lambda r: r.latency_s) if picks else None
+        reasons = _stale_reasons(st, current)
+        out.append(StudySummary(
+            name=st.name, model=st.workload.model, width=st.workload.width, height=st.workload.height,
+            steps=st.workload.steps, guidance=st.workload.guidance, gpu=st.gpu.name, gpu_memory_bytes=st.gpu.memory_bytes,
+            budget_bytes=st.budget_bytes, objective=st.objective, trials=len(st.trials),
+            measured=sum(1 for t in st.trials if t.status in MEASURED and t.latency_s is not None),
+            best_latency_s=top.latency_s if top else None, best=top, created_at=st.created_at, stale=bool(reasons),
+            stale_reasons=reasons, versions=dict(st.versions), registry_hash=st.registry_hash, allow_lossy=st.allow_lossy,
+        ))
+    return out
+
+
+def study(db: Database, name: str, current: dict[str, Any] | None = None) -> StudySummary:
+    found = studies(db, current, name=name)
+    if not found:
+        raise UnknownStudy(f"no study named {name!r}; `dittune studies` lists them")
+    return found[0]
 
 
 def trials(db: Database, study_id: int | None = None, study_name: str | None = None) -> list[Trial]:

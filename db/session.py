@@ -53,6 +53,12 @@ class Database:
         self.engine.dispose()
 
 
+# SQLAlchemy's default drivers -> the package that provides them
+_DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "MySQLdb": "mysqlclient",
+                    "pymysql": "PyMySQL", "cx_Oracle": "cx_Oracle", "oracledb": "oracledb", "pyodbc": "pyodbc",
+                    "asyncpg": "asyncpg", "pg8000": "pg8000", "mysql": "mysql-connector-python"}
+
+
 def _with_driver(url: str) -> str:
     """postgresql://... means psycopg 3 (the `postgres` extra), not SQLAlchemy's psycopg2 default;
     a missing driver is one line, not a traceback."""
@@ -69,7 +75,9 @@ def _with_driver(url: str) -> str:
 
 def open_db(url: str | None = None, create: bool = False) -> Database:
     """Open `url` (default: DITTUNE_DB or the XDG data dir). With create=False (read-only verbs) a
-    missing database is an error and nothing is written."""
+    missing database is an error and nothing is written. Only the default location's directory
+    is created: a database path the user named must lie in a directory that exists."""
+    named = bool(url or os.environ.get("DITTUNE_DB"))
     url = url or default_url()
     try:
         url = _with_driver(url)
@@ -82,6 +90,8 @@ def open_db(url: str | None = None, create: bool = False) -> Database:
         if not path.exists():
             if not create:
                 raise DatabaseError(f"no dittune database at {path}; run `dittune tune MODEL` first or pass --db")
+            if named and not path.parent.is_dir():
+                raise DatabaseError(f"database directory {path.parent} does not exist; create it or pass another --db")
             path.parent.mkdir(parents=True, exist_ok=True)
     try:
         engine = create_engine(url)
@@ -89,6 +99,12 @@ def open_db(url: str | None = None, create: bool = False) -> Database:
             _check_schema(engine, create)
     except DatabaseError:
         raise
+    except ImportError as e:  # the URL's DBAPI driver is not installed
+        driver = e.name or str(e)
+        scheme = make_url(url).drivername
+        raise DatabaseError(
+            f"{scheme}:// URLs need the Python driver {driver}: pip install {_DRIVER_PACKAGES.get(driver, driver)}"
+        ) from None
     except SQLAlchemyError as e:
         raise DatabaseError(f"cannot open database {url}: {str(e.orig if hasattr(e, 'orig') else e).strip()}") from None
     return Database(url, engine)

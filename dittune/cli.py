@@ -18,6 +18,8 @@ from dittune.errors import DittuneError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    # Plain click help: flag names stay whole in any terminal width (rich panels cut them at 80 columns).
+    rich_markup_mode=None,
     help="Measure the fastest flags for a diffusion model on your GPU, within your VRAM budget.",
 )
 
@@ -93,15 +95,10 @@ def studies(db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)) -> Non
                   format_bytes(r.budget_bytes) if r.budget_bytes else "-", r.objective, str(r.trials), str(r.measured),
                   f"{r.best_latency_s:.3f}" if r.best_latency_s is not None else "-", f"{r.created_at:%Y-%m-%d %H:%M}")
     out.print(t)
+    out.print(f"best (s): {D.BEST_RULE}")
 
 
-def _budget_fn(vram_budget: Optional[str]):
-    from dittune.engine.budget import parse_budget
-
-    if vram_budget is None:
-        return None
-    b = parse_budget(vram_budget)
-    return b.resolve
+NUM_GPUS_HELP = "Only configurations measured on this many GPUs (default: every GPU count measured, one answer each)."
 
 
 @app.command()
@@ -109,30 +106,25 @@ def _budget_fn(vram_budget: Optional[str]):
 def recommend(
     model: str = typer.Argument(..., help="Model name (see `dittune models`)."),
     gpu: Optional[str] = typer.Option(None, help="GPU name or part of it, e.g. H100."),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help=NUM_GPUS_HELP),
     vram_budget: Optional[str] = typer.Option(None, help="24GiB, 24G, 24000MiB, 0.5 (of the card) or 80%."),
     format: str = typer.Option("text", "--format", help="text or json."),
     db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
 ) -> None:
-    """The fastest stored configuration for MODEL whose measured peak VRAM fits the budget."""
+    """The best stored configuration for MODEL whose measured peak VRAM fits the budget (the rule: README)."""
+    from dittune import answers
     from dittune import db as D
-    from dittune.engine.models import get_spec
-    from dittune.tuner import emit
-    from dittune.tuner.versions import staleness_keys
 
-    get_spec(model)
     if format not in ("text", "json"):
         raise DittuneError(f"--format {format!r}: choose text or json")
-    budget = _budget_fn(vram_budget)
-    results = D.best(D.open_db(db), model, gpu, budget, staleness_keys())
-    if not results:
-        where = f" on a GPU matching {gpu!r}" if gpu else ""
-        fits = f" within {vram_budget}" if vram_budget else ""
-        raise DittuneError(f"no measured configuration of {model}{where}{fits}; run `dittune tune {model}`")
+    q = answers.Question(model, gpu, num_gpus, vram_budget)
+    q.check()
+    results = answers.recommend(D.open_db(db), q)
     if format == "json":
-        print(json.dumps([emit.to_dict(r) for r in results], indent=2))
+        print(json.dumps([answers.answer_dict(r) for r in results], indent=2))
     else:
         for r in results:
-            print(emit.render_text(r))
+            print(answers.answer_text(r))
 
 
 @app.command()
@@ -140,25 +132,19 @@ def recommend(
 def export(
     model: Optional[str] = typer.Option(None, help="Only this model."),
     gpu: Optional[str] = typer.Option(None, help="Only GPUs whose name contains this."),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help=NUM_GPUS_HELP),
     vram_budget: Optional[str] = typer.Option(None, help="Only configurations that fit this budget."),
     format: str = typer.Option("sh", "--format", help="sh, json, md or sglang."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of stdout."),
     db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
 ) -> None:
-    """Export the measured latency/VRAM frontier as command lines (fastest first)."""
+    """Export the measured latency/VRAM frontier as command lines (fastest first), the best one marked."""
+    from dittune import answers
     from dittune import db as D
-    from dittune.engine.models import get_spec
-    from dittune.tuner import emit
-    from dittune.tuner.versions import staleness_keys
 
-    if model:
-        get_spec(model)
-    if format not in emit.FORMATS:
-        raise DittuneError(f"--format {format!r}: choose one of {', '.join(emit.FORMATS)}")
-    rows = D.frontier(D.open_db(db), model, gpu, _budget_fn(vram_budget), staleness_keys())
-    if not rows:
-        raise DittuneError("no measured configurations match; run `dittune tune MODEL` first")
-    text = emit.render(rows, format)
+    q = answers.Question(model, gpu, num_gpus, vram_budget)
+    q.check()
+    text, n = answers.export(D.open_db(db), q, format)
     if output is None:
         sys.stdout.write(text)
     else:
@@ -166,13 +152,14 @@ def export(
             output.write_text(text)
         except OSError as e:
             raise DittuneError(f"cannot write {output}: {e.strerror}") from None
-        out.print(f"wrote {len(rows)} configurations to {output}")
+        out.print(f"wrote {n} configurations to {output}")
 
 
 @app.command()
 @expected_failures
 def tune(
-    model: str = typer.Argument(..., help="Model name (see `dittune models`)."),
+    model: Optional[str] = typer.Argument(None, help="Model name (see `dittune models`); optional with --model-path."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help="Diffusers-format checkpoint dir: trials load its weights."),
     vram_budget: Optional[str] = typer.Option(None, help="24GiB, 24G, 24000MiB, 0.5 (of the card) or 80% (default: the whole card)."),
     trials: int = typer.Option(30, help="Measured trials the study should hold; a rerun continues towards it."),
     timeout: Optional[str] = typer.Option(None, help="Stop this run after this long: 600, 10m, 1h."),
@@ -203,6 +190,7 @@ def tune(
         width=width, height=height, steps=steps, guidance=guidance, fix=tuple(fix), allow_lossy=allow_lossy,
         db_url=db, study_name=study, gpu_index=gpu, gpus=parse_gpus(gpus), max_gpus_per_trial=max_gpus_per_trial, seed=seed, objective=objective, confirm=confirm, device=device,
         trial_timeout_s=parse_duration(trial_timeout) if trial_timeout else None, measure_steps=measure_steps,
+        model_path=model_path,
     )
     res = run_tune(opts, progress=sys.stdout.isatty(), log=None if sys.stdout.isatty() else print)
     out.print(f"study {res.study}: {res.measured} measured trials; stopped: {res.stopped}")
@@ -216,7 +204,9 @@ def tune(
         errs = sorted(abs(p - m) / m for p, m in res.predicted_vs_measured)
         out.print(f"memory model: median error {errs[len(errs) // 2]:.1%}, max {errs[-1]:.1%} over {len(errs)} trials")
     if res.winner is None:
-        raise DittuneError("no configuration was measured within the budget")
+        if res.budget_bytes is None:
+            raise DittuneError(f"no configuration was measured: every trial failed (see `dittune studies --db {res.db_url}`)")
+        raise DittuneError(f"no configuration was measured within the budget {format_bytes(res.budget_bytes)}")
     band = f" (noise band ±{res.noise_band:.1%})" if res.noise_band is not None else ""
     out.print(f"fastest{band}: {res.winner.latency_s:.3f} s per request, peak {format_bytes(res.winner.peak_vram_bytes)}")
     print(emit.generate_command(res.winner))
@@ -242,6 +232,34 @@ def compare(
         out.print(f"flag {name}: {a} -> {b}")
 
 
+@app.command()
+@expected_failures
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (non-loopback needs a token)."),
+    port: int = typer.Option(8765, help="Port."),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+    token: Optional[str] = typer.Option(None, "--token", help="Bearer token for writes (default: $DITTUNE_TOKEN; none: writes refused)."),
+) -> None:
+    """Serve recommendations, studies and exports over HTTP (JSON API under /v1, HTML pages, tune jobs)."""
+    from dittune.service import serve as run_serve
+
+    run_serve(host, port, db, token)
+
+
+@app.command()
+@expected_failures
+def report(
+    study: str = typer.Argument(..., help="Study name (see `dittune studies`)."),
+    output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file to write."),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """Write STUDY's page (frontier and per-flag plots, trials, recommended command) as one self-contained HTML file."""
+    from dittune.service import write_report
+
+    size = write_report(study, output, db)
+    out.print(f"wrote {output} ({size / 1024:.0f} KiB)")
+
+
 def _with_engine_flags(fn):
     """Append one typer option per registry flag to `fn`'s signature; `fn` receives them in
     **flags and turns them into an EngineConfig with engine.flags.config_from_dict."""
@@ -265,15 +283,16 @@ def _with_engine_flags(fn):
 @expected_failures
 @_with_engine_flags
 def generate(
-    model: str = typer.Option(..., "--model", help="Model name (see `dittune models`)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name (see `dittune models`); with --model-path, must match the checkpoint."),
     prompt: str = typer.Option("A photo of a cat sitting on a windowsill", "--prompt"),
-    negative_prompt: str = typer.Option("", "--negative-prompt", help="For true-CFG models."),
-    model_path: Optional[Path] = typer.Option(None, "--model-path", help="Diffusers-format checkpoint dir; without it, synthetic weights at real shapes."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="For true-CFG runs (Qwen-Image; Z-Image with --guidance > 0)."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help="Diffusers-format checkpoint dir (its model_index.json names the model); without it, synthetic weights at real shapes."),
+    max_sequence_length: Optional[int] = typer.Option(None, "--max-sequence-length", help="Prompt tokens of the long text encoder, as diffusers' max_sequence_length (default: the model's)."),
     width: Optional[int] = typer.Option(None, "--width"),
     height: Optional[int] = typer.Option(None, "--height"),
     steps: Optional[int] = typer.Option(None, "--steps"),
     guidance: Optional[float] = typer.Option(None, "--guidance"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Noise seed: the same noise as diffusers with generator=torch.Generator(\"cpu\").manual_seed(SEED)."),
     output: Optional[Path] = typer.Option(Path("out.png"), "--output", help="PNG to write."),
     perf_dump_path: Optional[Path] = typer.Option(None, "--perf-dump-path", help="Write stage/step times, peak VRAM and the manifest as JSON."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when available)."),
@@ -289,7 +308,7 @@ def generate(
     cfg = F.config_from_dict({name: value for name, value in flags.items()})
     req = GenerateRequest(
         model=model, prompt=prompt, negative_prompt=negative_prompt, model_path=model_path, width=width,
-        height=height, steps=steps, guidance=guidance, seed=seed, output=output, perf_dump_path=perf_dump_path,
+        height=height, steps=steps, guidance=guidance, seed=seed, max_sequence_length=max_sequence_length, output=output, perf_dump_path=perf_dump_path,
         device=device, dtype=dtype, warmup=warmup, vram_budget=vram_budget, flags=cfg,
     )
     result = run_generate(req, progress=True)

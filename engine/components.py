@@ -14,6 +14,7 @@ import importlib.util
 import re
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -119,19 +120,9 @@ def _read_safetensors(folder: Path, device: torch.device, dtype: torch.dtype) ->
 
 
 def check_checkpoint_dir(path: Path, family: Family) -> None:
-    if not path.is_dir():
-        raise EngineError(f"--model-path {path} is not a directory")
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise EngineError(f"--model-path {path} has no model_index.json (not a diffusers-format checkpoint)")
-    try:
-        components = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise EngineError(f"malformed {index}: {e}") from None
-    needed = ["transformer", "vae", *(te.name for te in family.spec.text_encoders), *(te.tokenizer for te in family.spec.text_encoders)]
-    missing = [c for c in needed if c not in components or not (path / c).is_dir()]
-    if missing:
-        raise EngineError(f"checkpoint {path} lacks component folder(s) {', '.join(missing)} needed by {family.spec.name}")
+    from .checkpoint import check_components, read_index
+
+    check_components(path, read_index(path), family.spec)
 
 
 # --- text encoders --------------------------------------------------------------------------------
@@ -215,18 +206,43 @@ class SyntheticTokenizer:
 
 
 class HFTokenizer:
+    """The checkpoint's tokenizer. When the class its tokenizer_config.json declares cannot load
+    here (transformers 5 raised a TypeError for FLUX's `T5Tokenizer`), the fast tokenizer in its
+    tokenizer.json gives the same ids: use it, and say so on stderr."""
+
     def __init__(self, folder: Path, max_length: int):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         try:
             self.tok = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as e:
-            raise EngineError(f"cannot load tokenizer from {folder}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # any failure of the declared class: TypeError, ImportError, OSError, ...
+            why = f"{type(e).__name__}: {_first_line(e)}"
+            if not (folder / "tokenizer.json").is_file():
+                raise EngineError(f"cannot load tokenizer from {folder}: {why}") from None
+            try:
+                self.tok = PreTrainedTokenizerFast.from_pretrained(folder)
+            except Exception as e2:
+                raise EngineError(f"cannot load tokenizer from {folder}: {why}; its tokenizer.json: {_first_line(e2)}") from None
+            declared = _declared_tokenizer_class(folder)
+            print(f"note: {folder.name}: {declared} cannot load here ({why[:160]}); "
+                  "using the fast tokenizer in its tokenizer.json", file=sys.stderr)
         self.max_length = max_length
 
     def __call__(self, text: str) -> TokenBatch:
         enc = self.tok(text, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
         return TokenBatch(enc["input_ids"], enc["attention_mask"])
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _declared_tokenizer_class(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class") or "its tokenizer class")
+    except (OSError, ValueError):
+        return "its tokenizer class"
 
 
 def build_tokenizer(spec: TextEncoderSpec, model_path: Path | None):

@@ -24,9 +24,16 @@ class GpuInfo:
 class Detection:
     gpus: tuple[GpuInfo, ...]
     reason: str = ""  # why there are none
+    # NVML is there but failed (an error other than "no library" / "no driver"): a GPU may exist
+    # that NVML cannot read, so callers must not quietly fall back to the CPU.
+    failed: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.gpus)
+
+
+# pynvml's errors that mean there is no NVIDIA driver or library on this machine
+_ABSENT = {"NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded", "NVMLError_FunctionNotFound", "NVMLError_NotSupported"}
 
 
 def _nvml():
@@ -41,8 +48,10 @@ def _nvml():
 def detect() -> Detection:
     try:
         nv = _nvml()
-    except Exception as e:  # no driver, no library, NVML error: all mean "no NVIDIA GPU here"
-        return Detection((), f"no NVIDIA GPU: NVML unavailable ({type(e).__name__}: {e})".rstrip())
+    except Exception as e:  # no library or no driver: "no NVIDIA GPU here"; any other NVML error: a failure
+        absent = isinstance(e, (ImportError, RuntimeError)) or type(e).__name__ in _ABSENT
+        what = "NVML unavailable" if absent else "NVML failed"
+        return Detection((), f"no NVIDIA GPU: {what} ({type(e).__name__}: {e})".rstrip(), failed=not absent)
     try:
         driver = nv.nvmlSystemGetDriverVersion()
         driver = driver.decode() if isinstance(driver, bytes) else driver
@@ -63,7 +72,7 @@ def detect() -> Detection:
             return Detection((), "no NVIDIA GPU: the driver reports 0 devices")
         return Detection(tuple(gpus))
     except Exception as e:
-        return Detection((), f"no NVIDIA GPU: NVML query failed ({type(e).__name__}: {e})")
+        return Detection((), f"NVML query failed ({type(e).__name__}: {e})", failed=True)
     finally:
         try:
             nv.nvmlShutdown()

@@ -76,6 +76,9 @@ class Pipeline:
             self.load_parts[name] = now - mark[0]
             mark[0] = now
 
+        # The DiT first: a checkpoint whose DiT does not match fails before ~9 GiB of T5-XXL load.
+        self.dit = components.build_dit(family, self._home(flags.dit_cpu_offload or flags.dit_layerwise_offload), dtype, model_path)
+        part("dit_s")
         encoders = self.spec.text_encoders if self.main else ()
         self.tokenizers = {te.name: components.build_tokenizer(te, model_path) for te in encoders}
         self.text_encoders = {
@@ -88,8 +91,6 @@ class Pipeline:
         if self.main:
             self.vae = components.build_vae(self.spec.vae, self._home(flags.vae_cpu_offload), self.vae_dtype, model_path)
         part("vae_s")
-        self.dit = components.build_dit(family, self._home(flags.dit_cpu_offload or flags.dit_layerwise_offload), dtype, model_path)
-        part("dit_s")
 
         pin = flags.pin_cpu_memory
         if flags.text_encoder_cpu_offload:
@@ -206,7 +207,9 @@ class Pipeline:
         times.stages["encode_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        gen = torch.Generator(dev if dev.type == "cuda" else "cpu").manual_seed(seed)
+        # A CPU generator on every device: the noise of diffusers' pipelines called with
+        # generator=torch.Generator("cpu").manual_seed(seed) (drawn on the CPU in the pipeline's dtype, moved).
+        gen = torch.Generator("cpu").manual_seed(seed)
         latents = self.family.prepare_latents(1, height, width, gen, dev, self.dtype)
         sig = scheduler.sigmas(self.spec.scheduler, steps, self.family.image_seq_len(height, width)).tolist()
         sync(dev)

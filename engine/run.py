@@ -21,7 +21,8 @@ import torch  # noqa: E402
 
 from .errors import BudgetExceededError, EngineError  # noqa: E402
 from .flags import EngineConfig, validate, validate_for_model  # noqa: E402
-from .models import get_family  # noqa: E402
+from .checkpoint import resolve  # noqa: E402
+from .checks import check_guidance, check_host_memory, parse_device  # noqa: E402
 from .perf import memory, summarize_steps, versions  # noqa: E402
 
 PERF_DUMP_SCHEMA = 1
@@ -30,7 +31,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    model: str
+    model: str | None = None  # None: the family of model_path's model_index.json
     prompt: str = "A photo of a cat sitting on a windowsill"
     negative_prompt: str = ""
     model_path: Path | None = None
@@ -38,7 +39,8 @@ class GenerateRequest:
     height: int | None = None
     steps: int | None = None
     guidance: float | None = None
-    seed: int = 0
+    seed: int = 0  # the noise of diffusers' pipeline with generator=torch.Generator("cpu").manual_seed(seed)
+    max_sequence_length: int | None = None  # None: the model's (FLUX.1-dev 512, schnell 256)
     output: Path | None = None  # PNG
     perf_dump_path: Path | None = None
     device: str | None = None  # default: cuda if available
@@ -77,13 +79,14 @@ def check_workload(spec, width: int, height: int, steps: int) -> None:
 
 
 def _workload(req: GenerateRequest):
-    family = get_family(req.model)
+    family = resolve(req.model, Path(req.model_path) if req.model_path is not None else None, req.max_sequence_length)
     spec = family.spec
     width = req.width if req.width is not None else spec.width
     height = req.height if req.height is not None else spec.height
     steps = req.steps if req.steps is not None else spec.steps
     guidance = req.guidance if req.guidance is not None else spec.guidance
     check_workload(spec, width, height, steps)
+    check_guidance(family, req.guidance, req.negative_prompt)
     if req.warmup < 0:
         raise EngineError(f"--warmup {req.warmup} must be >= 0")
     validate_for_model(req.flags, spec, guidance)
@@ -92,24 +95,14 @@ def _workload(req: GenerateRequest):
 
 def _resolve(req: GenerateRequest):
     family, width, height, steps, guidance = _workload(req)
-    if req.device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(req.device)
-        except RuntimeError:
-            raise EngineError(f"--device {req.device!r} is not a device (use cuda, cuda:N or cpu)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise EngineError("--device cuda: no CUDA device is available to PyTorch here")
-        if device.type not in ("cuda", "cpu"):
-            raise EngineError(f"--device {req.device!r}: only cuda and cpu are supported")
+    device = parse_device(req.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype_name = req.dtype or ("bf16" if device.type == "cuda" else "fp32")
     if dtype_name not in _DTYPES:
         raise EngineError(f"--dtype {dtype_name!r}: choose bf16, fp16 or fp32")
-    if req.model_path is not None and not Path(req.model_path).exists():
-        raise EngineError(f"--model-path {req.model_path} does not exist")
+    if device.type == "cpu":
+        check_host_memory(family, _DTYPES[dtype_name])
     return family, width, height, steps, guidance, device, _DTYPES[dtype_name]
 
 

@@ -7,15 +7,17 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dittune import db as D
 from dittune.engine import flags as F
 from dittune.engine.budget import format_bytes, parse_budget
-from dittune.engine.models import get_family
+from dittune.engine.checkpoint import fingerprint, resolve as resolve_model
 from dittune.engine.run import check_workload
 
 from . import memory
+from .checks import check_machine, check_options
 from .errors import TunerError
 from .pool import choose
 from .presets import load_preset
@@ -27,7 +29,7 @@ OBJECTIVES = ("frontier", "latency")
 
 @dataclass(frozen=True)
 class TuneOptions:
-    model: str
+    model: str | None  # None: the family of model_path's model_index.json
     vram_budget: str | None = None  # default: the whole card
     trials: int = 30  # measured trials the study should hold (a rerun continues towards it)
     timeout_s: float | None = None  # wall clock for this run
@@ -50,6 +52,7 @@ class TuneOptions:
     measure_steps: int | None = None
     trial_timeout_s: float | None = None
     worker_cmd: tuple[str, ...] = WORKER_CMD
+    model_path: Path | None = None  # a diffusers checkpoint: trials load its weights
     lease_ttl_s: float = 60.0  # a trial whose process stopped beating for this long is asked again
 
 
@@ -93,10 +96,12 @@ class Setup:
     gpus: tuple[Any, ...] = ()  # the study's GPUs (engine.gpu.GpuInfo); () on the CPU
     all_gpus: tuple[Any, ...] = ()  # every GPU of the host, as NVML lists them
     max_gpus_per_trial: int = 1
+    checkpoint: dict[str, str] | None = None  # {"path", "sha256"} of --model-path (engine.checkpoint.fingerprint)
 
 
 def resolve(opt: TuneOptions, det) -> Setup:
     """The request checked and resolved against `det` (engine.gpu.detect()'s answer)."""
+    check_options(opt)
     if opt.objective not in OBJECTIVES:
         raise TunerError(f"--objective {opt.objective!r}: choose {' or '.join(OBJECTIVES)}")
     if opt.trials < 1:
@@ -107,7 +112,7 @@ def resolve(opt: TuneOptions, det) -> Setup:
         raise TunerError("--trial-timeout must be positive")
     if opt.max_gpus_per_trial is not None and opt.max_gpus_per_trial < 1:
         raise TunerError(f"--max-gpus-per-trial {opt.max_gpus_per_trial}: need at least one GPU")
-    family = get_family(opt.model)
+    family = resolve_model(opt.model, opt.model_path)
     spec = family.spec
     preset = load_preset(spec)
     width, height = opt.width or preset.width, opt.height or preset.height
@@ -116,6 +121,7 @@ def resolve(opt: TuneOptions, det) -> Setup:
     check_workload(spec, width, height, steps)
     measure_steps = min(opt.measure_steps or preset.measure_steps, steps)
     fix = F.parse_fix(opt.fix)
+    check_machine(opt, det)
 
     import torch
 
@@ -124,8 +130,6 @@ def resolve(opt: TuneOptions, det) -> Setup:
     if opt.device == "cpu" or not det or not torch.cuda.is_available():
         if opt.vram_budget is not None:
             raise TunerError(f"--vram-budget needs an NVIDIA GPU ({det.reason or 'running on the CPU'})")
-        if opt.gpus is not None or opt.gpu_index is not None:
-            raise TunerError(f"--gpus needs an NVIDIA GPU ({det.reason or 'running on the CPU'})")
         device = "cpu"
         gpu = D.GpuKey("cpu", 0, "", "", 0)
         budget = free = None
@@ -150,7 +154,13 @@ def resolve(opt: TuneOptions, det) -> Setup:
                         gpu_count=per_trial, check=lambda c: F.validate_for_model(c, spec, guidance))
     return Setup(spec, width, height, steps, guidance, measure_steps, preset.warmup,
                  opt.trial_timeout_s or preset.timeout_s, device, gpu, budget, space, preset.seeds, fix, free,
-                 gpus, tuple(det.gpus) if det else (), per_trial)
+                 gpus, tuple(det.gpus) if det else (), per_trial, _checkpoint(opt))
+
+
+def _checkpoint(opt: TuneOptions) -> dict[str, str] | None:
+    if opt.model_path is None:
+        return None
+    return {"path": str(Path(opt.model_path).resolve()), "sha256": fingerprint(opt.model_path)}
 
 
 def default_name(opt: TuneOptions, s: Setup) -> str:
@@ -162,8 +172,9 @@ def default_name(opt: TuneOptions, s: Setup) -> str:
     # parameter's distribution, so a changed space (a preset edit, a new backend) is a new study.
     space = repr([(d.flag.name, (d.values[0], d.values[-1]) if d.ordinal else d.values) for d in s.space.dims])
     tag = hashlib.sha256((F.registry_hash() + space).encode()).hexdigest()[:8]
-    return (f"{s.spec.name}-{s.width}x{s.height}-{s.steps}st-g{s.guidance:g}-{gpu}-{budget}-{opt.objective}{extra}{fixed}"
-            f"-r{tag}")
+    ckpt = f"-ckpt{s.checkpoint['sha256'][:8]}" if s.checkpoint else ""
+    return (f"{s.spec.name}{ckpt}-{s.width}x{s.height}-{s.steps}st-g{s.guidance:g}-{gpu}-{budget}-{opt.objective}{extra}"
+            f"{fixed}-r{tag}")
 
 
 def job(s: Setup, cfg, seed: int = 0) -> dict[str, Any]:
@@ -172,4 +183,5 @@ def job(s: Setup, cfg, seed: int = 0) -> dict[str, Any]:
         "model": s.spec.name, "width": s.width, "height": s.height, "steps": s.measure_steps, "guidance": s.guidance,
         "warmup": s.warmup, "device": s.device, "flags": F.config_to_dict(cfg), "seed": seed,
         "vram_budget": f"{s.budget_bytes}B" if s.budget_bytes is not None else None,
+        "model_path": s.checkpoint["path"] if s.checkpoint else None,
     }

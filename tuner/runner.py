@@ -81,5 +81,8 @@ def run_trial(job: dict[str, Any], timeout_s: float, worker_cmd: Sequence[str] =
             return Outcome("oom", None, last.removeprefix("oom: ") or "out of memory", tail, wall)
         if rc == EXIT_REFUSED:
             return Outcome("failed", None, last or "engine refused the configuration", tail, wall)
-        how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
-        return Outcome("failed", None, f"worker crashed ({how}): {last[:300]}", tail, wall)
+        if rc < 0:  # killed: the stderr's last line is whatever it printed before (a warning, say), not why
+            name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
+            oom = " (the kernel's out-of-memory killer sends it: host memory ran out?)" if -rc == signal.SIGKILL else ""
+            return Outcome("failed", None, f"worker killed by {name}{oom}", tail, wall)
+        return Outcome("failed", None, f"worker crashed (exit code {rc}): {last[:300]}", tail, wall)

@@ -77,7 +77,7 @@ class _Run:
 def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> TuneResult:
     deadline = time.monotonic() + opt.timeout_s if opt.timeout_s else None
     name = opt.study_name or _default_name(opt, s)
-    versions = current_versions(s.gpu.driver or None)
+    versions = current_versions(s.gpu.driver or None) | ({"checkpoint": s.checkpoint} if s.checkpoint else {})
     directions = ["minimize", "minimize"] if opt.objective == "frontier" else ["minimize"]
     # constant liar: trials running side by side (here or in other processes) count as measured
     # at a pessimistic value, so concurrent asks spread out

@@ -421,7 +421,8 @@ class QwenImageFamily(Family):
             )
         # hidden_states[-1] of the pipeline's Qwen2.5-VL is this output (after the final norm).
         hidden = encoder(input_ids=ids, attention_mask=valid.long()).last_hidden_state  # [B, L, C]
-        embeds = [h[v][DROP_IDX:][:MAX_SEQUENCE_LENGTH] for h, v in zip(hidden, valid)]
+        keep_n = self.spec.text_encoders[0].max_length - DROP_IDX  # the pipeline's max_sequence_length
+        embeds = [h[v][DROP_IDX:][:keep_n] for h, v in zip(hidden, valid)]
         longest = max(e.shape[0] for e in embeds)
         if all(e.shape[0] == longest for e in embeds):
             return {"prompt_embeds": torch.stack(embeds)}

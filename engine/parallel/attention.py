@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed._functional_collectives as fc
-import torch.nn.functional as F
 
 from ..errors import EngineError
 from .sequence import TokenShards, all_gather

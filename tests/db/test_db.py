@@ -16,7 +16,12 @@ def test_default_url_honours_env_and_xdg(monkeypatch, tmp_path):
     assert D.default_url() == "sqlite:///x.db"
 
 
-def test_create_records_schema_version_and_reopens(tmp_path):
+def test_create_records_schema_version_and_reopens(tmp_path, monkeypatch):
+    # the default location's directory is created; a named database's must exist (issue 15)
+    monkeypatch.delenv("DITTUNE_DB", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "a"))
+    D.open_db(None, create=True).dispose()
+    assert (tmp_path / "a" / "dittune" / "dittune.db").is_file()
     url = f"sqlite:///{tmp_path / 'a' / 'b.db'}"
     D.open_db(url, create=True).dispose()
     con = sqlite3.connect(tmp_path / "a" / "b.db")

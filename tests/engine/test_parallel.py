@@ -146,3 +146,10 @@ def test_gpu_two_ranks_every_layout_matches_one_gpu():
         pytest.skip("needs two GPUs")
     cases = [(m, lay, n, False) for m in MODELS for lay in (U2, R2) for n in (7, 512)]
     _check_dits(2, cases, backend="nccl", tol=2e-2)
+
+
+@pytest.mark.parametrize("layout", [{"ulysses": 2}, {"ring": 2}])
+def test_compiled_blocks_trace_the_collectives_without_graph_breaks(layout):
+    """Functional collectives inside each repeated block: one graph per block under torch.compile."""
+    breaks = launch.run(2, "parallel_ranks:explain_blocks", layout, "gloo")
+    assert len(breaks) == 6 and all(n == 0 for _, n in breaks), breaks
