@@ -115,24 +115,26 @@ def heartbeat(db: D.Database, lease_id: int, ttl_s: float) -> Iterator[threading
 
 
 @contextmanager
-def single_tuner(db: D.Database) -> Iterator[None]:
+def single_tuner(db: D.Database, study: str) -> Iterator[None]:
     """SQLite cannot share a study between processes safely (Optuna's ask takes a waiting trial
-    with a read then a write that SQLite does not lock together), so one tuner per database file:
-    a second one is refused while the first runs. Released when this process ends, however."""
+    with a read then a write that SQLite does not lock together), so one tuner per study and
+    SQLite file: a second one is refused while the first runs (tunes of other studies may share
+    the file, as the service's jobs on different GPUs do). Released when this process ends, however."""
     path = _sqlite_path(db.url)
     if path is None:
         yield
         return
     import fcntl
+    import hashlib
 
-    lock = open(f"{path}.tune-lock", "a+")
+    lock = open(f"{path}.{hashlib.sha256(study.encode()).hexdigest()[:12]}.tune-lock", "a+")
     try:
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise TunerError(
-                f"another `dittune tune` is using {path}; SQLite cannot share a study between processes safely. "
-                "use a PostgreSQL --db (postgresql://...) for several processes"
+                f"another `dittune tune` is running study {study} on {path}; SQLite cannot share a study between "
+                "processes safely: use a PostgreSQL --db (postgresql://...) for several processes"
             ) from None
         yield
     finally:

@@ -54,8 +54,9 @@ def _setup(opt: TuneOptions) -> _Setup:
 def tune(opt: TuneOptions, progress: bool = False, log: Callable[[str], None] | None = None) -> TuneResult:
     s = _setup(opt)
     db = D.open_db(opt.db_url, create=True)
-    with single_tuner(db):
-        return _tune(opt, s, db, progress, log)
+    name = opt.study_name or _default_name(opt, s)
+    with single_tuner(db, name):
+        return _tune(opt, s, db, name, progress, log)
 
 
 @dataclass
@@ -74,9 +75,8 @@ class _Run:
     cut: threading.Event  # a trial was cut by --timeout
 
 
-def _tune(opt: TuneOptions, s: _Setup, db: D.Database, progress: bool, log) -> TuneResult:
+def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool, log) -> TuneResult:
     deadline = time.monotonic() + opt.timeout_s if opt.timeout_s else None
-    name = opt.study_name or _default_name(opt, s)
     versions = current_versions(s.gpu.driver or None) | ({"checkpoint": s.checkpoint} if s.checkpoint else {})
     directions = ["minimize", "minimize"] if opt.objective == "frontier" else ["minimize"]
     # constant liar: trials running side by side (here or in other processes) count as measured

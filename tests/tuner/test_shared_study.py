@@ -26,8 +26,13 @@ DRIVER = textwrap.dedent("""
     from dittune.tuner import TuneOptions, tune
     mp = pytest.MonkeyPatch()
     pretend_h100(mp)
-    tune(TuneOptions("flux-dev", trials={trials}, db_url={url!r}, worker_cmd=FAKE, confirm={confirm}, patience=100,
-                     seed={seed}, lease_ttl_s={ttl}), log=print)
+    from dittune.tuner import TunerError
+    try:
+        tune(TuneOptions("flux-dev", trials={trials}, db_url={url!r}, worker_cmd=FAKE, confirm={confirm},
+                         patience=100, seed={seed}, lease_ttl_s={ttl}), log=print)
+    except TunerError as e:
+        print("REFUSED", e, flush=True)
+        sys.exit(1)
     print("DONE", flush=True)
 """)
 
@@ -133,16 +138,15 @@ def test_a_second_process_on_one_sqlite_study_is_refused(tmp_path):
     url = f"sqlite:///{tmp_path / 't.db'}"
     first = Worker(tmp_path, url, seed=0, trials=30, sleep=2.0)
     _wait(lambda: len(first.trials()) >= 1)
-    second = subprocess.run([sys.executable, "-m", "dittune", "tune", "flux-dev-tiny", "--device", "cpu", "--db", url,
-                             "--trials", "1", "--fix", "enable-torch-compile=false"],
-                            capture_output=True, text=True, timeout=300)
+    second = Worker(tmp_path, url, seed=1, trials=30)  # the same study
+    second.finish(timeout=120)
     assert first.p.poll() is None  # the first was still running when the second asked
     first.p.send_signal(signal.SIGTERM)  # stops like Ctrl-C, keeping what it measured
     out = first.finish()
     assert first.p.returncode == 0, out[-3000:]
-    assert second.returncode == 1
-    err = second.stderr.strip().splitlines()
-    assert len(err) == 1 and "SQLite cannot share a study between processes" in err[0], second.stderr
+    assert second.p.returncode == 1
+    refused = [line for line in second.lines if line.startswith("REFUSED")]
+    assert refused and "SQLite cannot share a study between processes" in refused[0], second.lines[-5:]
     db = D.open_db(url)
-    assert len(D.studies(db)) == 1  # the refused process wrote nothing
-    assert [t.status for t in D.trials(db)] == ["complete"] * len(first.trials())
+    assert len(D.studies(db)) == 1
+    assert [t.status for t in D.trials(db)] == ["complete"] * len(first.trials())  # the refused one wrote nothing
