@@ -243,9 +243,11 @@ def _measure(run: _Run, trial, lease: int, cfg, argv: str, predicted: int | None
         limit = s.trial_timeout_s
         if run.deadline is not None and run.deadline - time.monotonic() < limit:  # --timeout ends the trial too
             limit = max(run.deadline - time.monotonic(), 1.0)
+        # in a thread Ctrl-C does not reach the trial: the cancel event does (on the main thread, Ctrl-C)
+        threaded = threading.current_thread() is not threading.main_thread()
         with heartbeat(db, lease, opt.lease_ttl_s):
             outcome = run_trial(_job(s, cfg), limit, opt.worker_cmd, {**run.env, **_pinned(run, gpus)},
-                                cancel=run.cancel if threading.current_thread() is not threading.main_thread() else None)
+                                **({"cancel": run.cancel} if threaded else {}))
     finally:
         if run.pool is not None and gpus:
             run.pool.give(gpus)
