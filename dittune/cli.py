@@ -209,6 +209,8 @@ def tune(
         raise DittuneError(f"no configuration was measured within the budget {format_bytes(res.budget_bytes)}")
     band = f" (noise band ±{res.noise_band:.1%})" if res.noise_band is not None else ""
     out.print(f"fastest{band}: {res.winner.latency_s:.3f} s per request, peak {format_bytes(res.winner.peak_vram_bytes)}")
+    if getattr(res.winner, "rule", None):
+        out.print(f"picked by: {res.winner.rule}")
     print(emit.generate_command(res.winner))
 
 

@@ -5,7 +5,6 @@ memory-model pairs)."""
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 from contextlib import ExitStack
@@ -73,12 +72,9 @@ def result(db, name: str, state: State, stopped: str, s: Setup) -> TuneResult:
     fits = [r for r in rows if s.budget_bytes is None or (r.peak_vram_bytes or 0) <= s.budget_bytes]
     winner = None
     band = None
-    if fits:
-        fastest = min(fits, key=lambda r: r.latency_s)
-        band = fastest.step_spread or 0.0
-        # Within the winner's noise band, prefer less VRAM, then a shorter cold start.
-        close = [r for r in fits if r.latency_s <= fastest.latency_s * (1 + band)]
-        winner = min(close, key=lambda r: (r.peak_vram_bytes or 0, r.cold_start_s or math.inf, r.latency_s))
+    if fits:  # the one rule that recommend, export, studies and the service apply (db.pick)
+        winner = D.pick(fits)
+        band = min(fits, key=lambda r: (r.latency_s, r.peak_vram_bytes or 0, r.trial_id)).step_spread or 0.0
     frontier = D.pareto(rows)
     pairs = [(t.predicted_vram_bytes, t.peak_vram_bytes) for t in D.trials(db, study_name=name)
              if t.predicted_vram_bytes and t.peak_vram_bytes and t.status == "complete"]
