@@ -38,6 +38,8 @@ def test_fake_nvml_reports_devices(monkeypatch):
     fake.nvmlDeviceGetName = lambda h: "NVIDIA H100 80GB HBM3"
     fake.nvmlDeviceGetMemoryInfo = lambda h: mem
     fake.nvmlDeviceGetCudaComputeCapability = lambda h: (9, 0)
+    fake.nvmlDeviceGetUUID = lambda h: f"GPU-0000000{h}-aaaa-bbbb-cccc-dddddddddddd".encode()
+    fake.nvmlDeviceGetPciInfo = lambda h: types.SimpleNamespace(busId=f"00000000:1{h}:00.0".encode())
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     monkeypatch.delenv("DITTUNE_NO_NVML", raising=False)
     d = gpu.detect()
@@ -45,3 +47,4 @@ def test_fake_nvml_reports_devices(monkeypatch):
     g = d.gpus[1]
     assert (g.index, g.name, g.total_bytes, g.driver, g.compute_capability, g.count) == (
         1, "NVIDIA H100 80GB HBM3", 80 * 2**30, "580.65", (9, 0), 2)
+    assert (g.uuid, g.pci_bus_id) == ("GPU-00000001-aaaa-bbbb-cccc-dddddddddddd", "00000000:11:00.0")
