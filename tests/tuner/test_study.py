@@ -190,7 +190,8 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path, sig):
     url = f"sqlite:///{tmp_path / 't.db'}"
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(here=str(HERE), url=url) + "print('RETURNED')\n")
-    env = dict(os.environ, FAKE_ENGINE_SLEEP="1.0")
+    mark = f"DITTUNE_TEST_MARK={tmp_path.name}"  # inherited by every process this study starts
+    env = dict(os.environ, FAKE_ENGINE_SLEEP="1.0", DITTUNE_TEST_MARK=tmp_path.name)
     p = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
     seen = 0
     deadline = time.time() + 120
@@ -207,9 +208,15 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path, sig):
 
     study = optuna.load_study(study_name=D.studies(db)[0].name, storage=url)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-    # no worker left behind: nothing still runs fake_engine.py
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "fake_engine.py" not in ps
+    # no worker left behind: no process this study started still runs (other tests' may, in parallel)
+    left = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mark.encode() in environ.read_bytes().split(b"\0"):
+                left.append(environ.parent.name)
+        except OSError:
+            pass
+    assert not left
 
 
 def test_trial_timeout_kills_the_worker_group_and_records_it(tmp_path, monkeypatch):
