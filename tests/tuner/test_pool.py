@@ -47,7 +47,9 @@ def optimum_on(gpus: int) -> tuple[float, dict, int]:
 
 def test_four_gpus_run_trials_side_by_side_and_find_the_optimum(tmp_path, monkeypatch):
     pretend_h100s(monkeypatch)
-    monkeypatch.setenv("FAKE_ENGINE_SLEEP", "1.0")
+    # Long enough that a single-GPU trial outlasts one round of the loop (database reads, a TPE ask)
+    # even on a loaded two-core CI machine, where 1 s trials were seen to run one after another.
+    monkeypatch.setenv("FAKE_ENGINE_SLEEP", "2.5")
     url = f"sqlite:///{tmp_path / 't.db'}"
     said = []
     t0 = time.time()
