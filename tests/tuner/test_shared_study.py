@@ -149,4 +149,8 @@ def test_a_second_process_on_one_sqlite_study_is_refused(tmp_path):
     assert refused and "SQLite cannot share a study between processes" in refused[0], second.lines[-5:]
     db = D.open_db(url)
     assert len(D.studies(db)) == 1
-    assert [t.status for t in D.trials(db)] == ["complete"] * len(first.trials())  # the refused one wrote nothing
+    # The refused one measured nothing; every stored trial is the first's (the one it was running
+    # when SIGTERM came may be stored without its log line: seen once in a loaded CI run).
+    assert not second.trials()
+    statuses = [t.status for t in D.trials(db)]
+    assert set(statuses) == {"complete"} and len(first.trials()) <= len(statuses) <= len(first.trials()) + 1
