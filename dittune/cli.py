@@ -192,7 +192,21 @@ def tune(
         trial_timeout_s=parse_duration(trial_timeout) if trial_timeout else None, measure_steps=measure_steps,
         model_path=model_path,
     )
-    res = run_tune(opts, progress=sys.stdout.isatty(), log=None if sys.stdout.isatty() else print)
+    import shlex
+    import signal
+
+    from dittune.tuner import progress as P
+
+    resume = shlex.join(["dittune", *sys.argv[1:]])
+    previous = signal.signal(signal.SIGTERM, P.sigterm_as_interrupt)  # outside the loop too (confirmation)
+    try:
+        res = run_tune(opts, progress=sys.stdout.isatty(), log=None if sys.stdout.isatty() else print)
+    except KeyboardInterrupt:  # between trials' loop and the end (confirmation): what was recorded stays
+        print(f"interrupted; everything measured is kept. Resume with: {resume}", file=sys.stderr)
+        raise typer.Exit(P.interrupt_exit_code()) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    interrupted = res.stopped.startswith("interrupted")
     out.print(f"study {res.study}: {res.measured} measured trials; stopped: {res.stopped}")
     if res.frontier:
         t = Table("latency (s)", "step median (ms)", "peak VRAM", "cold start (s)", "flags", title="latency / VRAM frontier")
@@ -203,15 +217,19 @@ def tune(
     if res.predicted_vs_measured:
         errs = sorted(abs(p - m) / m for p, m in res.predicted_vs_measured)
         out.print(f"memory model: median error {errs[len(errs) // 2]:.1%}, max {errs[-1]:.1%} over {len(errs)} trials")
+    if interrupted:
+        print(f"interrupted; everything measured is kept. Resume with: {resume}", file=sys.stderr)
     if res.winner is None:
+        if interrupted:
+            raise typer.Exit(P.interrupt_exit_code())
         if res.budget_bytes is None:
             raise DittuneError(f"no configuration was measured: every trial failed (see `dittune studies --db {res.db_url}`)")
         raise DittuneError(f"no configuration was measured within the budget {format_bytes(res.budget_bytes)}")
-    band = f" (noise band ±{res.noise_band:.1%})" if res.noise_band is not None else ""
-    out.print(f"fastest{band}: {res.winner.latency_s:.3f} s per request, peak {format_bytes(res.winner.peak_vram_bytes)}")
-    if getattr(res.winner, "rule", None):
-        out.print(f"picked by: {res.winner.rule}")
+    out.print(f"best: {emit.evidence_text(res.winner)}")
+    out.print(f"picked by: {res.winner.rule}")
     print(emit.generate_command(res.winner))
+    if interrupted:
+        raise typer.Exit(P.interrupt_exit_code())
 
 
 @app.command()
@@ -300,6 +318,7 @@ def generate(
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)."),
     warmup: int = typer.Option(0, "--warmup", help="Requests to run before the measured one."),
+    max_warmup: Optional[int] = typer.Option(None, "--max-warmup", help="Up to this many warm-up requests in all, more than --warmup while two consecutive requests differ by over 5% (the tuner: --warmup 1 --max-warmup 4)."),
     vram_budget: Optional[str] = typer.Option(None, "--vram-budget", help="Cap this process's VRAM (fails with OOM beyond it)."),
     **flags,
 ) -> None:
@@ -311,7 +330,7 @@ def generate(
     req = GenerateRequest(
         model=model, prompt=prompt, negative_prompt=negative_prompt, model_path=model_path, width=width,
         height=height, steps=steps, guidance=guidance, seed=seed, max_sequence_length=max_sequence_length, output=output, perf_dump_path=perf_dump_path,
-        device=device, dtype=dtype, warmup=warmup, vram_budget=vram_budget, flags=cfg,
+        device=device, dtype=dtype, warmup=warmup, max_warmup=max_warmup, vram_budget=vram_budget, flags=cfg,
     )
     result = run_generate(req, progress=True)
     out.print(result.summary())

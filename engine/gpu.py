@@ -106,6 +106,16 @@ def nvml_index(device) -> int | None:
             pass
 
 
+def _process_bytes(nv, handle) -> int | None:
+    """NVML's used memory of this process on one GPU. NVML lists host PIDs: in a container with its
+    own PID namespace this pid is not among them, and then the GPU's only compute process (the
+    tuner gives each trial its GPUs alone) is taken as this one; several others: unknown (None)."""
+    procs = [p for p in nv.nvmlDeviceGetComputeRunningProcesses(handle) if p.usedGpuMemory is not None]
+    pid = os.getpid()
+    mine = [p for p in procs if p.pid == pid] or (procs if len(procs) == 1 else [])
+    return int(mine[0].usedGpuMemory) if mine else None
+
+
 def process_used_bytes(index: int) -> int | None:
     """VRAM NVML charges to this process on GPU `index` (includes the CUDA context), or None."""
     try:
@@ -113,12 +123,7 @@ def process_used_bytes(index: int) -> int | None:
     except Exception:
         return None
     try:
-        h = nv.nvmlDeviceGetHandleByIndex(index)
-        pid = os.getpid()
-        for p in nv.nvmlDeviceGetComputeRunningProcesses(h):
-            if p.pid == pid and p.usedGpuMemory is not None:
-                return int(p.usedGpuMemory)
-        return None
+        return _process_bytes(nv, nv.nvmlDeviceGetHandleByIndex(index))
     except Exception:
         return None
     finally:
@@ -126,3 +131,64 @@ def process_used_bytes(index: int) -> int | None:
             nv.nvmlShutdown()
         except Exception:
             pass
+
+
+class ProcessPeak:
+    """The peak of this process's whole footprint on GPU `index` as NVML sees it (CUDA context,
+    kernel modules, cuBLAS / cuDNN / NCCL buffers and the torch allocator's segments together),
+    polled by a thread every `interval_s` while the block runs, plus a final read at the end.
+    torch's reserved peak misses everything outside its allocator; this is what must fit the card.
+    `peak` stays None where NVML cannot see the process (no driver, no NVML, another's GPU)."""
+
+    def __init__(self, index: int | None, interval_s: float = 0.02):
+        self.index, self.interval_s = index, interval_s
+        self.peak: int | None = None
+        self.samples = 0
+        self._stop = None
+        self._thread = None
+        self._nv = self._handle = None
+
+    def read(self) -> int | None:
+        if self._handle is None:
+            return None
+        try:
+            used = _process_bytes(self._nv, self._handle)
+        except Exception:
+            return None
+        if used is not None:
+            self.samples += 1
+            self.peak = used if self.peak is None else max(self.peak, used)
+        return used
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.read()
+
+    def __enter__(self) -> "ProcessPeak":
+        import threading
+
+        if self.index is None:
+            return self
+        try:
+            self._nv = _nvml()
+            self._handle = self._nv.nvmlDeviceGetHandleByIndex(self.index)
+        except Exception:
+            self._nv = self._handle = None
+            return self
+        self.read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="dittune-nvml-peak", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self.read()
+        if self._nv is not None:
+            try:
+                self._nv.nvmlShutdown()
+            except Exception:
+                pass
+        self._nv = self._handle = None

@@ -88,23 +88,45 @@ class StagePeaks:
             self.stages[name] = {"reserved_bytes": r, "allocated_bytes": a}
 
 
-def memory(device: torch.device, peaks: StagePeaks | None = None) -> dict[str, Any]:
+def memory(device: torch.device, peaks: StagePeaks | None = None, nvml_peak: int | None = None) -> dict[str, Any]:
     """Process peaks since the last reset (with `peaks`: over every stage too, plus the last
-    request's peak per stage)."""
+    request's peak per stage). `nvml_peak`: NVML's sampled peak of this process (gpu.ProcessPeak),
+    folded with a final read into nvml_process_peak_bytes, the whole footprint a budget binds."""
     if device.type != "cuda":
-        return {"torch_max_reserved_bytes": None, "torch_max_allocated_bytes": None, "nvml_process_bytes": None}
+        return {"torch_max_reserved_bytes": None, "torch_max_allocated_bytes": None, "nvml_process_bytes": None,
+                "nvml_process_peak_bytes": None}
     reserved, allocated = torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device)
     out: dict[str, Any] = {}
     if peaks is not None:
         peaks._fold()
         reserved, allocated = peaks.max_reserved, peaks.max_allocated
         out["stages"] = dict(peaks.stages)
+    final = _nvml_process_bytes(device)
+    seen = [v for v in (nvml_peak, final) if v is not None]
     return {
         "torch_max_reserved_bytes": reserved,
         "torch_max_allocated_bytes": allocated,
-        "nvml_process_bytes": _nvml_process_bytes(device),
+        "nvml_process_bytes": final,
+        "nvml_process_peak_bytes": max(seen) if seen else None,
         **out,
     }
+
+
+PEAK_KINDS = {
+    "nvml_process": "NVML process peak (whole footprint: CUDA context and allocations outside torch included)",
+    "torch_reserved": "torch reserved peak (the allocator only: CUDA context and outside allocations not included)",
+}
+
+
+def binding_peak(peak_vram: dict[str, Any]) -> tuple[int | None, str | None]:
+    """(bytes, kind) of the peak a VRAM budget is compared with: NVML's whole-process peak where
+    NVML saw the process, else torch's reserved peak (kind "torch_reserved": it leaves out the CUDA
+    context and what lives outside the allocator, ~0.75 GiB on the H200). (None, None) on the CPU."""
+    nv = peak_vram.get("nvml_process_peak_bytes")
+    if nv is not None:
+        return int(nv), "nvml_process"
+    reserved = peak_vram.get("torch_max_reserved_bytes")
+    return (int(reserved), "torch_reserved") if reserved is not None else (None, None)
 
 
 def _nvml_process_bytes(device: torch.device) -> int | None:

@@ -26,6 +26,14 @@ from .checks import check_guidance, check_host_memory, parse_device  # noqa: E40
 from .perf import memory, summarize_steps, versions  # noqa: E402
 
 PERF_DUMP_SCHEMA = 1
+# Warm-up until two consecutive requests agree: their latencies (stages + steps x step median, the
+# figure the tuner stores) within WARMUP_AGREE. A compiled configuration's first requests differ
+# by several times (CPU, tiny FLUX: 1.361 s after one warm-up, 0.123 s after two), request-to-
+# request noise of a warm configuration is a few percent on a busy CPU and well under 1% on the
+# GPU, so 5% tells "still warming up" from noise. WARMUP_CAP bounds the cost where it never
+# settles (the measured request is then the last one; the dump says it did not settle).
+WARMUP_AGREE = 0.05
+WARMUP_CAP = 4
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -45,7 +53,8 @@ class GenerateRequest:
     perf_dump_path: Path | None = None
     device: str | None = None  # default: cuda if available
     dtype: str | None = None  # default: bf16 on cuda, fp32 on cpu
-    warmup: int = 0  # requests before the measured one
+    warmup: int = 0  # requests before the measured one (at least)
+    max_warmup: int | None = None  # more, up to this many, until two consecutive requests agree (None: = warmup)
     vram_budget: str | None = None  # caps this process (the tuner's worker sets it)
     flags: Any = field(default_factory=EngineConfig)
 
@@ -59,11 +68,14 @@ class GenerateResult:
         d = self.dump
         med = d["step_median_s"]
         mem = d["peak_vram"]["torch_max_reserved_bytes"]
+        nv = d["peak_vram"].get("nvml_process_peak_bytes")
         parts = [
             f"{d['model']} {d['workload']['width']}x{d['workload']['height']}, {d['workload']['steps']} steps:",
             f"request {d['request_s']:.3f} s",
             f"step median {med * 1e3:.1f} ms" if med is not None else "",
-            f"peak VRAM {mem / 2**30:.2f} GiB" if mem else "",
+            f"peak VRAM {nv / 2**30:.2f} GiB (NVML, whole process)" if nv else "",
+            f"torch reserved peak {mem / 2**30:.2f} GiB" if mem else "",
+            f"{d['warmup_requests']} warm-up request(s)",
             f"cold start {d['cold_start']['total_s']:.1f} s",
         ]
         return " | ".join(p for p in parts if p)
@@ -89,6 +101,8 @@ def _workload(req: GenerateRequest):
     check_guidance(family, req.guidance, req.negative_prompt)
     if req.warmup < 0:
         raise EngineError(f"--warmup {req.warmup} must be >= 0")
+    if req.max_warmup is not None and req.max_warmup < req.warmup:
+        raise EngineError(f"--max-warmup {req.max_warmup} must be >= --warmup {req.warmup}")
     validate_for_model(req.flags, spec, guidance)
     return family, width, height, steps, guidance
 
@@ -106,13 +120,32 @@ def _resolve(req: GenerateRequest):
     return family, width, height, steps, guidance, device, _DTYPES[dtype_name]
 
 
-def _cap_vram(budget_text: str, device: torch.device) -> int:
-    from .budget import parse_budget
+def _cap_vram(budget_text: str, device: torch.device, num_gpus: int) -> tuple[int, int, int | None]:
+    """Cap torch's allocator so that the whole process fits the budget: the budget less what lives
+    outside the allocator (engine/budget.py). Returns (budget, allowance outside, context read)."""
+    from . import gpu as gpu_mod
+    from .budget import allocator_cap, outside_allowance, parse_budget
 
     total = torch.cuda.get_device_properties(device).total_memory
     budget = parse_budget(budget_text).resolve(total)
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
-    return budget
+    torch.zeros(1, device=device)  # the CUDA context exists from here on
+    index = gpu_mod.nvml_index(device)
+    used = gpu_mod.process_used_bytes(index) if index is not None else None
+    context = None if used is None else max(used - torch.cuda.memory_reserved(device), 0)
+    outside = outside_allowance(context, num_gpus)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, allocator_cap(budget, outside) / total), device)
+    return budget, outside, context
+
+
+def _agree(a: float, b: float) -> bool:
+    return abs(a - b) <= WARMUP_AGREE * min(a, b)
+
+
+def _latency(times, steps: int) -> float:
+    """Full-request latency as stored: stages, the denoise loop's overhead, steps x step median."""
+    st = times.stages
+    med = summarize_steps(times.steps)["step_median_s"] or 0.0
+    return st["encode_s"] + st["prepare_s"] + st["denoise_s"] - sum(times.steps) + steps * med + st["decode_s"]
 
 
 def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
@@ -124,33 +157,37 @@ def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
     if req.flags.num_gpus > 1 and par is None:
         return _launch(req, progress)
     family, width, height, steps, guidance, device, dtype = _resolve(req)
-    budget = None
+    budget = outside = context = None
     if req.vram_budget is not None:
         if device.type != "cuda":
             raise EngineError("--vram-budget caps GPU memory; it needs a CUDA device")
-        budget = _cap_vram(req.vram_budget, device)
+        budget, outside, context = _cap_vram(req.vram_budget, device, req.flags.num_gpus)
     if req.perf_dump_path is not None:
         Path(req.perf_dump_path).parent.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    from .gpu import ProcessPeak, nvml_index
+
+    nvml = ProcessPeak(nvml_index(device) if device.type == "cuda" else None)
+    cap = max(req.warmup, req.max_warmup if req.max_warmup is not None else req.warmup)
     try:
         t_start = time.perf_counter()
-        pipe = Pipeline(family, req.flags, device, dtype, Path(req.model_path) if req.model_path else None, par)
-        run = lambda on_step=None: pipe(  # noqa: E731
-            req.prompt, req.negative_prompt, width, height, steps, guidance, req.seed, on_step
-        )
-        warm = []
-        for _ in range(req.warmup):
-            t = time.perf_counter()
-            _, wt = run()
-            warm.append((time.perf_counter() - t, wt))
-        t = time.perf_counter()
-        if progress:
-            image, times = _with_progress(run, steps)
-        else:
-            image, times = run()
-        request_s = time.perf_counter() - t
+        with nvml:  # the whole footprint's peak over load, warm-up and the measured request
+            pipe = Pipeline(family, req.flags, device, dtype, Path(req.model_path) if req.model_path else None, par)
+            run = lambda on_step=None: pipe(  # noqa: E731
+                req.prompt, req.negative_prompt, width, height, steps, guidance, req.seed, on_step
+            )
+            requests = []  # (seconds, image, times, latency) of every request; the last one is measured
+            while True:
+                t = time.perf_counter()
+                image, times = _with_progress(run, steps) if progress else run()
+                requests.append((time.perf_counter() - t, image, times, _latency(times, steps)))
+                ran = len(requests) - 1  # warm-up requests before this one
+                if ran >= req.warmup and (ran >= cap or (ran >= 1 and _agree(requests[-2][3], requests[-1][3]))):
+                    break
+        request_s, image, times, _ = requests[-1]
+        warm = [(secs, wt) for secs, _, wt, _ in requests[:-1]]
     except torch.OutOfMemoryError as e:
         if budget is not None:
             raise BudgetExceededError(
@@ -171,21 +208,24 @@ def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
     manifest["versions"] = versions()
     manifest["cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     manifest["vram_budget_bytes"] = budget
+    manifest["outside_allocator"] = {"allowance_bytes": outside, "context_bytes_at_start": context}
     dump = {
         "schema": PERF_DUMP_SCHEMA,
         "model": family.spec.name,
         "workload": {"width": width, "height": height, "steps": steps, "guidance": guidance, "seed": req.seed},
         "cold_start": {"load_s": pipe.load_s, "load_parts": dict(pipe.load_parts), "first_request_s": first_request_s,
                        "total_s": pipe.load_s + first_request_s},
-        "warmup_requests": req.warmup,
+        "warmup_requests": len(warm),
+        "warmup": {"min": req.warmup, "max": cap, "agree": WARMUP_AGREE, "settled": len(requests) >= 2 and _agree(
+            requests[-2][3], requests[-1][3]), "latencies_s": [x[3] for x in requests]},
         "stages": dict(st),
         "steps_s": times.steps,
         **stats,
         "request_s": request_s,
         "latency_s": latency_s,
-        "peak_vram": memory(device, pipe.peaks),
+        "peak_vram": memory(device, pipe.peaks, nvml.peak),
         "manifest": manifest,
-        **({"parallel": _parallel_report(pipe, par, req, width, height, guidance)} if par is not None else {}),
+        **({"parallel": _parallel_report(pipe, par, req, width, height, guidance, nvml.peak)} if par is not None else {}),
         "pid": os.getpid(),
         "started_at": time.time() - (time.perf_counter() - t_start),
     }
@@ -237,13 +277,14 @@ def rank_generate(rank: int, world: int, payload) -> GenerateResult | None:
     return result if rank == 0 else None
 
 
-def _parallel_report(pipe, par, req: GenerateRequest, width: int, height: int, guidance: float) -> dict[str, Any]:
+def _parallel_report(pipe, par, req: GenerateRequest, width: int, height: int, guidance: float,
+                     nvml_peak: int | None) -> dict[str, Any]:
     """Every rank's device and peaks (rank 0 gets them all), and the bytes one step sends."""
     from . import gpu as gpu_mod
 
     device = pipe.device
     mine = {"rank": par.rank, "device": str(device), **par.groups.coords,
-            "peak_vram": memory(device, pipe.peaks)}
+            "peak_vram": memory(device, pipe.peaks, nvml_peak)}
     if device.type == "cuda":
         mine["gpu"] = torch.cuda.get_device_name(device)
         mine["nvml_index"] = gpu_mod.nvml_index(device)
@@ -268,7 +309,7 @@ def _binding_peak(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """The per-GPU figure a budget binds: each peak's maximum over the ranks (stages: that rank's)."""
     peaks = [r["peak_vram"] for r in ranks]
     out: dict[str, Any] = {}
-    for key in ("torch_max_reserved_bytes", "torch_max_allocated_bytes", "nvml_process_bytes"):
+    for key in ("torch_max_reserved_bytes", "torch_max_allocated_bytes", "nvml_process_bytes", "nvml_process_peak_bytes"):
         vals = [p.get(key) for p in peaks if p.get(key) is not None]
         out[key] = max(vals) if vals else None
     top = max(range(len(peaks)), key=lambda i: peaks[i].get("torch_max_reserved_bytes") or 0)

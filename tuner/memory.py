@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import torch
 
-from dittune.engine import components, offload
+from dittune.engine import budget, components, offload
 from dittune.engine.models import get_family
 
 # Live activations per (token x hidden) element during one DiT forward (q/k/v, attention output,
@@ -114,7 +114,23 @@ def text_encoder_stream_bytes(fp: Footprint) -> int:
 
 
 def predict_peak_bytes(model: str, cfg, width: int, height: int, dtype_name: str = "bf16") -> int:
-    return int(max(predict_stage_bytes(model, cfg, width, height, dtype_name).values()) * ALLOCATOR_OVERHEAD)
+    """The process's whole footprint on its GPU (rank 0's under several), as NVML counts it and the
+    budget binds it: the allocator's reserved peak plus what lives outside the allocator (CUDA
+    context, kernel modules, NCCL buffers), the allowance the worker keeps free of its cap
+    (engine/budget.py). The outside term is additive, so differences between two configurations
+    (the residency climb's) are the allocator's alone."""
+    allocator = max(predict_stage_bytes(model, cfg, width, height, dtype_name).values()) * ALLOCATOR_OVERHEAD
+    return int(allocator) + outside_allocator_bytes(max(1, int(getattr(cfg, "num_gpus", 1) or 1)))
+
+
+def outside_allocator_bytes(num_gpus: int = 1) -> int:
+    return budget.outside_allowance(None, num_gpus)
+
+
+def measured_outside_bytes(peak_vram: dict) -> int | None:
+    """A trial's measured bytes outside the allocator: NVML's process peak less torch's reserved peak."""
+    nv, reserved = (peak_vram or {}).get("nvml_process_peak_bytes"), (peak_vram or {}).get("torch_max_reserved_bytes")
+    return None if nv is None or reserved is None else max(int(nv) - int(reserved), 0)
 
 
 def predict_stage_bytes(model: str, cfg, width: int, height: int, dtype_name: str = "bf16") -> dict[str, int]:

@@ -32,14 +32,26 @@ class Progress:
             self.p.stop()
 
 
+# The signal that interrupted the study, for the exit status (130 Ctrl-C, 143 SIGTERM): SIGTERM
+# raises KeyboardInterrupt like Ctrl-C, so this is the only trace of which one it was.
+received: int | None = None
+
+
+def sigterm_as_interrupt(signum, frame):
+    global received
+    received = signum
+    raise KeyboardInterrupt
+
+
 def raise_on_sigterm():
     """SIGTERM (`timeout`, a batch system) stops the study like Ctrl-C: the running trial's child
     is killed, everything measured is kept and the frontier is still printed. Returns the handler
     to restore (None off the main thread, where signals cannot be caught)."""
     if threading.current_thread() is not threading.main_thread():
         return None
+    return signal.signal(signal.SIGTERM, sigterm_as_interrupt)
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, handler)
+def interrupt_exit_code() -> int:
+    """The shell's convention: 128 + the signal number (Ctrl-C 130, SIGTERM 143)."""
+    return 128 + (received if received is not None else signal.SIGINT)

@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 from dittune import db as D
 from dittune.engine import flags as F
+from dittune.engine.perf import binding_peak
 
 from .options import Setup
 from .runner import Outcome
@@ -88,8 +89,14 @@ def record_from(outcome: Outcome, cfg, argv: str, number: int | None, s: Setup, 
     rec.step_spread = d["step_spread"]
     # Full-request latency of the workload: its steps at the measured median.
     rec.latency_s = st["encode_s"] + st["prepare_s"] + overhead + s.steps * d["step_median_s"] + st["decode_s"]
-    rec.peak_vram_bytes = d["peak_vram"]["torch_max_reserved_bytes"]
+    # The budget binds the whole footprint (NVML's process peak); torch's reserved peak stays beside it.
+    rec.peak_vram_bytes, kind = binding_peak(d["peak_vram"])
     rec.cold_start_s = d["cold_start"]["total_s"]
+    rec.manifest["evidence"] = {
+        "peak_kind": kind, "torch_reserved_peak_bytes": d["peak_vram"].get("torch_max_reserved_bytes"),
+        "nvml_peak_bytes": d["peak_vram"].get("nvml_process_peak_bytes"),
+        "warmup_requests": d.get("warmup_requests"), "warmup": d.get("warmup"), "band_source": "single run",
+    }
     return rec
 
 

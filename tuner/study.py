@@ -100,6 +100,8 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
                GpuPool(s.gpus, s.all_gpus) if s.gpus else None, deadline, threading.Event(), threading.Event())
     say = run.say
     sweep(db, study_id, study, ttl, say)
+    if (resumed := _State.load(db, study_id).measured) > 0:
+        say(f"resuming study {name}: {resumed} trials measured")
     if not study.trials and D.leases.claim(db, study_id, "seeds", HOST, os.getpid()):
         _enqueue_seeds(study, s)
     stopped = "trial budget reached"
