@@ -54,6 +54,23 @@ class Result:
     stale: bool
     stale_reasons: tuple[str, ...] = ()  # "torch 2.11.0 -> 2.13.0"
     rule: str = ""  # set by pick(): why this configuration is the best one of its group
+    # evidence (the trial's manifest["evidence"]; older trials: what their columns imply)
+    peak_kind: str | None = None  # "nvml_process" (whole footprint) | "torch_reserved" (allocator only)
+    torch_reserved_peak_bytes: int | None = None
+    repeats: tuple[float, ...] = ()  # confirmation: the latency of every repeat
+    warmup_requests: int | None = None
+    verdict: str = ""  # confirmation: "separated" | "tied within noise" | "" (one finalist, or none)
+
+    @property
+    def noise_band(self) -> float | None:
+        """± relative: from the confirmation repeats when there were some, else the spread of the steps of one run."""
+        return self.step_spread
+
+    @property
+    def band_source(self) -> str:
+        if self.status == "confirmed":
+            return f"confirmation repeats (n={len(self.repeats)})" if self.repeats else "confirmation repeats"
+        return "single run (spread of its steps)"
 
     @property
     def num_gpus(self) -> int:
@@ -87,7 +104,7 @@ def measured(
     the same group: after an upgrade, old results are shown only where nothing newer exists."""
     with db.session() as s:
         q = (
-            select(Trial)
+            select(Trial, Trial.manifest["evidence"])
             .join(Study).join(Workload).join(Gpu)
             .options(joinedload(Trial.study).joinedload(Study.workload), joinedload(Trial.study).joinedload(Study.gpu),
                      *(defer(c) for c in (Trial.manifest, Trial.stage_times, Trial.step_times, Trial.stderr_tail)))
@@ -99,31 +116,35 @@ def measured(
             q = q.where(func.lower(Gpu.name).contains(gpu.lower()))
         if study:
             q = q.where(Study.name == study)
-        rows = s.scalars(q.order_by(Trial.id)).unique().all()
-    chosen: dict[tuple, Trial] = {}
-    for t in rows:
+        rows = s.execute(q.order_by(Trial.id)).all()
+    chosen: dict[tuple, tuple[Trial, Any]] = {}
+    for t, ev in rows:
         key = (t.study_id, t.argv)
         prev = chosen.get(key)
         if prev is None:
-            chosen[key] = t
-        elif t.status == "confirmed" or (prev.status != "confirmed" and t.latency_s < prev.latency_s):
-            chosen[key] = t
-    results = [_result(t, _stale_reasons(t.study, current)) for t in chosen.values()]
+            chosen[key] = (t, ev)
+        elif t.status == "confirmed" or (prev[0].status != "confirmed" and t.latency_s < prev[0].latency_s):
+            chosen[key] = (t, ev)
+    results = [_result(t, _stale_reasons(t.study, current), ev) for t, ev in chosen.values()]
     if num_gpus is not None:
         results = [r for r in results if r.num_gpus == num_gpus]
     fresh_groups = {r.group for r in results if not r.stale}
     return [r for r in results if not r.stale or r.group not in fresh_groups]
 
 
-def _result(t: Trial, stale: tuple[str, ...]) -> Result:
+def _result(t: Trial, stale: tuple[str, ...], ev: dict[str, Any] | None = None) -> Result:
     w, g = t.study.workload, t.study.gpu
+    ev = ev if isinstance(ev, dict) else {}
+    kind = ev.get("peak_kind") or ("torch_reserved" if t.peak_vram_bytes is not None else None)  # before NVML peaks
     return Result(
         trial_id=t.id, study=t.study.name, model=w.model, width=w.width, height=w.height, steps=w.steps,
         guidance=w.guidance, gpu=g.name, gpu_memory_bytes=g.memory_bytes, flags=dict(t.flags), argv=t.argv,
         latency_s=t.latency_s, step_median_s=t.step_median_s, step_spread=t.step_spread,
         peak_vram_bytes=t.peak_vram_bytes, cold_start_s=t.cold_start_s, status=t.status,
         measured_at=t.created_at, versions=dict(t.study.versions), registry_hash=t.study.registry_hash, stale=bool(stale),
-        stale_reasons=stale,
+        stale_reasons=stale, peak_kind=kind,
+        torch_reserved_peak_bytes=ev.get("torch_reserved_peak_bytes", t.peak_vram_bytes if kind == "torch_reserved" else None),
+        repeats=tuple(ev.get("repeats") or ()), warmup_requests=ev.get("warmup_requests"), verdict=ev.get("verdict") or "",
     )
 
 
@@ -145,7 +166,7 @@ def pick(rows: list[Result]) -> Result | None:
     close = [r for r in rows if r.latency_s <= fastest.latency_s * (1 + band)]
     chosen = min(close, key=lambda r: (r.peak_vram_bytes or 0, r.cold_start_s if r.cold_start_s is not None else math.inf,
                                        r.latency_s, r.trial_id))
-    source = "confirmation repeats" if fastest.status == "confirmed" else "single run, spread of its steps"
+    source = fastest.band_source
     if chosen is fastest:
         why = f"fastest measured ({len(rows)} candidates)"
         if len(close) > 1:

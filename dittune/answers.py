@@ -63,18 +63,13 @@ def answer_dict(r: D.Result) -> dict[str, Any]:
     where its noise band comes from, and which versions differ when it is stale."""
     from dittune.tuner import emit
 
-    return {
-        **emit.to_dict(r), "num_gpus": r.num_gpus, "rule": r.rule or None,
-        "noise_band_source": "confirmation repeats" if r.status == "confirmed" else "single run (spread of its steps)",
-        "stale_reasons": list(r.stale_reasons),
-    }
+    return {**emit.to_dict(r), "num_gpus": r.num_gpus, "rule": r.rule or None}
 
 
 def answer_text(r: D.Result) -> str:
     from dittune.tuner import emit
 
-    stale = f"\n  stale: {', '.join(r.stale_reasons)}" if r.stale_reasons else ""
-    return f"{emit.render_text(r)}\n  GPUs: {r.num_gpus}; picked: {r.rule}{stale}"
+    return f"{emit.render_text(r)}\n  GPUs: {r.num_gpus}; picked: {r.rule}"
 
 
 def export(db: D.Database, q: Question, fmt: str, current: dict[str, Any] | None = None) -> tuple[str, int]:
@@ -103,8 +98,9 @@ def export(db: D.Database, q: Question, fmt: str, current: dict[str, Any] | None
             out.append({**d, "num_gpus": r.num_gpus, "best": p is not None, "rule": p.rule if p else None})
         return json.dumps(out, indent=2) + "\n", len(rows)
     lead = "" if fmt == "md" else "# "
-    notes = [f"{lead}best ({p.model} on {p.gpu}, {p.num_gpus} GPU(s)): trial {p.trial_id}, {p.latency_s:.3f} s; "
-             f"{p.rule}" for p in picks]
+    engine = " by dittune's own engine (not SGLang)" if fmt == "sglang" else ""
+    notes = [f"{lead}best ({p.model} on {p.gpu}, {p.num_gpus} GPU(s)): trial {p.trial_id}, {p.latency_s:.3f} s measured"
+             f"{engine}; {p.rule}" for p in picks]
     if fmt == "md":
         return text + "\n" + "\n".join(f"- {n}" for n in notes) + "\n", len(rows)
     head, _, body = text.partition("\n")  # keep the #!/bin/sh line first

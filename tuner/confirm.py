@@ -18,12 +18,47 @@ from .runner import run_trial
 from .state import State, record_from
 
 
+TARGET_BAND = 0.02  # a band this narrow ends the repeats even where finalists still overlap: tied within noise
+MAX_ROUNDS = 4  # re-runs per finalist at most (the search's own measurement comes on top when it ran alone)
+
+
+def band(lat: list[float]) -> float | None:
+    """± relative noise band of the median of independent runs: two standard errors of their mean
+    (~95%), relative to the median; for two runs that is their difference over the median, and it
+    narrows as repeats are added. None for one run."""
+    if len(lat) < 2:
+        return None
+    return 2 * statistics.stdev(lat) / len(lat) ** 0.5 / statistics.median(lat)
+
+
+def verdict(runs: dict[str, list[float]]) -> tuple[str | None, set[str]]:
+    """(verdict, tied): "separated" when the fastest finalist's band overlaps no other's, "tied
+    within noise" when it overlaps some and every band involved is within TARGET_BAND, None while
+    undecided (one finalist: undecided while its band is wider than TARGET_BAND). `tied`: the
+    fastest and the finalists whose bands overlap its band."""
+    bands = {a: band(lat) for a, lat in runs.items()}
+    if any(b is None for b in bands.values()):
+        return None, set()
+    med = {a: statistics.median(lat) for a, lat in runs.items()}
+    lead = min(med, key=med.get)
+    top = med[lead] * (1 + bands[lead])
+    tied = {lead} | {a for a in runs if a != lead and med[a] * (1 - bands[a]) <= top}
+    if len(runs) == 1:
+        return ("" if bands[lead] <= TARGET_BAND else None), set()
+    if len(tied) == 1:
+        return "separated", set()
+    return ("tied within noise" if all(bands[a] <= TARGET_BAND for a in tied) else None), tied
+
+
 def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, say, rounds: int = 1,
             pin=lambda cfg: {}) -> None:
-    """rounds=1: one re-run each, the band between it and the search's measurement (a trial run
-    alone). rounds>1 (the search ran trials side by side, so its measurements may carry a
-    neighbour's load): that many interleaved re-runs, the search's measurement left out.
-    `pin(cfg)`: the environment that puts a finalist on its GPUs (nothing else runs then)."""
+    """Finalists re-run in interleaved rounds until the fastest one's noise band separates it from
+    the others, or the bands (all within TARGET_BAND) say they are tied, or MAX_ROUNDS. rounds=1:
+    the search's measurement (a trial run alone) counts as the first run. rounds>1 (the search ran
+    trials side by side, so its measurements may carry a neighbour's load): at least that many
+    re-runs, the search's measurement left out. The stored latency is the median of the runs, its
+    band `band()` of them. `pin(cfg)`: the environment that puts a finalist on its GPUs (nothing
+    else runs then)."""
     fits = [(argv, r) for argv, r in state.tried.items() if r.status == "complete"
             and (s.budget_bytes is None or (r.peak_vram_bytes or 0) <= s.budget_bytes)]
     finalists = sorted(fits, key=lambda x: x[1].latency_s)[: opt.confirm]
@@ -42,31 +77,59 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
             leased.append((argv, first, lease))
         if not leased:
             return
-        say(f"confirming the {len(leased)} fastest configurations" + (f", {rounds} rounds" if rounds > 1 else ""))
+        say(f"confirming the {len(leased)} fastest configurations (interleaved rounds until their noise bands "
+            f"separate them or say they are tied, at most {max(rounds, MAX_ROUNDS)})")
         runs: dict[str, list[D.TrialRecord]] = {argv: [] for argv, _, _ in leased}
-        for r in range(rounds):
+        lat: dict[str, list[float]] = {argv: ([first.latency_s] if rounds == 1 else []) for argv, first, _ in leased}
+        failed: set[str] = set()
+        outcome, tied, r = None, set(), 0
+        while r < max(rounds, MAX_ROUNDS):
             for argv, first, _ in leased:
+                if argv in failed:
+                    continue
                 cfg = F.config_from_dict(first.flags)
-                outcome = run_trial(job(s, cfg, seed=1 + r), s.trial_timeout_s, opt.worker_cmd, {**env, **pin(cfg)})
-                rec = record_from(outcome, cfg, argv, None, s, None)
+                out = run_trial(job(s, cfg, seed=1 + r), s.trial_timeout_s, opt.worker_cmd, {**env, **pin(cfg)})
+                rec = record_from(out, cfg, argv, None, s, None)
                 if rec.status != "complete":
                     say(f"confirmation of {argv or '(defaults)'} failed: {rec.reason[:160]}")
+                    failed.add(argv)
                     continue
                 runs[argv].append(rec)
+                lat[argv].append(rec.latency_s)
+            r += 1
+            live = {a: v for a, v in lat.items() if a not in failed}
+            if not live:
+                break
+            outcome, tied = verdict(live)
+            if r >= rounds and outcome is not None:
+                break
+        if outcome is None and len(live) > 1:  # the cap: what still overlaps is tied at the band reached
+            _, tied = verdict(live)
+            outcome = "tied within noise" if len(tied) > 1 else "separated"
         for argv, first, lease in leased:
             got = runs[argv]
-            if len(got) < rounds:
+            if argv in failed or not got:
                 continue
-            lat = ([first.latency_s] if rounds == 1 else []) + [x.latency_s for x in got]
             rec = got[-1]
-            med = statistics.median(lat)
+            med = statistics.median(lat[argv])
             rec.latency_s = med
-            rec.step_spread = (max(lat) - min(lat)) / med  # the noise band between independent runs
+            rec.step_spread = band(lat[argv])
             rec.status = "confirmed"
             peaks = [p for p in (first.peak_vram_bytes, *(x.peak_vram_bytes for x in got)) if p is not None]
             rec.peak_vram_bytes = max(peaks) if peaks else None
+            reserved = [x.manifest.get("evidence", {}).get("torch_reserved_peak_bytes") for x in got]
+            rec.manifest["evidence"] = {
+                **rec.manifest.get("evidence", {}), "band_source": "confirmation repeats", "repeats": lat[argv],
+                "band": "2 standard errors of the mean of the repeats, relative to their median",
+                "verdict": (outcome if argv in tied or outcome == "separated" else "separated") if len(live) > 1 else "",
+                "torch_reserved_peak_bytes": max([v for v in reserved if v is not None], default=None),
+            }
             if D.leases.finish(db, lease, study_id, rec):  # False: its lease expired; whoever took it over records it
-                say(f"confirmed {argv or '(defaults)'}: {' then '.join(f'{x:.3f} s' for x in lat)}")
+                say(f"confirmed {argv or '(defaults)'}: {' then '.join(f'{x:.3f} s' for x in lat[argv])}, "
+                    f"median ±{rec.step_spread or 0:.1%}" + (f", {rec.manifest['evidence']['verdict']}"
+                                                        if rec.manifest['evidence']['verdict'] else ""))
+
+
 def result(db, name: str, state: State, stopped: str, s: Setup) -> TuneResult:
     rows = [r for r in D.measured(db, s.spec.name, None) if r.study == name]
     fits = [r for r in rows if s.budget_bytes is None or (r.peak_vram_bytes or 0) <= s.budget_bytes]

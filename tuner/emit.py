@@ -28,8 +28,14 @@ def generate_command(r: Result) -> str:
 
 
 def remeasure_command(r: Result) -> str:
-    """The same configuration with a warm-up request and a perf dump: what the tuner measured."""
-    return shlex.join([*generate_argv(r), "--warmup", "1", "--perf-dump-path", "remeasure.json"])
+    """The same configuration measured as the tuner measures it (warm-up until two consecutive
+    requests agree, on the device it ran on), with a perf dump whose latency_s is the stored figure's
+    counterpart."""
+    from dittune.engine.run import WARMUP_CAP
+
+    device = ["--device", "cpu"] if r.gpu == "cpu" else []
+    return shlex.join([*generate_argv(r), *device, "--warmup", "1", "--max-warmup", str(WARMUP_CAP),
+                       "--perf-dump-path", "remeasure.json"])
 
 
 def sglang_command(r: Result) -> tuple[str, list[str]]:
@@ -47,13 +53,44 @@ def sglang_command(r: Result) -> tuple[str, list[str]]:
     return shlex.join(argv), missing
 
 
+PEAK_KINDS = {"nvml_process": "NVML process peak, whole footprint", "torch_reserved": "torch reserved peak, allocator only"}
+VERSION_KEYS = ("torch", "triton", "driver", "dittune")
+
+
+def band_text(r: Result) -> str:
+    band = f"±{r.noise_band:.1%}" if r.noise_band is not None else "no noise band"
+    tie = f", {r.verdict}" if r.verdict else ""
+    return f"{band} ({r.band_source}{tie})"
+
+
+def peak_text(r: Result) -> str:
+    if r.peak_vram_bytes is None:
+        return "peak VRAM - (CPU run)"
+    return f"peak {format_bytes(r.peak_vram_bytes)} ({PEAK_KINDS.get(r.peak_kind or '', r.peak_kind)})"
+
+
+def versions_text(r: Result) -> str:
+    return ", ".join(f"{k} {r.versions[k]}" for k in VERSION_KEYS if r.versions.get(k))
+
+
+def stale_text(r: Result) -> str:
+    return f"STALE: {'; '.join(r.stale_reasons) or 'measured with other software versions'}" if r.stale else ""
+
+
 def _evidence(r: Result) -> str:
-    band = f" ±{r.step_spread:.1%}" if r.step_spread is not None else ""
-    stale = " STALE (measured with other software versions)" if r.stale else ""
+    """One line: the figure and everything needed to trust (or redo) it."""
+    step = f", step median {r.step_median_s * 1e3:.1f} ms" if r.step_median_s is not None else ""
+    warm = f", {r.warmup_requests} warm-up request(s)" if r.warmup_requests is not None else ""
+    stale = f"; {stale_text(r)}" if r.stale else ""
     return (
-        f"{r.model} {r.width}x{r.height} {r.steps} steps on {r.gpu}: {r.latency_s:.3f} s/request{band}, "
-        f"peak {format_bytes(r.peak_vram_bytes)}, measured {r.measured_at:%Y-%m-%d} (study {r.study}, trial {r.trial_id}){stale}"
+        f"{r.model} {r.width}x{r.height} {r.steps} steps on {r.gpu}: {r.latency_s:.3f} s/request {band_text(r)}{step}, "
+        f"{peak_text(r)}, measured {r.measured_at:%Y-%m-%d} (study {r.study}, trial {r.trial_id}{warm}), "
+        f"{versions_text(r)}{stale}"
     )
+
+
+def evidence_text(r: Result) -> str:
+    return _evidence(r)
 
 
 def to_dict(r: Result) -> dict:
@@ -63,7 +100,10 @@ def to_dict(r: Result) -> dict:
         "command": generate_command(r), "remeasure": remeasure_command(r), "latency_s": r.latency_s, "step_median_s": r.step_median_s,
         "step_spread": r.step_spread, "peak_vram_bytes": r.peak_vram_bytes, "cold_start_s": r.cold_start_s,
         "measured_at": r.measured_at.isoformat(), "study": r.study, "trial_id": r.trial_id, "status": r.status,
-        "versions": r.versions, "registry_hash": r.registry_hash, "stale": r.stale,
+        "versions": r.versions, "registry_hash": r.registry_hash, "stale": r.stale, "stale_reasons": list(r.stale_reasons),
+        "noise_band": r.noise_band, "noise_band_source": r.band_source, "repeats_s": list(r.repeats),
+        "verdict": r.verdict or None, "peak_kind": r.peak_kind, "torch_reserved_peak_bytes": r.torch_reserved_peak_bytes,
+        "warmup_requests": r.warmup_requests,
     }
 
 
@@ -74,32 +114,41 @@ def render(results: Iterable[Result], fmt: str) -> str:
     if fmt == "sh":
         lines = ["#!/bin/sh", "# dittune export: measured configurations, fastest first per model and GPU", ""]
         for r in results:
-            lines += [f"# {_evidence(r)}", generate_command(r), ""]
+            lines += [f"# {_evidence(r)}", f"# re-measure: {remeasure_command(r)}", generate_command(r), ""]
         return "\n".join(lines)
     if fmt == "md":
         lines = [
-            "| model | workload | GPU | latency (s) | step median (ms) | peak VRAM | command |",
-            "|---|---|---|---|---|---|---|",
+            "| model | workload | GPU | latency (s) | noise band | step median (ms) | peak VRAM | measured | versions | command |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results:
             step = f"{r.step_median_s * 1e3:.1f}" if r.step_median_s is not None else "-"
-            stale = " (stale)" if r.stale else ""
+            stale = f" ({stale_text(r)})" if r.stale else ""
             lines.append(
-                f"| {r.model} | {r.width}x{r.height}, {r.steps} steps | {r.gpu}{stale} | {r.latency_s:.3f} | {step} "
-                f"| {format_bytes(r.peak_vram_bytes)} | `{generate_command(r)}` |"
+                f"| {r.model} | {r.width}x{r.height}, {r.steps} steps | {r.gpu}{stale} | {r.latency_s:.3f} | {band_text(r)} "
+                f"| {step} | {peak_text(r).removeprefix('peak ')} | {r.measured_at:%Y-%m-%d}, trial {r.trial_id} "
+                f"| {versions_text(r)} | `{generate_command(r)}` |"
             )
         return "\n".join(lines) + "\n"
     if fmt == "sglang":
-        lines = ["#!/bin/sh", "# dittune export --format sglang: the same configurations in SGLang Diffusion's syntax", ""]
+        lines = ["#!/bin/sh", "# dittune export --format sglang: the same configurations in SGLang Diffusion's syntax.",
+                 "# These SGLang commands were NOT measured: the latencies below are dittune's own engine's, with every",
+                 "# flag listed, and say nothing of SGLang's speed (flags without an SGLang equivalent are dropped).", ""]
         for r in results:
             cmd, missing = sglang_command(r)
-            lines.append(f"# {_evidence(r)}")
+            lines.append(f"# measured by dittune's engine, not SGLang: {r.latency_s:.3f} s/request {band_text(r)}, "
+                         f"{peak_text(r)} (study {r.study}, trial {r.trial_id})")
+            lines.append(f"# dittune's command: {generate_command(r)}")
             if missing:
-                lines.append(f"# no SGLang equivalent (dropped): {shlex.join(missing)}")
+                lines.append(f"# measured flags with no SGLang equivalent (dropped here, so this command is not the "
+                             f"measured configuration): {shlex.join(missing)}")
+            else:
+                lines.append("# every measured flag has an SGLang equivalent; SGLang's own speed is still unmeasured")
             lines += [cmd, ""]
         return "\n".join(lines)
     raise ValueError(f"unknown format {fmt!r}")
 
 
 def render_text(r: Result) -> str:
-    return f"{_evidence(r)}\n  {generate_command(r)}\n  re-measure: {remeasure_command(r)}"
+    return (f"{_evidence(r)}\n  {generate_command(r)}\n  re-measure (compare its perf dump's latency_s): "
+            f"{remeasure_command(r)}")

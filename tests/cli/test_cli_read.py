@@ -45,7 +45,11 @@ def test_recommend_text_and_json(filled):
     (row,) = json.loads(r.stdout)
     assert row["flags"] == FLAGS_SMALL and row["peak_vram_bytes"] == 14 * GiB and row["latency_s"] == 20.0
     assert row["command"].endswith("--dit-layerwise-offload --dit-resident-layers 20")
-    assert row["remeasure"] == row["command"] + " --warmup 1 --perf-dump-path remeasure.json"
+    assert row["remeasure"] == row["command"] + " --warmup 1 --max-warmup 4 --perf-dump-path remeasure.json"
+    # the evidence: a single run's band says so; the stored peak is torch's reserved one (no NVML then)
+    assert row["noise_band"] == 0.01 and row["noise_band_source"] == "single run (spread of its steps)"
+    assert row["peak_kind"] == "torch_reserved" and row["trial_id"] and row["versions"]["torch"] == "2.11.0"
+    assert row["step_median_s"] == 20.0 / 30 and row["measured_at"]
     r = run("recommend", "flux-dev", "--db", url, "--vram-budget", "0.5", "--gpu", "H100", "--format", "json")
     assert json.loads(r.stdout)[0]["latency_s"] == 10.0  # 40 GiB fits half of 80 GiB
 
@@ -73,13 +77,21 @@ def test_export_formats(filled, fmt, tmp_path):
         rows = json.loads(text)
         assert [x["latency_s"] for x in rows] == [10.0, 20.0]  # the 15 s / 45 GiB row is dominated
     elif fmt == "sh":
-        assert text.startswith("#!/bin/sh") and text.count("dittune generate") == 2
+        commands = [line for line in text.splitlines() if line.startswith("dittune generate")]
+        assert text.startswith("#!/bin/sh") and len(commands) == 2
+        assert text.count("# re-measure: dittune generate") == 2
     elif fmt == "md":
         assert text.count("\n| flux-dev |") == 2
     else:
         assert "sglang generate --model-path black-forest-labs/FLUX.1-dev" in text
-        assert "--enable-torch-compile" in text and "# no SGLang equivalent (dropped): --attention-backend torch_cudnn_sdpa" in text
-        assert "--dit-layerwise-offload" in text and "(dropped): --dit-resident-layers 20" in text
+        dropped = "# measured flags with no SGLang equivalent (dropped here, so this command is not the measured configuration): "
+        assert "--enable-torch-compile" in text and dropped + "--attention-backend torch_cudnn_sdpa" in text
+        assert "--dit-layerwise-offload" in text and dropped + "--dit-resident-layers 20" in text
+        # dittune's latency is never presented as the SGLang command's
+        assert "These SGLang commands were NOT measured" in text
+        for line in text.splitlines():
+            if "s/request" in line:
+                assert line.startswith("# measured by dittune's engine, not SGLang: ")
 
 
 def test_export_stdout_and_filters(filled):
