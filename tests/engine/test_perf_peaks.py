@@ -43,6 +43,11 @@ def test_stage_peaks_and_process_peak(monkeypatch):
                            "denoise": {"reserved_bytes": 120, "allocated_bytes": 120},
                            "decode": {"reserved_bytes": 140, "allocated_bytes": 140}}
     assert m["torch_max_reserved_bytes"] == m["torch_max_allocated_bytes"] == 150
+    assert m["nvml_process_peak_bytes"] is None  # NVML did not see the process: nothing made up
+    monkeypatch.setattr(perf.gpu_mod, "process_used_bytes", lambda index: 700)
+    monkeypatch.setattr(perf.gpu_mod, "nvml_index", lambda device: 0)
+    m = perf.memory(torch.device("cuda", 0), peaks, nvml_peak=900)  # the sampled peak, above the final read
+    assert (m["nvml_process_bytes"], m["nvml_process_peak_bytes"]) == (700, 900)
 
 
 def test_cpu_has_no_peaks():
