@@ -66,9 +66,16 @@ def main() -> int:
         return 3
     k = job["steps"]
     step = (latency - 0.3) / 28
+    noise = float(os.environ.get("FAKE_ENGINE_NOISE", "0"))  # run-to-run jitter, relative (a real machine's)
+    if noise:
+        import random
+
+        step *= 1 + random.Random(os.urandom(8)).uniform(-noise, noise)
+    spread = float(os.environ.get("FAKE_ENGINE_SPREAD", "0")) or 2 * noise  # the steps' spread one run reports
     dump = {
-        "stages": {"encode_s": latency - 0.1 - 28 * step, "prepare_s": 0.0, "denoise_s": k * step, "decode_s": 0.1},
-        "steps_s": [step] * k, "step_median_s": step, "step_spread": 0.0,
+        "stages": {"encode_s": latency - 0.1 - 28 * ((latency - 0.3) / 28), "prepare_s": 0.0, "denoise_s": k * step,
+                   "decode_s": 0.1},
+        "steps_s": [step] * k, "step_median_s": step, "step_spread": spread,
         "peak_vram": {"torch_max_reserved_bytes": peak}, "cold_start": {"total_s": 20.0},
         "manifest": {"fake": True, "flags": job["flags"], "device": job["device"],
                      # where the tuner put it, and when: for the GPU-pool tests
