@@ -27,6 +27,7 @@ from dittune.errors import DittuneError
 ENDED = ("finished", "failed", "stopped", "interrupted")
 _TRIAL = re.compile(r"^trial (\d+): (\d+(?:\.\d+)?) s, peak [^:]*: (.*)$")
 _STUDY = re.compile(r"^study (\S+): (\d+) measured trials; stopped: (.*)$")
+_RESUMED = re.compile(r"^resuming study (\S+): (\d+) trials measured")
 
 
 class UnknownJob(DittuneError):
@@ -223,6 +224,8 @@ def parse_log(text: str) -> dict[str, Any]:
             lat = float(m.group(2))
             if best is None or lat < best["latency_s"]:
                 best = {"latency_s": lat, "trial": int(m.group(1)), "flags": m.group(3)}
+        elif (m := _RESUMED.match(line)) is not None:  # a rerun: the study's earlier trials count too
+            done += int(m.group(2))
         elif (m := _STUDY.match(line)) is not None:
             study, stopped = m.group(1), m.group(3)
         elif line.startswith("error: "):

@@ -1,0 +1,68 @@
+"""`dittune tune` stopped by Ctrl-C exits 130, by SIGTERM 143, after saving what it measured, and
+prints the exact command that resumes it; the rerun says "resuming study X: N trials measured".
+The real CLI in a real process; its trials run the fake engine (tests/tuner/fake_engine.py)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+
+from dittune import db as D
+
+TUNER_TESTS = Path(__file__).resolve().parents[1] / "tuner"
+DRIVER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {here!r})
+    import pytest
+    from test_study import FAKE, pretend_h100
+    import dittune.tuner.study as study
+    mp = pytest.MonkeyPatch()
+    pretend_h100(mp)
+    real = study.run_trial
+    mp.setattr(study, "run_trial", lambda job, limit, cmd, env=None, **kw: real(job, limit, FAKE, env, **kw))
+    sys.argv = ["dittune", *sys.argv[1:]]
+    from dittune.cli import main
+    main()
+""")
+
+
+def _interrupt(p, sig, trials_first: int) -> tuple[str, str]:
+    """Wait for `trials_first` measured trials, then send `sig` while the next trial's worker runs."""
+    lines, seen, deadline = [], 0, time.time() + 120
+    while seen < trials_first and time.time() < deadline:
+        line = p.stdout.readline()
+        lines.append(line)
+        seen += line.startswith("trial ")
+    time.sleep(0.3)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    return "".join(lines) + out, err
+
+
+def test_ctrl_c_exits_130_sigterm_143_with_the_resume_command(tmp_path):
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(here=str(TUNER_TESTS)))
+    args = ["tune", "flux-dev", "--trials", "6", "--confirm", "0", "--db", url]
+    env = dict(os.environ, FAKE_ENGINE_SLEEP="1.0")
+    start = lambda: subprocess.Popen([sys.executable, str(driver), *args], env=env, stdout=subprocess.PIPE,  # noqa: E731
+                                     stderr=subprocess.PIPE, text=True)
+    p = start()
+    out, err = _interrupt(p, signal.SIGINT, 2)
+    assert p.returncode == 130, err[-2000:]
+    resume = f"Resume with: dittune tune flux-dev --trials 6 --confirm 0 --db {url}"
+    assert resume in err and "Traceback" not in err
+    measured = len([t for t in D.trials(D.open_db(url)) if t.status == "complete"])
+    assert measured >= 2
+
+    p = start()  # the resume command; SIGTERM (a batch system's stop) this time
+    out, err = _interrupt(p, signal.SIGTERM, 1)
+    assert p.returncode == 143, err[-2000:]
+    (study,) = D.studies(D.open_db(url))
+    assert out.startswith(f"resuming study {study.name}: {measured} trials measured\n")
+    assert resume in err and "Traceback" not in err
+    assert study.measured > measured  # the rerun measured more, and kept it
