@@ -32,17 +32,16 @@ def band(lat: list[float]) -> float | None:
 
 
 def verdict(runs: dict[str, list[float]]) -> tuple[str | None, set[str]]:
-    """(verdict, tied): "separated" when the fastest finalist's band overlaps no other's, "tied
-    within noise" when it overlaps some and every band involved is within TARGET_BAND, None while
-    undecided (one finalist: undecided while its band is wider than TARGET_BAND). `tied`: the
-    fastest and the finalists whose bands overlap its band."""
+    """(verdict, tied), judged as db.pick judges ties: "separated" when no other finalist's median
+    lies within the fastest one's noise band, "tied within noise" when some do and every band
+    involved is within TARGET_BAND, None while undecided (one finalist: while its band is wider
+    than TARGET_BAND). `tied`: the fastest and the finalists within its band."""
     bands = {a: band(lat) for a, lat in runs.items()}
     if any(b is None for b in bands.values()):
         return None, set()
     med = {a: statistics.median(lat) for a, lat in runs.items()}
     lead = min(med, key=med.get)
-    top = med[lead] * (1 + bands[lead])
-    tied = {lead} | {a for a in runs if a != lead and med[a] * (1 - bands[a]) <= top}
+    tied = {lead} | {a for a in runs if med[a] <= med[lead] * (1 + bands[lead])}
     if len(runs) == 1:
         return ("" if bands[lead] <= TARGET_BAND else None), set()
     if len(tied) == 1:
