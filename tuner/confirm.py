@@ -23,12 +23,19 @@ MAX_ROUNDS = 4  # re-runs per finalist at most (the search's own measurement com
 
 
 def band(lat: list[float]) -> float | None:
-    """± relative noise band of the median of independent runs: two standard errors of their mean
-    (~95%), relative to the median; for two runs that is their difference over the median, and it
-    narrows as repeats are added. None for one run."""
-    if len(lat) < 2:
+    """± relative noise band of the median of independent runs: two standard errors of the median,
+    relative to it, so it narrows as repeats are added. The spread is estimated robustly (1.4826 x
+    the median absolute deviation) so that one disturbed run (a busy machine) does not swamp it;
+    the median's standard error is 1.2533 sigma / sqrt(n). Two runs: their difference over their
+    median (nothing robust to be had from two). None for one run."""
+    n = len(lat)
+    if n < 2:
         return None
-    return 2 * statistics.stdev(lat) / len(lat) ** 0.5 / statistics.median(lat)
+    med = statistics.median(lat)
+    if n == 2:
+        return abs(lat[0] - lat[1]) / med
+    sigma = 1.4826 * statistics.median(abs(x - med) for x in lat)
+    return 2 * 1.2533 * sigma / n ** 0.5 / med
 
 
 def verdict(runs: dict[str, list[float]]) -> tuple[str | None, set[str]]:
@@ -119,7 +126,7 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
             reserved = [x.manifest.get("evidence", {}).get("torch_reserved_peak_bytes") for x in got]
             rec.manifest["evidence"] = {
                 **rec.manifest.get("evidence", {}), "band_source": "confirmation repeats", "repeats": lat[argv],
-                "band": "2 standard errors of the mean of the repeats, relative to their median",
+                "band": "2 standard errors of the median of the repeats (robust spread), relative to it",
                 "verdict": (outcome if argv in tied or outcome == "separated" else "separated") if len(live) > 1 else "",
                 "torch_reserved_peak_bytes": max([v for v in reserved if v is not None], default=None),
             }
