@@ -177,6 +177,16 @@ def pick(rows: list[Result]) -> Result | None:
     return replace(chosen, rule=f"{why}. Rule: {BEST_RULE}")
 
 
+def study_pick(rows: list[Result]) -> Result | None:
+    """One answer for one study (tune's last line, `studies`): pick() per workload, GPU kind and
+    GPU count, then the fastest of those picks (a study that measured several GPU counts)."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in rows:
+        groups.setdefault(r.group, []).append(r)
+    picks = [p for g in groups.values() if (p := pick(g)) is not None]
+    return min(picks, key=lambda r: (r.latency_s, r.trial_id)) if picks else None
+
+
 def best(
     db: Database,
     model: str | None,
@@ -268,11 +278,7 @@ def studies(db: Database, current: dict[str, Any] | None = None, name: str | Non
     for st in rows:
         cap = st.budget_bytes
         fits = [r for r in by_study.get(st.name, []) if not cap or r.peak_vram_bytes is None or r.peak_vram_bytes <= cap]
-        groups: dict[tuple, list[Result]] = {}
-        for r in fits:
-            groups.setdefault(r.group, []).append(r)
-        picks = [p for g in groups.values() if (p := pick(g)) is not None]
-        top = min(picks, key=lambda r: r.latency_s) if picks else None
+        top = study_pick(fits)
         reasons = _stale_reasons(st, current)
         out.append(StudySummary(
             name=st.name, model=st.workload.model, width=st.workload.width, height=st.workload.height,

@@ -141,9 +141,9 @@ def result(db, name: str, state: State, stopped: str, s: Setup) -> TuneResult:
     fits = [r for r in rows if s.budget_bytes is None or (r.peak_vram_bytes or 0) <= s.budget_bytes]
     winner = None
     band = None
-    if fits:  # the one rule that recommend, export, studies and the service apply (db.pick)
-        winner = D.pick(fits)
-        band = min(fits, key=lambda r: (r.latency_s, r.peak_vram_bytes or 0, r.trial_id)).step_spread or 0.0
+    if fits:  # the one rule that recommend, export, studies and the service apply (db.pick), as `studies` applies it
+        winner = D.study_pick(fits)
+        band = winner.noise_band
     frontier = D.pareto(rows)
     pairs = [(t.predicted_vram_bytes, t.peak_vram_bytes) for t in D.trials(db, study_name=name)
              if t.predicted_vram_bytes and t.peak_vram_bytes and t.status == "complete"]

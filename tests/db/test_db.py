@@ -156,3 +156,21 @@ def test_any_sqlalchemy_url_in_memory():
     s = add_study(d)
     add_trial(d, s, "", 1.0, 1)
     assert len(D.best(d, "flux-dev")) == 1
+
+
+def test_a_study_of_several_gpu_counts_answers_as_studies_and_recommend_do(database):
+    """tune's answer (study_pick) is pick() per GPU count, then the fastest pick, as `studies`
+    shows it, and one of recommend's per-count answers. One pick() over every count would have
+    taken the 1-GPU row (within the 2-GPU row's 10% band, lower peak): not what recommend says."""
+    s = add_study(database, "mixed")
+    two = D.record_trial(database, s, D.TrialRecord(status="complete", flags={"num-gpus": 2, "ulysses-degree": 2},
+                                                    argv="--num-gpus 2 --ulysses-degree 2", latency_s=10.0,
+                                                    peak_vram_bytes=30 * GiB, step_median_s=0.3, step_spread=0.1))
+    D.record_trial(database, s, D.TrialRecord(status="complete", flags={}, argv="", latency_s=10.5,
+                                              peak_vram_bytes=20 * GiB, step_median_s=0.3, step_spread=0.1))
+    rows = D.measured(database, "flux-dev")
+    assert D.pick(rows).argv == ""  # the cross-count pick the one rule must not make
+    top = D.study_pick(rows)
+    assert top.trial_id == two and D.studies(database)[0].best.trial_id == two
+    assert two in {r.trial_id for r in D.best(database, "flux-dev")}
+    assert D.best(database, "flux-dev", num_gpus=2)[0].trial_id == two
