@@ -106,14 +106,13 @@ def studies_page(rows: list[D.StudySummary]) -> str:
 def _answer_html(r: D.Result) -> str:
     from dittune.tuner import emit
 
-    src = "confirmation repeats" if r.status == "confirmed" else "single run: spread of its steps"
-    band = f"±{r.step_spread:.1%} ({src})" if r.step_spread is not None else "unknown"
-    stale = f'<p class="stale">STALE: {escape(", ".join(r.stale_reasons))}</p>' if r.stale_reasons else ""
+    stale = f'<p class="stale">{escape(emit.stale_text(r))}</p>' if r.stale else ""
     return (
         f'<div class="answer"><pre class="command">{escape(emit.generate_command(r))}</pre>'
         f"<p>{r.latency_s:.3f} s per request (step median {_s(r.step_median_s and r.step_median_s * 1e3, '.1f')} ms), "
-        f"noise band {escape(band)}, peak {_gib(r.peak_vram_bytes)}, {r.num_gpus} GPU(s), cold start "
-        f"{_s(r.cold_start_s, '.1f')} s; trial {r.trial_id} ({r.status}), measured {r.measured_at:%Y-%m-%d %H:%M}.</p>"
+        f"noise band {escape(emit.band_text(r))}, {escape(emit.peak_text(r))}, {r.num_gpus} GPU(s), cold start "
+        f"{_s(r.cold_start_s, '.1f')} s; trial {r.trial_id} ({r.status}), measured {r.measured_at:%Y-%m-%d %H:%M}, "
+        f"{escape(emit.versions_text(r))}.</p>"
         f'<p class="note">Picked: {escape(r.rule)}</p>{stale}'
         f'<p class="note">Re-measure: <code>{escape(emit.remeasure_command(r))}</code></p></div>')
 

@@ -21,6 +21,7 @@ from test_study import FAKE, pretend_h100  # noqa: E402
 SCENARIOS = {
     # name: (objective, budget, confirm, engine noise, single-run step spread)
     "latency-nobudget": ("latency", None, 2, 0.0, 0.0),
+    # a fake NVML: every process holds 0.75 GiB outside the allocator (the H200's FLUX figure)
     "frontier-24GiB": ("frontier", "24GiB", 2, 0.0, 0.0),
     # a 30% single-run band: the fast path's leaner variants (text encoders offloaded) tie with it
     "frontier-tie-single-run": ("frontier", None, 0, 0.0, 0.3),
@@ -43,6 +44,8 @@ def tuned(request, tmp_path_factory):
         pretend_h100(mp)
         mp.setenv("FAKE_ENGINE_NOISE", str(noise))
         mp.setenv("FAKE_ENGINE_SPREAD", str(spread))
+        if request.param == "frontier-24GiB":
+            mp.setenv("FAKE_ENGINE_OUTSIDE_GIB", "0.75")
         res = tune(TuneOptions("flux-dev", vram_budget=budget, trials=6, db_url=url, worker_cmd=FAKE, confirm=confirm,
                                patience=100, seed=0, objective=objective), log=lambda m: None)
     return request.param, url, budget, res
@@ -65,6 +68,15 @@ def test_tune_recommend_studies_export_agree(tuned):
     assert emit.generate_command(w) in text.splitlines()[1] and f"trial {w.trial_id}" in text
     if budget:
         assert w.peak_vram_bytes <= 24 * 2**30
+    if name == "frontier-24GiB":  # the budget bound NVML's whole footprint; torch's reserved peak is kept beside it
+        assert rec["peak_kind"] == "nvml_process" and "NVML process peak" in text
+        assert rec["torch_reserved_peak_bytes"] == rec["peak_vram_bytes"] - 3 * 2**30 // 4
+        done = [t for t in D.trials(D.open_db(url)) if t.status in ("complete", "confirmed")]
+        assert done and all(t.manifest["evidence"]["peak_kind"] == "nvml_process" for t in done)
+        assert all(t.peak_vram_bytes == t.manifest["evidence"]["nvml_peak_bytes"] <= 24 * 2**30 for t in done)
+    else:
+        assert rec["peak_kind"] in ("torch_reserved", None)
+    assert rec["warmup_requests"] == 1
     # the evidence says where the band comes from, in text and JSON alike
     assert rec["noise_band_source"] in text
     if name == "frontier-tie-single-run":
