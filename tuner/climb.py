@@ -36,7 +36,11 @@ def residency_climb(cfg, rec: D.TrialRecord, s: Setup, state: State):
         return None
     if rec.peak_vram_bytes > s.budget_bytes:
         return None
-    measured = allocated_peak(rec) or int(rec.peak_vram_bytes / memory.ALLOCATOR_OVERHEAD)
+    measured = allocated_peak(rec)
+    if measured is not None:  # the worker's allocator cap leaves the budget's allowance outside it (engine/budget.py)
+        measured += ((rec.manifest or {}).get("outside_allocator") or {}).get("allowance_bytes") or 0
+    else:
+        measured = int(rec.peak_vram_bytes / memory.ALLOCATOR_OVERHEAD)
     residents = next((d.values for d in s.space.dims if d.flag.name == "dit-resident-layers"), ())
     base = memory.predict_peak_bytes(s.spec.name, cfg, s.width, s.height)
 

@@ -69,3 +69,24 @@ def test_latency_objective_never_runs_fewer_resident_blocks_than_a_measured_fit(
     assert S._dominated(r20, s, state, "latency").latency_s == 2.0
     _add(state, s, over, latency=1.0, peak=20 * GiB)  # within it: every streamed variant is dominated
     assert S._dominated(F.config_from_argv([*STREAM, "45"]), s, state, "latency").latency_s == 1.0
+
+
+def test_the_climb_leaves_the_allowance_outside_the_allocator(monkeypatch):
+    """The worker caps the allocator at the budget less the allowance for the CUDA context and
+    the rest (engine/budget.py): a climb judged from a measured allocated peak keeps that room."""
+    from dittune.tuner.climb import residency_climb
+
+    s = _setup(monkeypatch)
+    base = F.config_from_argv([*STREAM, "10"])
+    alloc = int(memory.predict_peak_bytes("flux-dev", base, s.width, s.height) / memory.ALLOCATOR_OVERHEAD)
+
+    def rec(allowance):
+        manifest = {"peak_vram": {"stages": {"denoise": {"allocated_bytes": alloc, "reserved_bytes": alloc}}},
+                    **({"outside_allocator": {"allowance_bytes": allowance}} if allowance is not None else {})}
+        return D.TrialRecord(status="complete", flags=F.config_to_dict(base), argv=" ".join(F.config_to_argv(base)),
+                             latency_s=1.0, peak_vram_bytes=alloc, manifest=manifest)
+
+    free = residency_climb(base, rec(None), s, S._State({}))
+    kept = residency_climb(base, rec(4 * GiB), s, S._State({}))
+    assert free is not None and kept is not None
+    assert kept.dit_resident_layers < free.dit_resident_layers  # 4 GiB less room: fewer blocks climbed
