@@ -178,16 +178,19 @@ def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
             run = lambda on_step=None: pipe(  # noqa: E731
                 req.prompt, req.negative_prompt, width, height, steps, guidance, req.seed, on_step
             )
-            requests = []  # (seconds, image, times, latency) of every request; the last one is measured
+            requests = []  # (seconds, times, latency) of every request; the last one is measured
             while True:
                 t = time.perf_counter()
                 image, times = _with_progress(run, steps) if progress else run()
-                requests.append((time.perf_counter() - t, image, times, _latency(times, steps)))
+                requests.append((time.perf_counter() - t, times, _latency(times, steps)))
                 ran = len(requests) - 1  # warm-up requests before this one
-                if ran >= req.warmup and (ran >= cap or (ran >= 1 and _agree(requests[-2][3], requests[-1][3]))):
+                done = ran >= req.warmup and (ran >= cap or (ran >= 1 and _agree(requests[-2][2], requests[-1][2])))
+                if par is not None:  # every rank runs the same requests (collectives): rank 0 decides
+                    done = par.broadcast(done)
+                if done:
                     break
-        request_s, image, times, _ = requests[-1]
-        warm = [(secs, wt) for secs, _, wt, _ in requests[:-1]]
+        request_s, times, _ = requests[-1]
+        warm = [(secs, wt) for secs, wt, _ in requests[:-1]]
     except torch.OutOfMemoryError as e:
         if budget is not None:
             raise BudgetExceededError(
@@ -217,7 +220,7 @@ def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
                        "total_s": pipe.load_s + first_request_s},
         "warmup_requests": len(warm),
         "warmup": {"min": req.warmup, "max": cap, "agree": WARMUP_AGREE, "settled": len(requests) >= 2 and _agree(
-            requests[-2][3], requests[-1][3]), "latencies_s": [x[3] for x in requests]},
+            requests[-2][2], requests[-1][2]), "latencies_s": [x[2] for x in requests]},
         "stages": dict(st),
         "steps_s": times.steps,
         **stats,
