@@ -202,8 +202,7 @@ def tune(
     try:
         res = run_tune(opts, progress=sys.stdout.isatty(), log=None if sys.stdout.isatty() else print)
     except KeyboardInterrupt:  # between trials' loop and the end (confirmation): what was recorded stays
-        print(f"interrupted; everything measured is kept. Resume with: {resume}", file=sys.stderr)
-        raise typer.Exit(P.interrupt_exit_code()) from None
+        _interrupted(resume)
     finally:
         signal.signal(signal.SIGTERM, previous)
     interrupted = res.stopped.startswith("interrupted")
@@ -217,11 +216,9 @@ def tune(
     if res.predicted_vs_measured:
         errs = sorted(abs(p - m) / m for p, m in res.predicted_vs_measured)
         out.print(f"memory model: median error {errs[len(errs) // 2]:.1%}, max {errs[-1]:.1%} over {len(errs)} trials")
-    if interrupted:
-        print(f"interrupted; everything measured is kept. Resume with: {resume}", file=sys.stderr)
     if res.winner is None:
         if interrupted:
-            raise typer.Exit(P.interrupt_exit_code())
+            _interrupted(resume)
         if res.budget_bytes is None:
             raise DittuneError(f"no configuration was measured: every trial failed (see `dittune studies --db {res.db_url}`)")
         raise DittuneError(f"no configuration was measured within the budget {format_bytes(res.budget_bytes)}")
@@ -229,7 +226,15 @@ def tune(
     out.print(f"picked by: {res.winner.rule}")
     print(emit.generate_command(res.winner))
     if interrupted:
-        raise typer.Exit(P.interrupt_exit_code())
+        _interrupted(resume)
+
+
+def _interrupted(resume: str) -> None:
+    """Ctrl-C or SIGTERM stopped tune after saving: say how to resume, exit 130 / 143."""
+    from dittune.tuner.progress import interrupt_exit_code
+
+    print(f"interrupted; everything measured is kept. Resume with: {resume}", file=sys.stderr)
+    raise typer.Exit(interrupt_exit_code())
 
 
 @app.command()
