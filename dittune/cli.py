@@ -89,11 +89,17 @@ def studies(db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)) -> Non
     from dittune.tuner.versions import staleness_keys
 
     rows = D.studies(D.open_db(db), staleness_keys())
-    t = Table("study", "model", "workload", "GPU", "budget", "objective", "trials", "measured", "best (s)", "created")
+    from dittune.tuner.emit import band_text
+
+    t = Table("study", "model", "workload", "GPU", "budget", "objective", "trials", "measured", "best (s)", "noise band",
+              "best trial", "created")
     for r in rows:
-        t.add_row(r.name + (" (stale)" if r.stale else ""), r.model, f"{r.width}x{r.height}, {r.steps} steps", r.gpu,
-                  format_bytes(r.budget_bytes) if r.budget_bytes else "-", r.objective, str(r.trials), str(r.measured),
-                  f"{r.best_latency_s:.3f}" if r.best_latency_s is not None else "-", f"{r.created_at:%Y-%m-%d %H:%M}")
+        b = r.best
+        t.add_row(r.name + (f" (STALE: {'; '.join(r.stale_reasons)})" if r.stale else ""), r.model,
+                  f"{r.width}x{r.height}, {r.steps} steps", r.gpu, format_bytes(r.budget_bytes) if r.budget_bytes else "-",
+                  r.objective, str(r.trials), str(r.measured), f"{r.best_latency_s:.3f}" if b is not None else "-",
+                  band_text(b) if b is not None else "-", str(b.trial_id) if b is not None else "-",
+                  f"{r.created_at:%Y-%m-%d %H:%M}")
     out.print(t)
     out.print(f"best (s): {D.BEST_RULE}")
 

@@ -60,7 +60,8 @@ def test_tune_recommend_studies_export_agree(tuned):
     assert rec["rule"] == w.rule and rec["latency_s"] == w.latency_s
     (summary,) = D.studies(D.open_db(url))
     assert summary.best.trial_id == w.trial_id
-    assert f"{w.latency_s:.3f}" in cli("studies", "--db", url)
+    listed = cli("studies", "--db", url)
+    assert f"{w.latency_s:.3f}" in listed and f" {w.trial_id} " in listed and rec["noise_band_source"] in listed
     exported = json.loads(cli("export", "--db", url, "--format", "json", *fits))
     assert [x["trial_id"] for x in exported if x["best"]] == [w.trial_id]
     assert f"trial {w.trial_id}, {w.latency_s:.3f} s measured" in cli("export", "--db", url, "--format", "sh", *fits)
