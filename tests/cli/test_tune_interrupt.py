@@ -52,12 +52,12 @@ def test_ctrl_c_exits_130_sigterm_143_with_the_resume_command(tmp_path):
     start = lambda: subprocess.Popen([sys.executable, str(driver), *args], env=env, stdout=subprocess.PIPE,  # noqa: E731
                                      stderr=subprocess.PIPE, text=True)
     p = start()
-    out, err = _interrupt(p, signal.SIGINT, 2)
+    out, err = _interrupt(p, signal.SIGINT, 1)
     assert p.returncode == 130, err[-2000:]
     resume = f"Resume with: dittune tune flux-dev --trials 6 --confirm 0 --db {url}"
     assert resume in err and "Traceback" not in err
     measured = len([t for t in D.trials(D.open_db(url)) if t.status == "complete"])
-    assert measured >= 2
+    assert measured >= 1
 
     p = start()  # the resume command; SIGTERM (a batch system's stop) this time
     out, err = _interrupt(p, signal.SIGTERM, 1)

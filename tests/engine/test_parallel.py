@@ -100,12 +100,14 @@ def test_cli_num_gpus_matches_one_process_and_dumps_every_rank(tmp_path):
     base = ["generate", "--model", "flux-dev-tiny", "--device", "cpu", "--steps", "2"]
     one = _dittune(*base, "--output", str(tmp_path / "one.png"), cwd=tmp_path)
     assert one.returncode == 0, one.stderr
+    # warm-up until two requests agree: rank 0 decides for every rank (their requests hold collectives)
     two = _dittune(*base, "--num-gpus", "2", "--ulysses-degree", "2", "--output", str(tmp_path / "two.png"),
-                   "--perf-dump-path", str(tmp_path / "two.json"), cwd=tmp_path)
+                   "--perf-dump-path", str(tmp_path / "two.json"), "--warmup", "1", "--max-warmup", "4", cwd=tmp_path)
     assert two.returncode == 0, two.stderr
     a, b = (np.asarray(Image.open(tmp_path / f), dtype=np.int32) for f in ("one.png", "two.png"))
     assert np.abs(a - b).max() <= 1
     dump = json.loads((tmp_path / "two.json").read_text())
+    assert 1 <= dump["warmup_requests"] <= 4 and len(dump["warmup"]["latencies_s"]) == dump["warmup_requests"] + 1
     par = dump["parallel"]
     assert par["layout"] == {"world_size": 2, "cfg": 1, "ulysses": 2, "ring": 1, "describe": "ulysses 2"}
     assert [r["rank"] for r in par["ranks"]] == [0, 1] and [r["ulysses"] for r in par["ranks"]] == [0, 1]
