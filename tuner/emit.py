@@ -66,7 +66,9 @@ def band_text(r: Result) -> str:
 def peak_text(r: Result) -> str:
     if r.peak_vram_bytes is None:
         return "peak VRAM - (CPU run)"
-    return f"peak {format_bytes(r.peak_vram_bytes)} ({PEAK_KINDS.get(r.peak_kind or '', r.peak_kind)})"
+    reserved = (f"; torch reserved {format_bytes(r.torch_reserved_peak_bytes)}"
+                if r.peak_kind == "nvml_process" and r.torch_reserved_peak_bytes is not None else "")
+    return f"peak {format_bytes(r.peak_vram_bytes)} ({PEAK_KINDS.get(r.peak_kind or '', r.peak_kind)}{reserved})"
 
 
 def versions_text(r: Result) -> str:

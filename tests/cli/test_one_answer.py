@@ -71,6 +71,7 @@ def test_tune_recommend_studies_export_agree(tuned):
         assert w.peak_vram_bytes <= 24 * 2**30
     if name == "frontier-24GiB":  # the budget bound NVML's whole footprint; torch's reserved peak is kept beside it
         assert rec["peak_kind"] == "nvml_process" and "NVML process peak" in text
+        assert f"torch reserved {rec['torch_reserved_peak_bytes'] / 2**30:.2f} GiB" in text  # text carries JSON's fields
         assert rec["torch_reserved_peak_bytes"] == rec["peak_vram_bytes"] - 3 * 2**30 // 4
         done = [t for t in D.trials(D.open_db(url)) if t.status in ("complete", "confirmed")]
         assert done and all(t.manifest["evidence"]["peak_kind"] == "nvml_process" for t in done)
