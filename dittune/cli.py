@@ -330,7 +330,7 @@ def generate(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)."),
     warmup: int = typer.Option(0, "--warmup", help="Requests to run before the measured one."),
     max_warmup: Optional[int] = typer.Option(None, "--max-warmup", help="Up to this many warm-up requests in all, more than --warmup while two consecutive requests differ by over 5% (the tuner: --warmup 1 --max-warmup 4)."),
-    vram_budget: Optional[str] = typer.Option(None, "--vram-budget", help="Cap this process's VRAM (fails with OOM beyond it)."),
+    vram_budget: Optional[str] = typer.Option(None, "--vram-budget", help="This process's whole VRAM footprint may not exceed this: torch's allocator is capped at it less the CUDA context and headroom (fails with OOM beyond it)."),
     **flags,
 ) -> None:
     """Run the engine: encode -> denoise -> decode -> PNG, with the given engine flags."""

@@ -42,6 +42,8 @@ def compare_dumps(a: dict[str, Any], b: dict[str, Any]):
         ("denoise step median", ms(a["step_median_s"]), ms(b["step_median_s"]), "ms"),
         ("denoise step p90", ms(a["step_p90_s"]), ms(b["step_p90_s"]), "ms"),
         ("request latency", ms(a["latency_s"]), ms(b["latency_s"]), "ms"),
+        ("peak VRAM, NVML whole process", gib(a["peak_vram"].get("nvml_process_peak_bytes")),
+         gib(b["peak_vram"].get("nvml_process_peak_bytes")), "GiB"),
         ("peak VRAM reserved", gib(a["peak_vram"]["torch_max_reserved_bytes"]), gib(b["peak_vram"]["torch_max_reserved_bytes"]), "GiB"),
         ("peak VRAM allocated", gib(a["peak_vram"]["torch_max_allocated_bytes"]), gib(b["peak_vram"]["torch_max_allocated_bytes"]), "GiB"),
         ("cold start", a["cold_start"]["total_s"], b["cold_start"]["total_s"], "s"),
