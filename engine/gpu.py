@@ -137,7 +137,7 @@ class ProcessPeak:
     """The peak of this process's whole footprint on GPU `index` as NVML sees it (CUDA context,
     kernel modules, cuBLAS / cuDNN / NCCL buffers and the torch allocator's segments together),
     polled by a thread every `interval_s` while the block runs, plus a final read at the end
-    (50 ms: a stage's peak lasts longer; the poll takes the GIL for ~0.1 ms, 0.2% of a step).
+    (50 ms: a stage's peak lasts longer than that; each poll holds the GIL for a fraction of a ms).
     torch's reserved peak misses everything outside its allocator; this is what must fit the card.
     `peak` stays None where NVML cannot see the process (no driver, no NVML, another's GPU)."""
 
