@@ -2,12 +2,12 @@
 
 from . import leases
 from .models import SCHEMA_VERSION, Claim, Gpu, Lease, Study, Trial, Workload
-from .queries import BEST_RULE, Result, StudySummary, UnknownStudy, best, frontier, measured, pareto, pick, studies, study, study_pick, trials
+from .queries import BEST_RULE, LEGACY_PEAK_ALLOWANCE, Result, StudySummary, UnknownStudy, best, frontier, measured, pareto, pick, studies, study, study_pick, trials
 from .session import Database, DatabaseError, default_url, exclusive, open_db
 from .store import MEASURED, GpuKey, StudyKey, TrialRecord, WorkloadKey, find_measured, open_study, record_trial
 
 __all__ = [
-    "leases", "SCHEMA_VERSION", "Claim", "Lease", "exclusive", "Gpu", "Study", "Trial", "Workload", "BEST_RULE", "Result",
+    "leases", "SCHEMA_VERSION", "Claim", "Lease", "exclusive", "Gpu", "Study", "Trial", "Workload", "BEST_RULE", "LEGACY_PEAK_ALLOWANCE", "Result",
     "StudySummary", "UnknownStudy", "best", "frontier", "measured", "pareto", "pick", "studies", "study", "study_pick", "trials",
     "Database", "DatabaseError", "default_url", "open_db", "MEASURED", "GpuKey",
     "StudyKey", "TrialRecord", "WorkloadKey", "find_measured", "open_study", "record_trial",

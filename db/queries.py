@@ -23,6 +23,15 @@ BEST_RULE = (
 )
 
 
+# Trials stored before the whole-footprint peak (no evidence in their manifest) ran with the torch
+# allocator capped at the whole budget and stored its reserved peak, which leaves out the CUDA
+# context and what lives outside the allocator (0.75 GiB on the H200, issue 14): against a budget
+# they count with the allowance the worker now keeps free (engine.budget.DEFAULT_OUTSIDE_BYTES; db
+# does not import engine, tests/db checks the two agree). Newer trials' peaks need none: NVML's
+# peak is the whole footprint, and where NVML did not see the process the cap kept the allowance free.
+LEGACY_PEAK_ALLOWANCE = 5 * 2**30 // 4
+
+
 class UnknownStudy(DittuneError):
     pass
 
@@ -60,6 +69,14 @@ class Result:
     repeats: tuple[float, ...] = ()  # confirmation: the latency of every repeat
     warmup_requests: int | None = None
     verdict: str = ""  # confirmation: "separated" | "tied within noise" | "" (one finalist, or none)
+    legacy_peak: bool = False  # stored before the whole-footprint peak: see LEGACY_PEAK_ALLOWANCE
+
+    @property
+    def budget_peak_bytes(self) -> int | None:
+        """The figure a VRAM budget is compared with."""
+        if self.peak_vram_bytes is None:
+            return None
+        return self.peak_vram_bytes + (LEGACY_PEAK_ALLOWANCE if self.legacy_peak else 0)
 
     @property
     def noise_band(self) -> float | None:
@@ -145,13 +162,14 @@ def _result(t: Trial, stale: tuple[str, ...], ev: dict[str, Any] | None = None) 
         stale_reasons=stale, peak_kind=kind,
         torch_reserved_peak_bytes=ev.get("torch_reserved_peak_bytes", t.peak_vram_bytes if kind == "torch_reserved" else None),
         repeats=tuple(ev.get("repeats") or ()), warmup_requests=ev.get("warmup_requests"), verdict=ev.get("verdict") or "",
+        legacy_peak=not ev and t.peak_vram_bytes is not None,
     )
 
 
 def _fits(r: Result, budget: Callable[[int], int] | None) -> bool:
     if budget is None:
         return True
-    return r.peak_vram_bytes is not None and r.gpu_memory_bytes > 0 and r.peak_vram_bytes <= budget(r.gpu_memory_bytes)
+    return r.peak_vram_bytes is not None and r.gpu_memory_bytes > 0 and r.budget_peak_bytes <= budget(r.gpu_memory_bytes)
 
 
 def pick(rows: list[Result]) -> Result | None:
@@ -277,7 +295,7 @@ def studies(db: Database, current: dict[str, Any] | None = None, name: str | Non
     out = []
     for st in rows:
         cap = st.budget_bytes
-        fits = [r for r in by_study.get(st.name, []) if not cap or r.peak_vram_bytes is None or r.peak_vram_bytes <= cap]
+        fits = [r for r in by_study.get(st.name, []) if not cap or r.peak_vram_bytes is None or r.budget_peak_bytes <= cap]
         top = study_pick(fits)
         reasons = _stale_reasons(st, current)
         out.append(StudySummary(

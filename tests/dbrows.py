@@ -14,7 +14,10 @@ def add_study(database, name="s1", gpu=H100, workload=FLUX, registry="r1", versi
 
 
 def add_trial(database, study_id, argv, latency, peak_gib, status="complete", **kw):
+    """A trial as the tuner stores it now: its peak is NVML's whole footprint (manifest["evidence"]);
+    pass manifest={} for a trial stored before that (a legacy torch-reserved peak)."""
     flags = kw.pop("flags", {})
+    kw.setdefault("manifest", {"evidence": {"peak_kind": "nvml_process"}} if peak_gib is not None else {})
     return D.record_trial(database, study_id, D.TrialRecord(
         status=status, flags=flags, argv=argv, latency_s=latency,
         peak_vram_bytes=None if peak_gib is None else int(peak_gib * GiB), step_median_s=latency / 30 if latency else None,

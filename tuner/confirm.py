@@ -138,7 +138,7 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
 
 def result(db, name: str, state: State, stopped: str, s: Setup) -> TuneResult:
     rows = [r for r in D.measured(db, s.spec.name, None) if r.study == name]
-    fits = [r for r in rows if s.budget_bytes is None or (r.peak_vram_bytes or 0) <= s.budget_bytes]
+    fits = [r for r in rows if s.budget_bytes is None or (r.budget_peak_bytes or 0) <= s.budget_bytes]
     winner = None
     band = None
     if fits:  # the one rule that recommend, export, studies and the service apply (db.pick), as `studies` applies it

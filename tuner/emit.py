@@ -68,6 +68,8 @@ def peak_text(r: Result) -> str:
         return "peak VRAM - (CPU run)"
     reserved = (f"; torch reserved {format_bytes(r.torch_reserved_peak_bytes)}"
                 if r.peak_kind == "nvml_process" and r.torch_reserved_peak_bytes is not None else "")
+    if r.legacy_peak:
+        reserved = f"; stored before whole-footprint peaks: a budget counts it as {format_bytes(r.budget_peak_bytes)}"
     return f"peak {format_bytes(r.peak_vram_bytes)} ({PEAK_KINDS.get(r.peak_kind or '', r.peak_kind)}{reserved})"
 
 
@@ -105,7 +107,7 @@ def to_dict(r: Result) -> dict:
         "versions": r.versions, "registry_hash": r.registry_hash, "stale": r.stale, "stale_reasons": list(r.stale_reasons),
         "noise_band": r.noise_band, "noise_band_source": r.band_source, "repeats_s": list(r.repeats),
         "verdict": r.verdict or None, "peak_kind": r.peak_kind, "torch_reserved_peak_bytes": r.torch_reserved_peak_bytes,
-        "warmup_requests": r.warmup_requests,
+        "warmup_requests": r.warmup_requests, "budget_peak_bytes": r.budget_peak_bytes,
     }
 
 

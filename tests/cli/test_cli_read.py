@@ -46,9 +46,9 @@ def test_recommend_text_and_json(filled):
     assert row["flags"] == FLAGS_SMALL and row["peak_vram_bytes"] == 14 * GiB and row["latency_s"] == 20.0
     assert row["command"].endswith("--dit-layerwise-offload --dit-resident-layers 20")
     assert row["remeasure"] == row["command"] + " --warmup 1 --max-warmup 4 --perf-dump-path remeasure.json"
-    # the evidence: a single run's band says so; the stored peak is torch's reserved one (no NVML then)
+    # the evidence: a single run's band says so; the stored peak is NVML's whole footprint
     assert row["noise_band"] == 0.01 and row["noise_band_source"] == "single run (spread of its steps)"
-    assert row["peak_kind"] == "torch_reserved" and row["trial_id"] and row["versions"]["torch"] == "2.11.0"
+    assert row["peak_kind"] == "nvml_process" and row["trial_id"] and row["versions"]["torch"] == "2.11.0"
     assert row["step_median_s"] == 20.0 / 30 and row["measured_at"]
     r = run("recommend", "flux-dev", "--db", url, "--vram-budget", "0.5", "--gpu", "H100", "--format", "json")
     assert json.loads(r.stdout)[0]["latency_s"] == 10.0  # 40 GiB fits half of 80 GiB

@@ -174,3 +174,22 @@ def test_a_study_of_several_gpu_counts_answers_as_studies_and_recommend_do(datab
     assert top.trial_id == two and D.studies(database)[0].best.trial_id == two
     assert two in {r.trial_id for r in D.best(database, "flux-dev")}
     assert D.best(database, "flux-dev", num_gpus=2)[0].trial_id == two
+
+
+def test_a_peak_stored_before_whole_footprints_counts_with_the_allowance(database):
+    """A trial stored with torch's reserved peak under a cap of the whole budget (before NVML
+    peaks) left out the CUDA context: the issue's 23.91 GiB answer did not fit a 24 GiB card. Against
+    a budget it counts with the allowance the worker now keeps free; a new trial's peak counts as is."""
+    from dittune.engine.budget import DEFAULT_OUTSIDE_BYTES
+
+    assert D.LEGACY_PEAK_ALLOWANCE == DEFAULT_OUTSIDE_BYTES  # db does not import engine: the two agree
+    s = add_study(database, "legacy")
+    old = add_trial(database, s, "--enable-torch-compile", 10.0, 23.91, manifest={}, flags={"enable-torch-compile": True})
+    new = add_trial(database, s, "--text-encoder-cpu-offload", 11.0, 23.5, flags={"text-encoder-cpu-offload": True})
+    (r,) = D.best(database, "flux-dev", budget=lambda total: 24 * GiB)
+    assert r.trial_id == new and not r.legacy_peak and r.peak_kind == "nvml_process"
+    (r,) = D.best(database, "flux-dev", budget=lambda total: 26 * GiB)
+    assert r.trial_id == old and r.legacy_peak and r.peak_kind == "torch_reserved"
+    assert r.budget_peak_bytes == int(23.91 * GiB) + DEFAULT_OUTSIDE_BYTES
+    (r,) = D.best(database, "flux-dev")  # no budget: the fastest, its peak shown as stored
+    assert r.trial_id == old
