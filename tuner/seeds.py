@@ -61,7 +61,7 @@ def widest_layout(cfg, s: Setup, split_cfg: bool = False):
     budget."""
     n = s.space.max_gpus
     halves = 2 if split_cfg else 1
-    while n >= 2 * halves:
+    while n >= 2:  # with `split_cfg`, n = 2 is CFG parallel alone
         u = n // halves
         while u >= 1:
             c = replace(cfg, ulysses_degree=u, ring_degree=n // halves // u, enable_cfg_parallel=split_cfg,
