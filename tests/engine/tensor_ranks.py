@@ -1,0 +1,82 @@
+"""Rank-side checks for tests/engine/test_tensor_parallel.py: run inside the ranks that
+dittune.engine.parallel.launch starts (this folder is on their PYTHONPATH)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from dittune.engine import components
+from dittune.engine.models import get_family
+from dittune.engine.parallel import Layout, context, sequence_parallel
+from parallel_ranks import _cond
+
+WIDE = {"flux": {"num_attention_heads": 4}, "qwen_image": {"num_attention_heads": 4},
+        "zimage": {"dim": 64, "n_heads": 4}}
+
+
+def wide_family(model: str):
+    """The tiny model with 4 attention heads (head dim kept), so that tp 2 x ulysses 2 splits it."""
+    family = get_family(model)
+    spec = family.spec
+    spec = dataclasses.replace(spec, dit_config=dataclasses.replace(spec.dit_config, **WIDE[spec.family]))
+    return type(family)(spec)
+
+
+def _predict(family, dit, n_txt=9):
+    spec = family.spec
+    latents = family.prepare_latents(1, spec.height, spec.width, torch.Generator().manual_seed(3), "cpu", torch.float32)
+    cond = _cond(family, n_txt, False)
+    return family.predict(dit, latents, torch.tensor([0.7]), cond, spec.guidance, spec.height, spec.width).float()
+
+
+def check_dits(rank: int, world: int, payload: dict) -> list[tuple]:
+    """Each (model, layout, checkpoint dir or None): the tensor-parallel DiT, built or read as this
+    rank's share, against the whole DiT on this process. -> every rank's (model, layout, weights,
+    max abs error, output scale, split elements held x tp, split elements of the whole, elements
+    held, elements of the whole, Attention modules switched to sequence parallel)."""
+    out = []
+    for model, lay, path in payload["cases"]:
+        path = Path(path) if path else None
+        family = wide_family(model)
+        full = components.build_dit(family, torch.device("cpu"), torch.float32, path, seed=0)
+        ref = _predict(family, full)
+        par = context.enter(Layout(**lay), rank, world, torch.device("cpu"))
+        dit = components.build_dit(family, torch.device("cpu"), torch.float32, path, seed=0, tensor=par.groups)
+        n_attn = sequence_parallel(dit, par.groups)
+        got = _predict(family, dit)
+        whole = dict(full.named_parameters())
+        shards = dit.tp_shards  # row-parallel biases stay whole (zeros off tp rank 0): not split
+        split = [(p.numel(), whole[n].numel()) for n, p in dit.named_parameters()
+                 if n in shards and shards[n].shape != shards[n].full_shape]
+        out.append((model, lay, "checkpoint" if path else "synthetic", (got - ref).abs().max().item(),
+                    ref.abs().max().item(), sum(a for a, _ in split) * lay["tp"], sum(b for _, b in split),
+                    sum(p.numel() for p in dit.parameters()), sum(p.numel() for p in full.parameters()), n_attn))
+    return context.current().all_ranks(out)
+
+
+def explain_blocks(rank: int, world: int, layout: dict) -> list[tuple[str, int]]:
+    """Graph breaks of each wide tiny DiT's repeated blocks under the layout (torch._dynamo.explain)."""
+    import torch._dynamo
+
+    out = []
+    for model in ("flux-dev-tiny", "qwen-image-tiny", "z-image-turbo-tiny"):
+        family = wide_family(model)
+        par = context.enter(Layout(**layout), rank, world, torch.device("cpu"))
+        dit = components.build_dit(family, torch.device("cpu"), torch.float32, None, seed=0, tensor=par.groups)
+        sequence_parallel(dit, par.groups)
+        calls: list = []
+        for name in dit.repeated_blocks:  # record each block kind's first call, then explain it
+            block = getattr(dit, name)[0]
+            block.forward = (lambda f, n: (lambda *a, **k: (calls.append((n, f, a, k)), f(*a, **k))[1]))(block.forward, name)
+        _predict(family, dit)
+        seen = set()
+        for name, f, a, k in calls:
+            if name in seen:
+                continue
+            seen.add(name)
+            torch._dynamo.reset()
+            out.append((f"{model}:{name}", torch._dynamo.explain(f)(*a, **k).graph_break_count))
+    return out
