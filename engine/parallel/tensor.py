@@ -217,6 +217,20 @@ def fill_slice(p: torch.Tensor, shard: Shard, tile: torch.Tensor, chunk: int = 1
             dst.narrow(0, r0, r1 - r0).copy_(tile[idx % k])
 
 
+def slice_state_dict(sd: Mapping[str, torch.Tensor], shards: Mapping[str, Shard]) -> dict[str, torch.Tensor]:
+    """A whole (converted) state dict already in memory -> this rank's: each sharded tensor's slice."""
+    out = {}
+    for k, v in sd.items():
+        s = shards.get(k)
+        if s is None:
+            out[k] = v
+        elif tuple(v.shape) != s.full_shape:
+            raise EngineError(f"{k} is {tuple(v.shape)}, the model's is {s.full_shape}")
+        else:
+            out[k] = torch.zeros_like(v) if s.zero else torch.cat([v.narrow(s.dim, a, n) for a, n in s.ranges], s.dim)
+    return out
+
+
 # --- checkpoints: read only the slices ----------------------------------------------------------
 
 
@@ -293,4 +307,4 @@ def _read_rows(handles, runs, lo: int, hi: int) -> list[torch.Tensor]:
 
 
 __all__ = ["AllReduce", "NO_TP", "RowLinear", "Shard", "Split", "TensorPlan", "TensorShards", "column", "fill_slice",
-           "read_sharded", "row", "tensor_parallel"]
+           "read_sharded", "row", "slice_state_dict", "tensor_parallel"]

@@ -32,13 +32,22 @@ def _predict(family, dit, n_txt=9):
     return family.predict(dit, latents, torch.tensor([0.7]), cond, spec.guidance, spec.height, spec.width).float()
 
 
-def check_dits(rank: int, world: int, payload: dict) -> list[tuple]:
+def check(rank: int, world: int, payload: dict) -> dict:
+    """One launch for several checks (each launch costs seconds of imports per rank): "dits" as
+    check_dits, "explain" a layout for explain_blocks."""
+    out = {"dits": check_dits(rank, world, payload["dits"])}
+    if payload.get("explain"):
+        out["explain"] = explain_blocks(rank, world, payload["explain"])
+    return out
+
+
+def check_dits(rank: int, world: int, cases: list) -> list[tuple]:
     """Each (model, layout, checkpoint dir or None): the tensor-parallel DiT, built or read as this
     rank's share, against the whole DiT on this process. -> every rank's (model, layout, weights,
     max abs error, output scale, split elements held x tp, split elements of the whole, elements
     held, elements of the whole, Attention modules switched to sequence parallel)."""
     out = []
-    for model, lay, path in payload["cases"]:
+    for model, lay, path in cases:
         path = Path(path) if path else None
         family = wide_family(model)
         full = components.build_dit(family, torch.device("cpu"), torch.float32, path, seed=0)
