@@ -25,11 +25,22 @@ def wide_family(model: str):
     return type(family)(spec)
 
 
+def _device() -> tuple[torch.device, torch.dtype]:
+    """NCCL: this rank's GPU in bf16 (the gpu test); gloo: the CPU in fp32."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", dist.get_rank()), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
 def _predict(family, dit, n_txt=9):
     spec = family.spec
-    latents = family.prepare_latents(1, spec.height, spec.width, torch.Generator().manual_seed(3), "cpu", torch.float32)
-    cond = _cond(family, n_txt, False)
-    return family.predict(dit, latents, torch.tensor([0.7]), cond, spec.guidance, spec.height, spec.width).float()
+    device, dtype = _device()
+    latents = family.prepare_latents(1, spec.height, spec.width, torch.Generator().manual_seed(3), device, dtype)
+    cond = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in _cond(family, n_txt, False).items()}
+    sigma = torch.tensor([0.7], device=device)
+    return family.predict(dit, latents, sigma, cond, spec.guidance, spec.height, spec.width).float()
 
 
 def check(rank: int, world: int, payload: dict) -> dict:
@@ -47,13 +58,14 @@ def check_dits(rank: int, world: int, cases: list) -> list[tuple]:
     max abs error, output scale, split elements held x tp, split elements of the whole, elements
     held, elements of the whole, Attention modules switched to sequence parallel)."""
     out = []
+    device, dtype = _device()
     for model, lay, path in cases:
         path = Path(path) if path else None
         family = wide_family(model)
-        full = components.build_dit(family, torch.device("cpu"), torch.float32, path, seed=0)
+        full = components.build_dit(family, device, dtype, path, seed=0)
         ref = _predict(family, full)
-        par = context.enter(Layout(**lay), rank, world, torch.device("cpu"))
-        dit = components.build_dit(family, torch.device("cpu"), torch.float32, path, seed=0, tensor=par.groups)
+        par = context.enter(Layout(**lay), rank, world, device)
+        dit = components.build_dit(family, device, dtype, path, seed=0, tensor=par.groups)
         n_attn = sequence_parallel(dit, par.groups)
         got = _predict(family, dit)
         whole = dict(full.named_parameters())
