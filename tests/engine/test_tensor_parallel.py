@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from dittune.engine.errors import FlagError
-from dittune.engine.flags import config_from_dict, validate_for_model
+from dittune.engine.flags import config_from_dict, config_to_argv, to_sglang_argv, validate_for_model
 from dittune.engine.models import get_spec
 from dittune.engine.parallel import Layout, launch
 from dittune.engine.parallel.tensor import Shard, fill_slice
@@ -160,7 +160,9 @@ def test_tp_counts_in_num_gpus_and_real_models_split():
         spec = get_spec(model)
         validate_for_model(config_from_dict({"num-gpus": 2, "tp-size": 2}), spec, spec.guidance)
     spec = get_spec("flux-dev")  # 24 heads: tp 2 x ulysses 2 too
-    validate_for_model(config_from_dict({"num-gpus": 4, "tp-size": 2, "ulysses-degree": 2}), spec, spec.guidance)
+    cfg = validate_for_model(config_from_dict({"num-gpus": 4, "tp-size": 2, "ulysses-degree": 2}), spec, spec.guidance)
+    assert to_sglang_argv(cfg) == (["--num-gpus", "4", "--ulysses-degree", "2", "--tp-size", "2"], [])  # SGLang's names
+    assert config_to_argv(cfg) == ["--num-gpus", "4", "--ulysses-degree", "2", "--tp-size", "2"]
 
 
 def _dittune(*args, cwd):
