@@ -34,29 +34,52 @@ def _device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _predict(family, dit, n_txt=9):
+def _inputs(family, n_txt=9) -> tuple:
     spec = family.spec
     device, dtype = _device()
     latents = family.prepare_latents(1, spec.height, spec.width, torch.Generator().manual_seed(3), device, dtype)
     cond = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in _cond(family, n_txt, False).items()}
-    sigma = torch.tensor([0.7], device=device)
+    return latents, torch.tensor([0.7], device=device), cond
+
+
+def _predict(family, dit, inputs=None):
+    spec = family.spec
+    latents, sigma, cond = inputs or _inputs(family)
     return family.predict(dit, latents, sigma, cond, spec.guidance, spec.height, spec.width).float()
+
+
+def _fast(family, dit, device) -> torch.Tensor:
+    """The GPU test's engine setup on `dit` (fused kernels, regional compile), then its prediction
+    replayed from a CUDA graph (collectives included)."""
+    from dittune.engine.cudagraph import capture
+    from dittune.engine.ops import use_fused_kernels
+    from dittune.engine.pipeline import compile_dit
+
+    use_fused_kernels(dit, device)
+    compile_dit(dit, "regional", "default")
+    inputs = _inputs(family)
+    with torch.inference_mode():
+        graph, out = capture(lambda: _predict(family, dit, inputs), device)
+        graph.replay()
+        torch.cuda.synchronize(device)
+    return out.clone()
 
 
 def check(rank: int, world: int, payload: dict) -> dict:
     """One launch for several checks (each launch costs seconds of imports per rank): "dits" as
     check_dits, "explain" a layout for explain_blocks."""
-    out = {"dits": check_dits(rank, world, payload["dits"])}
+    out = {"dits": check_dits(rank, world, payload["dits"], payload.get("fast", False))}
     if payload.get("explain"):
         out["explain"] = explain_blocks(rank, world, payload["explain"])
     return out
 
 
-def check_dits(rank: int, world: int, cases: list) -> list[tuple]:
+def check_dits(rank: int, world: int, cases: list, fast: bool = False) -> list[tuple]:
     """Each (model, layout, checkpoint dir or None): the tensor-parallel DiT, built or read as this
     rank's share, against the whole DiT on this process. -> every rank's (model, layout, weights,
     max abs error, output scale, split elements held x tp, split elements of the whole, elements
-    held, elements of the whole, Attention modules switched to sequence parallel)."""
+    held, elements of the whole, Attention modules switched to sequence parallel). `fast` (GPU):
+    the tensor-parallel DiT with fused kernels, compiled and replayed from a CUDA graph."""
     out = []
     device, dtype = _device()
     for model, lay, path in cases:
@@ -67,7 +90,7 @@ def check_dits(rank: int, world: int, cases: list) -> list[tuple]:
         par = context.enter(Layout(**lay), rank, world, device)
         dit = components.build_dit(family, device, dtype, path, seed=0, tensor=par.groups)
         n_attn = sequence_parallel(dit, par.groups)
-        got = _predict(family, dit)
+        got = _fast(family, dit, device) if fast else _predict(family, dit)
         whole = dict(full.named_parameters())
         shards = dit.tp_shards  # row-parallel biases stay whole (zeros off tp rank 0): not split
         split = [(p.numel(), whole[n].numel()) for n, p in dit.named_parameters()

@@ -74,8 +74,8 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def _check(world, cases, explain=None, backend="gloo", tol=TOL):
-    results = launch.run(world, "tensor_ranks:check", {"dits": cases, "explain": explain}, backend)
+def _check(world, cases, explain=None, backend="gloo", tol=TOL, fast=False):
+    results = launch.run(world, "tensor_ranks:check", {"dits": cases, "explain": explain, "fast": fast}, backend)
     assert len(results["dits"]) == world
     for rank_rows in results["dits"]:
         assert len(rank_rows) == len(cases)
@@ -106,6 +106,15 @@ def test_gpu_tp2_matches_one_gpu():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     _check(2, [(m, {"tp": 2}, None) for m in MODELS], backend="nccl", tol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_tp2_with_fused_kernels_compile_and_cuda_graph_matches_one_gpu():
+    """The same, the TP-2 DiT with --fused-kernels (cuBLASLt GELU epilogue, split output
+    projection: sharded weights through the same fused ops), regional compile, CUDA graph."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    _check(2, [(m, {"tp": 2}, None) for m in MODELS], backend="nccl", tol=2e-2, fast=True)
 
 
 def test_layout_puts_tp_innermost():
