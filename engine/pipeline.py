@@ -285,9 +285,9 @@ class Pipeline:
         attn = sum(sp.bytes_sent for sp in sps.values())
         out = self.dit.seq.bytes_sent if sps else 0
         cfg = vs[0].numel() * vs[0].element_size() if self.flags.enable_cfg_parallel else 0
-        reduce = tp.bytes_sent if tp is not None else 0
+        tp_bytes = tp.bytes_sent if tp is not None else 0  # its all-reduces and modulation all-gathers
         return {"attention_bytes": attn, "output_gather_bytes": out, "cfg_gather_bytes": cfg,
-                "tp_all_reduce_bytes": reduce, "total_bytes": attn + out + cfg + reduce}
+                "tensor_parallel_bytes": tp_bytes, "total_bytes": attn + out + cfg + tp_bytes}
 
     def _passes(self, latents: torch.Tensor, sigma: torch.Tensor, conds: list, static: tuple) -> list[torch.Tensor]:
         """The DiT passes of one denoise step (conditional, then negative under true CFG); they

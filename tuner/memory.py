@@ -48,7 +48,7 @@ class Footprint:
     # per text encoder: the weights outside its repeated layers, and each layer's (execution order)
     text_encoder_other_bytes: tuple[int, ...] = ()
     text_encoder_layer_bytes: tuple[tuple[int, ...], ...] = ()
-    dit_split_bytes: int = 0  # what tensor parallelism splits (the plan's weights and column biases)
+    dit_split_bytes: int = 0  # what tensor parallelism splits (the plan's weights, but row-parallel biases)
 
     @property
     def dit_bytes(self) -> int:
@@ -91,10 +91,10 @@ def footprint(model: str, dtype_name: str = "bf16") -> Footprint:
     text_tokens = max(te.max_length for te in spec.text_encoders)
     split = 0
     for list_name, linears in tensor_plan(spec).blocks.items():
-        for block in getattr(dit, list_name):
+        for block in getattr(dit, list_name) if list_name else [dit]:
             for path, s in linears.items():
-                lin = block.get_submodule(path)
-                split += _bytes(lin) if s.kind == "column" else lin.weight.numel() * lin.weight.element_size()
+                lin = block.get_submodule(path)  # a row-parallel bias stays whole
+                split += lin.weight.numel() * lin.weight.element_size() if s.kind == "row" else _bytes(lin)
     return Footprint(
         dit_other_bytes=_bytes(dit) - sum(block_bytes), dit_block_bytes=block_bytes, text_encoder_bytes=te_bytes,
         vae_bytes=vae_params * 4, hidden=hidden, text_tokens=text_tokens,
@@ -147,7 +147,7 @@ def predict_stage_bytes(model: str, cfg, width: int, height: int, dtype_name: st
     elif cfg.dit_cpu_offload:
         dit_resident, dit_visiting = 0, fp.dit_bytes
     else:
-        # --tp-size: each rank holds 1/tp of the split Linears (adaLN, embedders, final layer whole)
+        # --tp-size: each rank holds 1/tp of the Linears the model's tensor plan splits
         tp = getattr(cfg, "tp_size", 1)
         dit_resident, dit_visiting = fp.dit_bytes - fp.dit_split_bytes + fp.dit_split_bytes // tp, 0
     te_resident = 0 if cfg.text_encoder_cpu_offload else fp.text_encoder_bytes

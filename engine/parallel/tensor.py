@@ -6,6 +6,9 @@ and v; Z-Image's w1|w3 has two). Its output is local: the heads of attention, th
 of the MLP. A row-parallel Linear keeps the same share of its input features and sums the partial
 outputs with one all-reduce: one per attention (the output projection) and one per MLP. Its bias
 is added once, by tp rank 0 (the others hold zeros). QK-norm is per head, so it stays local.
+A gathered Linear (the adaLN modulations: a quarter of FLUX's weights, read for a [B, D] vector)
+is split like a column-parallel one and its small output all-gathered back whole; packed
+(models/base.pack_modulation), every modulation of a forward is one GEMV and one all-gather.
 
 The plan is data, per model file (`tensor_plan(cfg)`: block list -> {Linear path: Split}); this
 module applies it to an unchanged model built on the meta device, so each rank materialises only
@@ -30,7 +33,7 @@ from ..errors import EngineError
 
 @dataclass(frozen=True)
 class Split:
-    kind: str  # "column" (output features, weight dim 0) or "row" (input features, weight dim 1)
+    kind: str  # "column" / "gather" (output features, weight dim 0) or "row" (input features, weight dim 1)
     sections: tuple[int, ...]  # full widths of the split dimension's sections (each split evenly)
     seam: str | None = None  # row only: the block attribute the model reduces through, not the module
 
@@ -43,10 +46,18 @@ def row(*widths: int, seam: str | None = None) -> Split:
     return Split("row", tuple(widths), seam)
 
 
+def gather(*widths: int) -> Split:
+    """Split by output features in equal sections, the output all-gathered whole on every rank."""
+    if len(set(widths)) != 1:
+        raise ValueError(f"a gathered Linear needs equal sections, got {widths}")
+    return Split("gather", tuple(widths))
+
+
 @dataclass(frozen=True)
 class TensorPlan:
     heads: int  # the blocks' attention heads (each rank runs heads / tp)
-    blocks: Mapping[str, Mapping[str, Split]]  # repeated block list -> {Linear path in the block: split}
+    # repeated block list -> {Linear path in the block: split}; "" is the DiT itself (its own Linears)
+    blocks: Mapping[str, Mapping[str, Split]]
 
     def refusal(self, tp: int, model: str) -> str | None:
         """Why `tp` cannot split this model (one line), or None."""
@@ -58,7 +69,8 @@ class TensorPlan:
             for path, s in linears.items():
                 bad = [w for w in s.sections if w % tp]
                 if bad:
-                    return (f"--tp-size {tp} does not divide the width {bad[0]} of {model}'s {blocks}.{path} "
+                    where = f"{blocks}.{path}" if blocks else path
+                    return (f"--tp-size {tp} does not divide the width {bad[0]} of {model}'s {where} "
                             f"({s.kind}-parallel); use a divisor of {math.gcd(*s.sections)}")
         return None
 
@@ -90,7 +102,7 @@ def _ranges(sections: tuple[int, ...], tp: int, index: int) -> tuple[tuple[int, 
 
 def shards_of(linear: nn.Linear, split: Split, tp: int, index: int, prefix: str) -> dict[str, Shard]:
     full = sum(split.sections)
-    dim = 0 if split.kind == "column" else 1
+    dim = 1 if split.kind == "row" else 0
     if linear.weight.shape[dim] != full:
         raise EngineError(f"tensor plan: {prefix} has {linear.weight.shape[dim]} features, the plan {full}")
     rng = _ranges(split.sections, tp, index)
@@ -132,6 +144,17 @@ class AllReduce(TensorShards):
             self.bytes_sent += 2 * (self.degree - 1) * x.numel() * x.element_size() // self.degree
         return fc.all_reduce(x, "sum", self.group)
 
+    def gather(self, y: torch.Tensor, sections: int) -> torch.Tensor:
+        """[..., n * w / tp] (this rank's part of each of n sections) -> [..., n * w], every rank's
+        parts in place: one all-gather."""
+        from .sequence import all_gather
+
+        if not torch.compiler.is_compiling():  # each rank's part to every other rank
+            self.bytes_sent += (self.degree - 1) * y.numel() * y.element_size()
+        parts = all_gather(y.unsqueeze(0).contiguous(), 0, self.group)  # [tp, ..., n * w / tp]
+        parts = parts.unflatten(-1, (sections, -1)).movedim(0, -2)  # [..., n, tp, w / tp]
+        return parts.flatten(-3)
+
 
 class RowLinear(nn.Linear):
     """A row-parallel nn.Linear (same parameters, so state dicts and seeds are unchanged): the
@@ -141,6 +164,16 @@ class RowLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.reduce(F.linear(x, self.weight, self.bias))
+
+
+class GatherLinear(nn.Linear):
+    """A gathered nn.Linear: this rank's part of each output section, then every rank's."""
+
+    tp: AllReduce
+    sections: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.gather(F.linear(x, self.weight, self.bias), self.sections)
 
 
 # --- applying a plan -----------------------------------------------------------------------------
@@ -159,10 +192,10 @@ def tensor_parallel(dit: nn.Module, plan: TensorPlan, group: Any, tp: int, index
     reducer = AllReduce(group, tp, index)
     shards: dict[str, Shard] = {}
     for list_name, linears in plan.blocks.items():
-        for i, block in enumerate(getattr(dit, list_name)):
+        for i, block in enumerate(getattr(dit, list_name) if list_name else [dit]):
             for path, split in linears.items():
                 lin = block.get_submodule(path)
-                prefix = f"{list_name}.{i}.{path}"
+                prefix = f"{list_name}.{i}.{path}" if list_name else path
                 mine = shards_of(lin, split, tp, index, prefix)
                 shards.update(mine)
                 for pname in ("weight", "bias"):
@@ -170,7 +203,11 @@ def tensor_parallel(dit: nn.Module, plan: TensorPlan, group: Any, tp: int, index
                     if p is not None:
                         setattr(lin, pname, nn.Parameter(torch.empty(mine[f"{prefix}.{pname}"].shape, device="meta",
                                                                      dtype=p.dtype), requires_grad=False))
-                if split.kind == "column":
+                if split.kind == "gather":
+                    lin.out_features = lin.weight.shape[0]
+                    lin.__class__ = GatherLinear
+                    lin.tp, lin.sections = reducer, len(split.sections)
+                elif split.kind == "column":
                     lin.out_features = lin.weight.shape[0]
                 else:
                     lin.in_features = lin.weight.shape[1]
@@ -179,7 +216,8 @@ def tensor_parallel(dit: nn.Module, plan: TensorPlan, group: Any, tp: int, index
                     else:
                         lin.__class__ = RowLinear
                         lin.tp = reducer
-            block.heads = plan.heads // tp
+            if list_name:
+                block.heads = plan.heads // tp
     dit.tp, dit.tp_shards = reducer, shards
     return shards
 
@@ -306,5 +344,5 @@ def _read_rows(handles, runs, lo: int, hi: int) -> list[torch.Tensor]:
     return out
 
 
-__all__ = ["AllReduce", "NO_TP", "RowLinear", "Shard", "Split", "TensorPlan", "TensorShards", "column", "fill_slice",
-           "read_sharded", "row", "slice_state_dict", "tensor_parallel"]
+__all__ = ["AllReduce", "GatherLinear", "NO_TP", "RowLinear", "Shard", "Split", "TensorPlan", "TensorShards", "column", "fill_slice",
+           "gather", "read_sharded", "row", "slice_state_dict", "tensor_parallel"]

@@ -10,6 +10,7 @@ import torch
 
 from dittune.engine import components
 from dittune.engine.models import get_family
+from dittune.engine.models.base import pack_modulation
 from dittune.engine.parallel import Layout, context, sequence_parallel
 from parallel_ranks import _cond
 
@@ -89,6 +90,10 @@ def check_dits(rank: int, world: int, cases: list, fast: bool = False) -> list[t
         ref = _predict(family, full)
         par = context.enter(Layout(**lay), rank, world, device)
         dit = components.build_dit(family, device, dtype, path, seed=0, tensor=par.groups)
+        # Synthetic: the modulations packed as the pipeline runs a resident DiT (one GEMV, one
+        # all-gather); checkpoint: per block (each gathered Linear gathers its own).
+        if path is None and hasattr(dit, "modulation_groups"):
+            assert pack_modulation(dit), model
         n_attn = sequence_parallel(dit, par.groups)
         got = _fast(family, dit, device) if fast else _predict(family, dit)
         whole = dict(full.named_parameters())

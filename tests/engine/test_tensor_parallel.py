@@ -195,9 +195,11 @@ def test_cli_tp2_matches_one_process_and_dumps_the_all_reduces(tmp_path):
     # flux-dev-tiny at 128x128: 64 image + 32 text tokens of width 32, fp32; a ring all-reduce over
     # 2 ranks sends each rank's whole tensor once: the double block reduces its attention and MLP
     # outputs (each over both streams' 96 tokens), the single block its one output projection.
+    # The packed modulations (double 12 x 32, single 3 x 32, final 2 x 32) are one all-gather of
+    # each rank's half.
     for r in par["ranks"]:
         c = r["collectives_per_step"]
-        assert c["tp_all_reduce_bytes"] == 3 * (64 + 32) * 32 * 4 and c["attention_bytes"] == 0
+        assert c["tensor_parallel_bytes"] == 3 * (64 + 32) * 32 * 4 + 17 * 32 // 2 * 4 and c["attention_bytes"] == 0
     m = dump["manifest"]
-    assert m["tensor_parallel_linears"] == 11 and m["flags"]["tp-size"] == 2
+    assert m["tensor_parallel_linears"] == 15 and m["flags"]["tp-size"] == 2 and m["modulation"] == "packed"
     assert m["parameters"]["dit"] < one.dump["manifest"]["parameters"]["dit"]

@@ -13,7 +13,7 @@ def _cfg(**degrees):
 def test_tp_splits_the_plans_weights_and_activations():
     for model in ("flux-dev", "qwen-image", "z-image-turbo"):
         fp = memory.footprint(model)
-        assert 0.6 * fp.dit_bytes < fp.dit_split_bytes < fp.dit_bytes  # adaLN, embedders, final layer stay whole
+        assert 0.6 * fp.dit_bytes < fp.dit_split_bytes < fp.dit_bytes  # embedders, final projection stay whole
         one = memory.predict_stage_bytes(model, _cfg(), 1024, 1024)
         two = memory.predict_stage_bytes(model, _cfg(tp_size=2), 1024, 1024)
         four = memory.predict_stage_bytes(model, _cfg(tp_size=4), 1024, 1024)
@@ -26,7 +26,8 @@ def test_tp_splits_the_plans_weights_and_activations():
 
 
 def test_flux_tp2_dit_share_is_under_the_issue_target():
-    """Issue 13 asks for a per-GPU peak <= 0.70x one GPU's under TP-2: the weights alone predict it."""
+    """Issue 13 asks for a per-GPU peak <= 0.70x one GPU's under TP-2: every block Linear and the
+    modulations split, only the embedders and the final projection stay whole."""
     fp = memory.footprint("flux-dev")
     share = (fp.dit_bytes - fp.dit_split_bytes + fp.dit_split_bytes // 2) / fp.dit_bytes
-    assert 0.6 < share < 0.70
+    assert 0.5 < share < 0.51
