@@ -133,7 +133,10 @@ def bench_rank(rank: int, world: int, payload: dict):
     single_out = box[0].to(device)
 
     # --- dittune layouts on every rank --------------------------------------------------------------
+    only = payload.get("only") or ()
     for lay in _layouts(model, payload["tiny"], world):
+        if only and not any(lay.get(d, 1) > 1 for d in only):
+            continue
         torch._dynamo.reset()  # each row compiles afresh: no row inherits (or exhausts) another's cache
         layout = Layout(**lay)
         name = f"dittune {layout.describe()} {payload['flags']}"
@@ -185,6 +188,8 @@ def bench_rank(rank: int, world: int, payload: dict):
         configs = [(f"diffusers ulysses {world}", lambda: ContextParallelConfig(ulysses_degree=world)),
                    (f"diffusers ring {world}", lambda: ContextParallelConfig(ring_degree=world)),
                    (f"diffusers TP {world}", lambda: TensorParallelConfig(tp_degree=world))]
+        if only:
+            configs = [c for c in configs if any(d in c[0].lower() for d in only)]
         for name, make in configs:
             name += ", regional compile, cuDNN"
             torch._dynamo.reset()
@@ -273,6 +278,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--gpus", type=int, choices=(2, 4), default=2, help="GPUs of the parallel rows (4: TP x Ulysses)")
     ap.add_argument("--diffusers-tp", action="store_true", help="accepted for old command lines: diffusers' TP row is always in")
+    ap.add_argument("--only", nargs="+", choices=("ulysses", "ring", "cfg", "tp"), default=None,
+                    help="only the layouts (and diffusers rows) of these dimensions, beside the 1-GPU rows")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
@@ -287,7 +294,7 @@ def main(argv=None) -> int:
         tokens = 16 if a.tiny else (512 if m.startswith("flux") else 128)
         payload = {"model": m, "size": 64 if a.tiny else a.size, "tokens": tokens, "warmup": a.warmup, "iters": a.iters,
                    "flags": flags, "tiny": a.tiny, "no_graphs": a.no_graphs, "no_diffusers": a.no_diffusers,
-                   "profile": a.profile}
+                   "profile": a.profile, "only": a.only}
         sys.path.insert(0, str(Path(__file__).parent))
         rows = launch.run(a.gpus, "bench_parallel:bench_rank", payload, "nccl" if a.device == "cuda" else "gloo")
         one = next((r["step_ms"] for r in rows if r.get("gpus") == 1 and "step_ms" in r and "cuda-graph" in r["config"]),
