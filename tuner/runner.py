@@ -37,6 +37,16 @@ class Outcome:
     warm: bool = False  # ran in a warm worker (Spares): its imports were done before the trial
 
 
+def _dump_stacks(p: subprocess.Popen, wait_s: float = 2.0) -> None:
+    """Ask every process of a timed-out trial for its Python stacks (the worker and its ranks
+    register SIGUSR1 with faulthandler), so that its record says where it hung."""
+    try:
+        os.killpg(p.pid, signal.SIGUSR1)
+    except (ProcessLookupError, PermissionError):
+        return
+    time.sleep(wait_s)
+
+
 def _kill_group(p: subprocess.Popen) -> None:
     try:
         os.killpg(p.pid, signal.SIGKILL)
@@ -161,14 +171,15 @@ def _wait(p: subprocess.Popen, tmp: Path, timeout_s: float, cancel: threading.Ev
                     _kill_group(p)
                     return Outcome("cancelled", None, "cancelled", "", time.perf_counter() - t0)
         if rc is None:
+            _dump_stacks(p)
             _kill_group(p)
     except BaseException:  # Ctrl-C: take the child group down with us
         _kill_group(p)
         raise
     wall = time.perf_counter() - t0
-    tail = (tmp / "stderr.txt").read_text(errors="replace")[-TAIL_CHARS:]
+    tail = (tmp / "stderr.txt").read_text(errors="replace")[-(TAIL_CHARS if rc is not None else 4 * TAIL_CHARS):]
     last = next((line for line in reversed(tail.strip().splitlines()) if line.strip()), "")
-    if rc is None:
+    if rc is None:  # the tail holds every process's stacks at the timeout (_dump_stacks)
         return Outcome("timeout", None, f"timed out after {timeout_s:.0f} s", tail, wall)
     if rc == 0:
         try:

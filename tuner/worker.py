@@ -40,6 +40,12 @@ def preimport(model: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    import faulthandler
+    import signal
+
+    # On a trial timeout the orchestrator sends SIGUSR1 to the trial's process group first: every
+    # process (this one and its ranks) writes its Python stacks to stderr, kept in the trial's record.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if len(argv) == 2 and argv[0] == "--wait":
         preimport(argv[1])
         line = sys.stdin.readline().strip()

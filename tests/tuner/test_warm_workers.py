@@ -99,3 +99,19 @@ def _children() -> list[str]:
 
 if sys.platform != "linux":  # /proc
     del test_a_gpu_study_runs_its_trials_warm_and_leaves_no_worker_behind
+
+
+def test_a_timed_out_trial_records_where_each_of_its_processes_was(tmp_path):
+    """On a timeout every process of the trial's group writes its stacks (faulthandler on SIGUSR1,
+    as the worker and the engine's ranks register it) before the group is killed."""
+    hang = tmp_path / "hang.py"
+    hang.write_text("import faulthandler, signal, subprocess, sys, time\n"
+                    "faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+                    "if len(sys.argv) == 2:  # the 'worker': starts a 'rank' in its group, as the launcher does\n"
+                    "    subprocess.Popen([sys.executable, __file__, 'rank', 'x'])\n"
+                    "def wait_for_the_collective():\n"
+                    "    time.sleep(100)\n"
+                    "wait_for_the_collective()\n")
+    out = run_trial(JOB, 1.5, (sys.executable, str(hang)), {})
+    assert out.status == "timeout" and "timed out after 2 s" in out.reason
+    assert out.stderr_tail.count("wait_for_the_collective") >= 2, out.stderr_tail  # the worker's and the rank's
