@@ -1,10 +1,13 @@
-"""One denoise step on two GPUs: dittune's best single-GPU configuration, each 2-GPU layout that
-applies (Ulysses-2, ring-2, CFG parallel), and diffusers' own context parallel / tensor parallel
-(`enable_parallelism`, regional compile, cuDNN attention), in the same call on the same synthetic
-weights and inputs. Step times (rank 0, medians of warmed-up steps), speed-up over one GPU, each
-GPU's peak, and the output's difference against dittune on one GPU.
+"""One denoise step on two (or four) GPUs: dittune's best single-GPU configuration, each layout
+of that many GPUs that applies (2: Ulysses-2, ring-2, CFG parallel, TP-2; 4: TP-2 x Ulysses-2,
+TP-4, Ulysses-4, CFG x TP-2), and diffusers' own context parallel and tensor parallel
+(`enable_parallelism` with ContextParallelConfig / TensorParallelConfig, regional compile, cuDNN
+attention), in the same call on the same synthetic weights and inputs. Step times (rank 0,
+medians of warmed-up steps), speed-up over one GPU, each GPU's peak, and the output's difference
+against dittune on one GPU.
 
     python bench/bench_parallel.py --models flux-dev --json out.json        # 2 GPUs, NCCL
+    python bench/bench_parallel.py --models flux-dev --gpus 4               # the 4-GPU layouts (TP x Ulysses)
     python bench/bench_parallel.py --models flux-dev --profile              # + kernel time split of one Ulysses-2 step
     python bench/bench_parallel.py --tiny --device cpu                      # smoke test on gloo
 
@@ -24,14 +27,38 @@ BEST = "--attention-backend torch_cudnn_sdpa --fused-kernels --enable-torch-comp
 PASSES = {"qwen_image": 2}
 
 
-def _layouts(model: str, tiny: bool) -> list[dict]:
-    from dittune.engine.models import get_spec
+def _layouts(model: str, tiny: bool, gpus: int = 2) -> list[dict]:
+    """The layouts of `gpus` GPUs that the model allows (heads and widths divisible; true CFG)."""
+    from dittune.engine.models import get_spec, tensor_plan
 
     spec = get_spec(model)
-    out = [{"ulysses": 2}, {"ring": 2}]
-    if spec.true_cfg and spec.uses_cfg(spec.guidance if spec.guidance > 0 else 1.5):
-        out.append({"cfg": 2})
-    return out
+    cfg = spec.true_cfg and spec.uses_cfg(spec.guidance if spec.guidance > 0 else 1.5)
+    if gpus == 2:
+        out = [{"ulysses": 2}, {"ring": 2}] + ([{"cfg": 2}] if cfg else []) + [{"tp": 2}]
+    else:
+        out = [{"ulysses": 2, "tp": 2}, {"tp": 4}, {"ulysses": 4}, {"ulysses": 2, "ring": 2}]
+        out += [{"cfg": 2, "tp": 2}] if cfg else []
+    plan = tensor_plan(spec)
+    return [lay for lay in out
+            if plan.refusal(lay.get("tp", 1), model) is None
+            and spec.attention_heads % (lay.get("tp", 1) * lay.get("ulysses", 1)) == 0]
+
+
+def native_tp(family, sd: dict, device, dtype, groups):
+    """This rank's tensor-parallel share of the native DiT holding diffusers' state dict `sd`:
+    built on the meta device and sharded before any weight lands on the GPU."""
+    import torch
+
+    from dittune.engine.components import default_dtype
+    from dittune.engine.models import tensor_plan
+    from dittune.engine.parallel.tensor import slice_state_dict, tensor_parallel
+
+    with torch.device("meta"), default_dtype(dtype):
+        ours = family.transformer_cls(family.spec.dit_config)
+    shards = tensor_parallel(ours, tensor_plan(family.spec), groups.tp, groups.layout.tp, groups.coords["tp"])
+    mine = slice_state_dict(family.convert_diffusers_state_dict(sd), shards)
+    ours.load_state_dict({k: v.to(device, dtype) for k, v in mine.items()}, strict=True, assign=True)
+    return ours.eval().requires_grad_(False)
 
 
 def bench_rank(rank: int, world: int, payload: dict):
@@ -106,14 +133,17 @@ def bench_rank(rank: int, world: int, payload: dict):
     single_out = box[0].to(device)
 
     # --- dittune layouts on every rank --------------------------------------------------------------
-    for lay in _layouts(model, payload["tiny"]):
+    only = payload.get("only") or ()
+    for lay in _layouts(model, payload["tiny"], world):
+        if only and not any(lay.get(d, 1) > 1 for d in only):
+            continue
         torch._dynamo.reset()  # each row compiles afresh: no row inherits (or exhausts) another's cache
         layout = Layout(**lay)
         name = f"dittune {layout.describe()} {payload['flags']}"
         try:
             par = context.enter(layout, rank, world, device)
             peak_reset()
-            ours = native_from(family, sd, device, dtype)
+            ours = native_tp(family, sd, device, dtype, par.groups) if layout.tp > 1 else native_from(family, sd, device, dtype)
             with torch.inference_mode():
                 t = time.perf_counter()
                 prepare_native(ours, cfg, device, groups=par.groups)
@@ -133,20 +163,20 @@ def bench_rank(rank: int, world: int, payload: dict):
                 compile_s = time.perf_counter() - t
                 ms = timeit(step, device, warmup, iters) * 1e3
                 diff = ((out - single_out).norm() / single_out.norm()).item()
-                rows.append({"config": name, "gpus": 2, "step_ms": ms, "compile_s": compile_s, "peak_bytes": peaks(),
+                rows.append({"config": name, "gpus": world, "step_ms": ms, "compile_s": compile_s, "peak_bytes": peaks(),
                              "rel_diff_vs_1gpu": diff})
                 if graphs:
                     try:
                         graph, _ = capture(step, device)
-                        rows.append({"config": name + " --enable-cuda-graph", "gpus": 2,
+                        rows.append({"config": name + " --enable-cuda-graph", "gpus": world,
                                      "step_ms": timeit(graph.replay, device, warmup, iters) * 1e3, "peak_bytes": peaks(),
                                      "rel_diff_vs_1gpu": diff})
                         del graph
                     except Exception as e:  # noqa: BLE001 - recorded in the table
-                        rows.append({"config": name + " --enable-cuda-graph", "gpus": 2, "error": f"{type(e).__name__}: {e}"[:300]})
+                        rows.append({"config": name + " --enable-cuda-graph", "gpus": world, "error": f"{type(e).__name__}: {e}"[:300]})
             del ours
         except Exception as e:  # noqa: BLE001
-            rows.append({"config": name, "gpus": 2, "error": f"{type(e).__name__}: {e}"[:300]})
+            rows.append({"config": name, "gpus": world, "error": f"{type(e).__name__}: {e}"[:300]})
         free(device)
         dist.barrier()
 
@@ -154,10 +184,12 @@ def bench_rank(rank: int, world: int, payload: dict):
     if not payload.get("no_diffusers"):
         from diffusers import ContextParallelConfig, TensorParallelConfig
 
-        configs = [("diffusers ulysses 2", lambda: ContextParallelConfig(ulysses_degree=2)),
-                   ("diffusers ring 2", lambda: ContextParallelConfig(ring_degree=2))]
-        if payload.get("diffusers_tp"):
-            configs.append(("diffusers TP 2", lambda: TensorParallelConfig(tp_degree=2)))
+        # Every GPU of the call in one degree: diffusers' TP beside dittune's TP rows.
+        configs = [(f"diffusers ulysses {world}", lambda: ContextParallelConfig(ulysses_degree=world)),
+                   (f"diffusers ring {world}", lambda: ContextParallelConfig(ring_degree=world)),
+                   (f"diffusers TP {world}", lambda: TensorParallelConfig(tp_degree=world))]
+        if only:
+            configs = [c for c in configs if any(d in c[0].lower() for d in only)]
         for name, make in configs:
             name += ", regional compile, cuDNN"
             torch._dynamo.reset()
@@ -178,15 +210,15 @@ def bench_rank(rank: int, world: int, payload: dict):
                     compile_s = time.perf_counter() - t
                     ms = timeit(lambda: [ref_fwd(ref) for _ in range(passes)], device, warmup, iters) * 1e3
                     diff = ((out - single_out).norm() / single_out.norm()).item()
-                rows.append({"config": name, "gpus": 2, "step_ms": ms, "compile_s": compile_s, "peak_bytes": peaks(),
+                rows.append({"config": name, "gpus": world, "step_ms": ms, "compile_s": compile_s, "peak_bytes": peaks(),
                              "rel_diff_vs_1gpu": diff})
                 del ref
             except Exception as e:  # noqa: BLE001
-                rows.append({"config": name, "gpus": 2, "error": f"{type(e).__name__}: {e}"[:300]})
+                rows.append({"config": name, "gpus": world, "error": f"{type(e).__name__}: {e}"[:300]})
             free(device)
             dist.barrier()
 
-    if payload.get("profile"):
+    if payload.get("profile") and world == 2:
         rows.append(_profile(model, family, sd, cfg, device, dtype, our_fwd, passes, rank, world))
     return rows if rank == 0 else None
 
@@ -244,7 +276,10 @@ def main(argv=None) -> int:
     ap.add_argument("--flags", default=BEST, help=f"dittune's engine flags for every row (default: {BEST})")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-diffusers", action="store_true")
-    ap.add_argument("--diffusers-tp", action="store_true", help="add diffusers' TensorParallelConfig(tp_degree=2) row")
+    ap.add_argument("--gpus", type=int, choices=(2, 4), default=2, help="GPUs of the parallel rows (4: TP x Ulysses)")
+    ap.add_argument("--diffusers-tp", action="store_true", help="accepted for old command lines: diffusers' TP row is always in")
+    ap.add_argument("--only", nargs="+", choices=("ulysses", "ring", "cfg", "tp"), default=None,
+                    help="only the layouts (and diffusers rows) of these dimensions, beside the 1-GPU rows")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
@@ -259,9 +294,9 @@ def main(argv=None) -> int:
         tokens = 16 if a.tiny else (512 if m.startswith("flux") else 128)
         payload = {"model": m, "size": 64 if a.tiny else a.size, "tokens": tokens, "warmup": a.warmup, "iters": a.iters,
                    "flags": flags, "tiny": a.tiny, "no_graphs": a.no_graphs, "no_diffusers": a.no_diffusers,
-                   "diffusers_tp": a.diffusers_tp, "profile": a.profile}
+                   "profile": a.profile, "only": a.only}
         sys.path.insert(0, str(Path(__file__).parent))
-        rows = launch.run(2, "bench_parallel:bench_rank", payload, "nccl" if a.device == "cuda" else "gloo")
+        rows = launch.run(a.gpus, "bench_parallel:bench_rank", payload, "nccl" if a.device == "cuda" else "gloo")
         one = next((r["step_ms"] for r in rows if r.get("gpus") == 1 and "step_ms" in r and "cuda-graph" in r["config"]),
                    next((r["step_ms"] for r in rows if r.get("gpus") == 1 and "step_ms" in r), None))
         for r in rows:

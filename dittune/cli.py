@@ -184,6 +184,8 @@ def tune(
     device: Optional[str] = typer.Option(None, help="cpu to tune on the CPU (tiny models) even where a GPU exists."),
     trial_timeout: Optional[str] = typer.Option(None, help="Cap one trial (load + compile + requests): 300, 5m (default: the preset's)."),
     measure_steps: Optional[int] = typer.Option(None, help="Denoise steps timed per trial (default: the preset's)."),
+    cold_workers: bool = typer.Option(False, "--cold-workers", help="Start each trial's process when the trial starts "
+                                      "(default on GPUs: started ahead, imports done; the measurement is the same)."),
 ) -> None:
     """Measure configurations of MODEL on this GPU under the VRAM budget; print the frontier and the fastest command."""
     from dittune.engine.budget import format_bytes
@@ -196,7 +198,7 @@ def tune(
         width=width, height=height, steps=steps, guidance=guidance, fix=tuple(fix), allow_lossy=allow_lossy,
         db_url=db, study_name=study, gpu_index=gpu, gpus=parse_gpus(gpus), max_gpus_per_trial=max_gpus_per_trial, seed=seed, objective=objective, confirm=confirm, device=device,
         trial_timeout_s=parse_duration(trial_timeout) if trial_timeout else None, measure_steps=measure_steps,
-        model_path=model_path,
+        model_path=model_path, warm_workers=False if cold_workers else None,
     )
     import shlex
     import signal

@@ -16,13 +16,16 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
 
 from .errors import EngineError
 from .models.base import Family, TextEncoderSpec, TokenBatch, VaeSpec
+
+if TYPE_CHECKING:
+    from .parallel.layout import Groups
 
 
 @contextlib.contextmanager
@@ -39,9 +42,16 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def randomize_(module: nn.Module, seed: int = 0) -> None:
     """Synthetic weights: N(0, 0.5/sqrt(fan_in)) matrices, zero biases, unit norm scales. Values are
     irrelevant to latency; this scale keeps activations finite through deep stacks in bf16. Large
-    tensors repeat a random tile (memcpy speed), so a 12B model fills in seconds even on the CPU."""
+    tensors repeat a random tile (memcpy speed), so a 12B model fills in seconds even on the CPU.
+    A tensor-parallel shard (`module.tp_shards`) gets its slice of the same full tensor."""
+    shards = getattr(module, "tp_shards", {})
     for i, (name, p) in enumerate(module.named_parameters()):
-        if p.ndim >= 2:
+        if name in shards and p.ndim >= 2:
+            from .parallel.tensor import fill_slice
+
+            full = shards[name].full_shape
+            fill_slice(p, shards[name], _tile(math.prod(full), 0.5 / math.sqrt(math.prod(full[1:])), seed + i))
+        elif p.ndim >= 2:
             _tile_normal_(p, 0.5 / math.sqrt(math.prod(p.shape[1:])), seed + i)
         elif name.endswith("bias"):
             p.zero_()
@@ -57,25 +67,50 @@ def _tile_normal_(p: torch.Tensor, std: float, seed: int, tile: int = 1 << 16) -
     flat = p.view(-1)
     n = flat.numel()
     k = min(n, tile)
-    gen = torch.Generator().manual_seed(seed)
-    flat[:k].copy_(torch.randn(k, generator=gen, dtype=torch.float32).mul_(std))
+    flat[:k].copy_(_tile(n, std, seed, tile))
     while k < n:  # doubling copies: O(log n) launches
         m = min(k, n - k)
         flat[k : k + m].copy_(flat[:m])
         k += m
 
 
+def _tile(n: int, std: float, seed: int, tile: int = 1 << 16) -> torch.Tensor:
+    """The first min(n, tile) elements of a synthetic tensor of n elements (fp32, CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(min(n, tile), generator=gen, dtype=torch.float32).mul_(std)
+
+
 # --- DiT ------------------------------------------------------------------------------------------
 
 
-def build_dit(family: Family, device: torch.device, dtype: torch.dtype, model_path: Path | None, seed: int = 0) -> nn.Module:
+def build_dit(family: Family, device: torch.device, dtype: torch.dtype, model_path: Path | None, seed: int = 0,
+              tensor: "Groups | None" = None) -> nn.Module:
+    """The DiT on `device`; with `tensor` (the layout's groups, tp > 1) only this rank's tensor-
+    parallel share of it, built and filled or read as such (engine/parallel/tensor.py)."""
     with torch.device("meta"), default_dtype(dtype):
         model = family.transformer_cls(family.spec.dit_config)
+    shards = {}
+    if tensor is not None and tensor.layout.tp > 1:
+        from .models import tensor_plan
+        from .parallel.tensor import tensor_parallel
+
+        shards = tensor_parallel(model, tensor_plan(family.spec), tensor.tp, tensor.layout.tp, tensor.coords["tp"])
     if model_path is None:
         model.to_empty(device=device)
         randomize_(model, seed)
     else:
-        sd = family.convert_diffusers_state_dict(_read_safetensors(model_path / "transformer", device, dtype))
+        if shards:
+            from .parallel.tensor import read_sharded
+
+            files = _safetensors_files(model_path / "transformer")
+            try:
+                sd = read_sharded(files, family.convert_diffusers_state_dict, shards, device, dtype)
+            except Exception as e:
+                if type(e).__name__ == "SafetensorError" or isinstance(e, (OSError, ValueError)):
+                    raise EngineError(f"cannot read {model_path / 'transformer'}: {e}") from None
+                raise
+        else:
+            sd = family.convert_diffusers_state_dict(_read_safetensors(model_path / "transformer", device, dtype))
         try:
             model.load_state_dict(sd, strict=True, assign=True)
         except RuntimeError as e:
@@ -89,6 +124,23 @@ def build_dit(family: Family, device: torch.device, dtype: torch.dtype, model_pa
 def _read_safetensors(folder: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
+    out: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(folder):
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                for k in sf.keys():
+                    out[k] = sf.get_tensor(k).to(dtype)
+        except (OSError, RuntimeError, ValueError) as e:  # safetensors raises SafetensorError(Exception)
+            raise EngineError(f"cannot read {f}: {e}") from None
+        except Exception as e:
+            if type(e).__name__ == "SafetensorError":
+                raise EngineError(f"cannot read {f}: {e}") from None
+            raise
+    return out
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The DiT's weight files (every shard of an index), checked present."""
     if not folder.is_dir():
         raise EngineError(f"checkpoint has no {folder.name}/ folder: {folder}")
     index = sorted(folder.glob("*.safetensors.index.json"))
@@ -102,21 +154,10 @@ def _read_safetensors(folder: Path, device: torch.device, dtype: torch.dtype) ->
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise EngineError(f"no .safetensors weights in {folder}")
-    out: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.exists():
             raise EngineError(f"shard {f.name} named in the index is missing from {folder}")
-        try:
-            with safe_open(str(f), framework="pt", device=str(device)) as sf:
-                for k in sf.keys():
-                    out[k] = sf.get_tensor(k).to(dtype)
-        except (OSError, RuntimeError, ValueError) as e:  # safetensors raises SafetensorError(Exception)
-            raise EngineError(f"cannot read {f}: {e}") from None
-        except Exception as e:
-            if type(e).__name__ == "SafetensorError":
-                raise EngineError(f"cannot read {f}: {e}") from None
-            raise
-    return out
+    return files
 
 
 def check_checkpoint_dir(path: Path, family: Family) -> None:

@@ -83,10 +83,10 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    # Parallel layout over the GPUs of one host (SGLang's names): num_gpus = cfg x ulysses x ring.
+    # Parallel layout over the GPUs of one host (SGLang's names): num_gpus = cfg x ulysses x ring x tp.
     Flag("num-gpus", int, 1,
          "Processes, one per GPU, started by dittune itself; must equal the product of the layout's "
-         "degrees (2 with --enable-cfg-parallel, x --ulysses-degree x --ring-degree).",
+         "degrees (2 with --enable-cfg-parallel, x --ulysses-degree x --ring-degree x --tp-size).",
          minimum=1, multi_gpu=True, sglang="num-gpus"),
     Flag("ulysses-degree", int, 1,
          "Ulysses sequence parallel: an all-to-all turns each GPU's token shard into a head shard "
@@ -96,6 +96,11 @@ FLAGS: tuple[Flag, ...] = (
          "Ring sequence parallel: each GPU attends to every GPU's keys and values and merges the "
          "partial results by log-sum-exp; combines with --ulysses-degree.",
          minimum=1, multi_gpu=True, sglang="ring-degree"),
+    Flag("tp-size", int, 1,
+         "Tensor parallel: each GPU holds its share of every block's attention heads and MLP width "
+         "(the weights split, so the per-GPU memory falls), one all-reduce after attention and one "
+         "after the MLP; heads and MLP widths must divide by it; combines with --ulysses-degree.",
+         minimum=1, multi_gpu=True, sglang="tp-size"),
     Flag("enable-cfg-parallel", bool, False,
          "True-CFG workloads: half of the GPUs run the conditional pass, half the negative one; one "
          "gather of the prediction per step.",
@@ -166,7 +171,7 @@ class Constraint:
 
 
 def layout_product(c: Any) -> int:
-    return (2 if c.enable_cfg_parallel else 1) * c.ulysses_degree * c.ring_degree
+    return (2 if c.enable_cfg_parallel else 1) * c.ulysses_degree * c.ring_degree * c.tp_size
 
 
 CONSTRAINTS: tuple[Constraint, ...] = (
@@ -174,7 +179,8 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                lambda c: c.num_gpus != layout_product(c),
                lambda c: f"--num-gpus {c.num_gpus} must equal the product of the layout's degrees, here "
                          f"{'2 (cfg parallel) x ' if c.enable_cfg_parallel else ''}{c.ulysses_degree} (ulysses) x "
-                         f"{c.ring_degree} (ring) = {layout_product(c)}; e.g. --num-gpus 2 --ulysses-degree 2"),
+                         f"{c.ring_degree} (ring) x {c.tp_size} (tp) = {layout_product(c)}; "
+                         "e.g. --num-gpus 2 --ulysses-degree 2"),
     Constraint("ring-needs-torch-attention",
                lambda c: c.ring_degree > 1 and c.attention_backend in ("fa", "sage_attn"),
                "--ring-degree merges partial attention by log-sum-exp, which only the torch_* attention "
@@ -213,7 +219,20 @@ def _heads_rule(c: Any, spec: Any, guidance: float) -> str | None:
     if heads % c.ulysses_degree:
         return (f"--ulysses-degree {c.ulysses_degree} does not divide {spec.name}'s {heads} attention heads; "
                 f"use a divisor of {heads} or --ring-degree for the rest")
+    if c.tp_size > 1 and heads % c.tp_size == 0 and (heads // c.tp_size) % c.ulysses_degree:
+        return (f"--ulysses-degree {c.ulysses_degree} does not divide the {heads // c.tp_size} attention heads "
+                f"each of --tp-size {c.tp_size} GPUs holds of {spec.name}; use --ring-degree for the rest")
     return None
+
+
+def _tp_rule(c: Any, spec: Any, guidance: float) -> str | None:
+    """Heads and every split width (fused Q/K/V sections, MLP hidden, FLUX's [attention | MLP]
+    output projection) divisible by --tp-size: the model file's tensor plan lists them."""
+    if c.tp_size == 1:
+        return None
+    from .models import tensor_plan
+
+    return tensor_plan(spec).refusal(c.tp_size, spec.name)
 
 
 def _cfg_rule(c: Any, spec: Any, guidance: float) -> str | None:
@@ -230,6 +249,7 @@ def _cfg_rule(c: Any, spec: Any, guidance: float) -> str | None:
 MODEL_CONSTRAINTS: tuple[ModelConstraint, ...] = (
     ModelConstraint("ulysses-divides-heads", _heads_rule),
     ModelConstraint("cfg-parallel-needs-true-cfg", _cfg_rule),
+    ModelConstraint("tp-divides-heads-and-widths", _tp_rule),
 )
 
 

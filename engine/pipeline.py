@@ -77,7 +77,9 @@ class Pipeline:
             mark[0] = now
 
         # The DiT first: a checkpoint whose DiT does not match fails before ~9 GiB of T5-XXL load.
-        self.dit = components.build_dit(family, self._home(flags.dit_cpu_offload or flags.dit_layerwise_offload), dtype, model_path)
+        # Under tensor parallelism each rank builds or reads only its share of the DiT.
+        self.dit = components.build_dit(family, self._home(flags.dit_cpu_offload or flags.dit_layerwise_offload), dtype,
+                                        model_path, tensor=parallel.groups if parallel is not None else None)
         part("dit_s")
         encoders = self.spec.text_encoders if self.main else ()
         self.tokenizers = {te.name: components.build_tokenizer(te, model_path) for te in encoders}
@@ -262,7 +264,8 @@ class Pipeline:
 
         sps = {id(m.sp): m.sp for m in self.dit.modules()
                if isinstance(m, attention.Attention) and isinstance(m.sp, SequenceParallelAttention)}
-        for sp in [*sps.values(), self.dit.seq]:
+        tp = getattr(self.dit, "tp", None)  # the tensor-parallel all-reduce (engine/parallel/tensor.py)
+        for sp in [*sps.values(), self.dit.seq, *([tp] if tp is not None else [])]:
             sp.bytes_sent = 0
         do_cfg = self.spec.uses_cfg(guidance)
         with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
@@ -282,8 +285,9 @@ class Pipeline:
         attn = sum(sp.bytes_sent for sp in sps.values())
         out = self.dit.seq.bytes_sent if sps else 0
         cfg = vs[0].numel() * vs[0].element_size() if self.flags.enable_cfg_parallel else 0
+        tp_bytes = tp.bytes_sent if tp is not None else 0  # its all-reduces and modulation all-gathers
         return {"attention_bytes": attn, "output_gather_bytes": out, "cfg_gather_bytes": cfg,
-                "total_bytes": attn + out + cfg}
+                "tensor_parallel_bytes": tp_bytes, "total_bytes": attn + out + cfg + tp_bytes}
 
     def _passes(self, latents: torch.Tensor, sigma: torch.Tensor, conds: list, static: tuple) -> list[torch.Tensor]:
         """The DiT passes of one denoise step (conditional, then negative under true CFG); they
@@ -339,6 +343,7 @@ class Pipeline:
                 **({"vae": _count(self.vae)} if self.vae is not None else {}),
             },
             "sequence_parallel_attention": self.sp_attention,
+            "tensor_parallel_linears": len({k.rsplit(".", 1)[0] for k in getattr(self.dit, "tp_shards", {})}),
         }
 
 

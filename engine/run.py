@@ -299,7 +299,7 @@ def _parallel_report(pipe, par, req: GenerateRequest, width: int, height: int, g
     ranks = par.all_ranks(mine)
     lay = par.layout
     return {
-        "layout": {"world_size": lay.world, "cfg": lay.cfg, "ulysses": lay.ulysses, "ring": lay.ring,
+        "layout": {"world_size": lay.world, "cfg": lay.cfg, "ulysses": lay.ulysses, "ring": lay.ring, "tp": lay.tp,
                    "describe": lay.describe()},
         "text_encoders": "rank 0 (embeddings broadcast to every rank)",
         "vae": "rank 0",

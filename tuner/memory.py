@@ -18,7 +18,7 @@ from functools import lru_cache
 import torch
 
 from dittune.engine import budget, components, offload
-from dittune.engine.models import get_family
+from dittune.engine.models import get_family, tensor_plan
 
 # Live activations per (token x hidden) element during one DiT forward (q/k/v, attention output,
 # the MLP intermediate, modulated inputs). Measured on the H100 (FLUX, 4608 tokens x 3072): 0.12 to
@@ -28,6 +28,11 @@ DIT_ACT_ELEMENTS_PER_TOKEN_HIDDEN = 20
 # placement: resident, offloaded, beside a streamed DiT), i.e. 1230 fp32 elements per pixel.
 VAE_ACT_ELEMENTS_PER_PIXEL = 1230
 SP_BUFFER_ELEMENTS_PER_TOKEN_HIDDEN = 8  # q, k, v, out of one shard, sent and received (not yet measured)
+# Tensor parallel: the share of those activations that has a split width (q, k, v, attention
+# output, MLP hidden: divided by tp); the rest (residual stream, modulated inputs, the row-parallel
+# outputs) is whole on every rank. The all-reduce adds an output-sized buffer. Not yet measured.
+TP_SPLIT_ACTIVATION_SHARE = 0.6
+TP_BUFFER_ELEMENTS_PER_TOKEN_HIDDEN = 2
 ALLOCATOR_OVERHEAD = 1.05  # reserved / allocated peak: measured 1.00 to 1.09, median 1.05 (expandable segments)
 PRUNE_MARGIN = 1.15  # prune only configurations predicted over budget by more than 15%
 
@@ -43,6 +48,7 @@ class Footprint:
     # per text encoder: the weights outside its repeated layers, and each layer's (execution order)
     text_encoder_other_bytes: tuple[int, ...] = ()
     text_encoder_layer_bytes: tuple[tuple[int, ...], ...] = ()
+    dit_split_bytes: int = 0  # what tensor parallelism splits (the plan's weights, but row-parallel biases)
 
     @property
     def dit_bytes(self) -> int:
@@ -83,10 +89,16 @@ def footprint(model: str, dtype_name: str = "bf16") -> Footprint:
     # the hidden size is the most common input width of a block's matrices
     hidden = Counter(p.shape[-1] for p in blocks[0].parameters() if p.ndim == 2).most_common(1)[0][0]
     text_tokens = max(te.max_length for te in spec.text_encoders)
+    split = 0
+    for list_name, linears in tensor_plan(spec).blocks.items():
+        for block in getattr(dit, list_name) if list_name else [dit]:
+            for path, s in linears.items():
+                lin = block.get_submodule(path)  # a row-parallel bias stays whole
+                split += lin.weight.numel() * lin.weight.element_size() if s.kind == "row" else _bytes(lin)
     return Footprint(
         dit_other_bytes=_bytes(dit) - sum(block_bytes), dit_block_bytes=block_bytes, text_encoder_bytes=te_bytes,
         vae_bytes=vae_params * 4, hidden=hidden, text_tokens=text_tokens,
-        text_encoder_other_bytes=tuple(te_other), text_encoder_layer_bytes=tuple(te_layers),
+        text_encoder_other_bytes=tuple(te_other), text_encoder_layer_bytes=tuple(te_layers), dit_split_bytes=split,
     )
 
 
@@ -151,19 +163,26 @@ def predict_stage_bytes(model: str, cfg, width: int, height: int, dtype_name: st
     elif cfg.dit_cpu_offload:
         dit_resident, dit_visiting = 0, fp.dit_bytes
     else:
-        dit_resident, dit_visiting = fp.dit_bytes, 0
+        # --tp-size: each rank holds 1/tp of the Linears the model's tensor plan splits
+        tp = getattr(cfg, "tp_size", 1)
+        dit_resident, dit_visiting = fp.dit_bytes - fp.dit_split_bytes + fp.dit_split_bytes // tp, 0
     te_resident = 0 if cfg.text_encoder_cpu_offload else fp.text_encoder_bytes
     vae_resident = 0 if cfg.vae_cpu_offload else vae_bytes
     resident = dit_resident + te_resident + vae_resident
 
     # Several GPUs (the peak of rank 0, the binding one: it alone holds the text encoders and the
-    # VAE; every rank holds the whole DiT): sequence parallelism splits the DiT's activations over
-    # ulysses x ring ranks, and its collectives add send/receive buffers for q, k, v and the output
-    # of one shard. CFG parallel runs one branch per rank: the same activations as one branch.
+    # VAE; every rank holds the whole DiT, or its tensor-parallel share): sequence parallelism
+    # splits the DiT's activations over ulysses x ring ranks, and its collectives add send/receive
+    # buffers for q, k, v and the output of one shard (of this rank's heads under tp). Tensor
+    # parallelism splits the activations of split width. CFG parallel runs one branch per rank.
     sp = getattr(cfg, "ulysses_degree", 1) * getattr(cfg, "ring_degree", 1)
-    dit_act = DIT_ACT_ELEMENTS_PER_TOKEN_HIDDEN * tokens * fp.hidden * elem // sp
+    tp = getattr(cfg, "tp_size", 1)
+    act_share = 1 - TP_SPLIT_ACTIVATION_SHARE + TP_SPLIT_ACTIVATION_SHARE / tp
+    dit_act = int(DIT_ACT_ELEMENTS_PER_TOKEN_HIDDEN * act_share * tokens * fp.hidden * elem) // sp
     if sp > 1:
-        dit_act += SP_BUFFER_ELEMENTS_PER_TOKEN_HIDDEN * (tokens // sp + 1) * fp.hidden * elem
+        dit_act += SP_BUFFER_ELEMENTS_PER_TOKEN_HIDDEN * (tokens // sp + 1) * fp.hidden * elem // tp
+    if tp > 1:
+        dit_act += TP_BUFFER_ELEMENTS_PER_TOKEN_HIDDEN * (tokens // sp + 1) * fp.hidden * elem
     vae_act = VAE_ACT_ELEMENTS_PER_PIXEL * width * height * vae_elem
     te_act = 64 * fp.text_tokens * 4096 * elem
     return {

@@ -25,7 +25,11 @@ class Preset:
     warmup: int = 1
     timeout_s: float = 600.0
     space: dict[str, list[Any]] = field(default_factory=dict)  # flag -> values to search
+    # flag dicts; a seed marked `wide = true` in the preset carries WIDE: True (tuner/seeds.py)
     seeds: tuple[dict[str, Any], ...] = ({},)
+
+
+WIDE = "_wide"  # a seed also tried on the widest layouts when trials may use several GPUs
 
 
 def load_preset(spec: ModelSpec) -> Preset:
@@ -49,8 +53,12 @@ def load_preset(spec: ModelSpec) -> Preset:
             raise TunerError(f"studies/{name}: {e}") from None
     seeds = []
     for s in data.get("seed", [{}]):
+        s = dict(s)
+        wide = s.pop("wide", False)
+        if not isinstance(wide, bool):
+            raise TunerError(f"studies/{name}: seed {s}: wide must be true or false")
         try:
-            seeds.append(F.config_to_dict(F.config_from_dict(s), non_default=True))
+            seeds.append({**F.config_to_dict(F.config_from_dict(s), non_default=True), **({WIDE: True} if wide else {})})
         except FlagError as e:
             raise TunerError(f"studies/{name}: seed {s}: {e}") from None
     return Preset(

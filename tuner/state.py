@@ -82,7 +82,9 @@ def record_from(outcome: Outcome, cfg, argv: str, number: int | None, s: Setup, 
         return rec
     st = d["stages"]
     overhead = st["denoise_s"] - sum(d["steps_s"])
-    rec.manifest = {**d["manifest"], "peak_vram": d["peak_vram"], "cold_start": d["cold_start"]}  # + stage peaks, load parts
+    rec.manifest = {**d["manifest"], "peak_vram": d["peak_vram"], "cold_start": d["cold_start"],  # + stage peaks, load parts
+                    # what the trial cost: its process's wall time, and whether it started warm (imports done)
+                    "trial": {"wall_s": round(outcome.wall_s, 3), "warm_worker": outcome.warm}}
     rec.stage_times = st
     rec.step_times = d["steps_s"]
     rec.step_median_s = d["step_median_s"]

@@ -38,7 +38,7 @@ from .options import job as _job, parse_duration, resolve
 from .leases import HOST, fail_trial, heartbeat, own, single_tuner, sweep
 from .pool import GpuPool
 from .progress import Progress as _Progress, raise_on_sigterm as _raise_on_sigterm
-from .runner import run_trial
+from .runner import Spares, run_trial
 from .seeds import enqueue_seeds as _enqueue_seeds, fit_budget as _fit_budget  # noqa: F401 (tests)
 from .state import State as _State, record_from as _record_from, tell as _tell
 from .versions import current_versions
@@ -73,6 +73,7 @@ class _Run:
     deadline: float | None
     cancel: threading.Event
     cut: threading.Event  # a trial was cut by --timeout
+    spares: Spares | None = None  # warm workers (None: every trial starts its process cold)
 
 
 def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool, log) -> TuneResult:
@@ -114,6 +115,8 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
     previous_term = _raise_on_sigterm()
     asked: set[int] = set()  # Optuna trial numbers this process asked
     t0 = time.monotonic()
+    if opt.warm_workers if opt.warm_workers is not None else s.device != "cpu":
+        run.spares = Spares(opt.worker_cmd, s.spec.name, limit=max(2, 2 * (run.pool.size if run.pool else 1)))
     try:
         asks = 0
         while True:
@@ -215,6 +218,8 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
             f.result()
         if executor is not None:
             executor.shutdown()
+        if run.spares is not None:  # confirmation runs cold workers: nothing imports beside a finalist
+            run.spares.close()
         bar.stop()
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
@@ -249,7 +254,7 @@ def _measure(run: _Run, trial, lease: int, cfg, argv: str, predicted: int | None
         threaded = threading.current_thread() is not threading.main_thread()
         with heartbeat(db, lease, opt.lease_ttl_s):
             outcome = run_trial(_job(s, cfg), limit, opt.worker_cmd, {**run.env, **_pinned(run, gpus)},
-                                **({"cancel": run.cancel} if threaded else {}))
+                                **({"cancel": run.cancel} if threaded else {}), spares=run.spares)
     finally:
         if run.pool is not None and gpus:
             run.pool.give(gpus)

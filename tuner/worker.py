@@ -1,6 +1,9 @@
 """Trial worker: `python -m dittune.tuner.worker JOB.json` runs the real engine once (warm-up
 request + measured request) in its own process and writes the perf dump named in the job.
 
+`python -m dittune.tuner.worker --wait MODEL` is a warm worker (tuner/runner.py, Spares): it
+imports what MODEL's trials need, then reads its job's path from stdin (end of file: exit 0).
+
 Exit codes tell the orchestrator what happened: 0 measured, 3 out of memory under the budget,
 4 the engine refused the configuration, anything else a crash (traceback on stderr)."""
 
@@ -14,9 +17,43 @@ EXIT_OOM = 3
 EXIT_REFUSED = 4
 
 
+def preimport(model: str) -> None:
+    """Import what a trial of `model` imports, before its job arrives; nothing here touches CUDA
+    (the trial's GPUs are named by CUDA_VISIBLE_DEVICES, read when CUDA starts)."""
+    import torch._inductor.compile_fx  # noqa: F401  (torch.compile's first call imports it)
+
+    import dittune.engine.pipeline  # noqa: F401
+    import dittune.engine.run  # noqa: F401
+    from dittune.engine import components
+    from dittune.engine.errors import EngineError
+    from dittune.engine.models import get_family
+
+    try:
+        family = get_family(model)
+    except EngineError:  # a checkpoint's family is read from its folder: the trial imports it then
+        return
+    for te in family.spec.text_encoders:
+        components._text_classes(te.arch)
+    import diffusers
+
+    getattr(diffusers, family.spec.vae.cls, None)
+
+
 def main(argv: list[str]) -> int:
+    import faulthandler
+    import signal
+
+    # On a trial timeout the orchestrator sends SIGUSR1 to the trial's process group first: every
+    # process (this one and its ranks) writes its Python stacks to stderr, kept in the trial's record.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if len(argv) == 2 and argv[0] == "--wait":
+        preimport(argv[1])
+        line = sys.stdin.readline().strip()
+        if not line:
+            return 0
+        argv = [line]
     if len(argv) != 1:
-        print("usage: python -m dittune.tuner.worker JOB.json", file=sys.stderr)
+        print("usage: python -m dittune.tuner.worker JOB.json | --wait MODEL", file=sys.stderr)
         return 2
     job = json.loads(Path(argv[0]).read_text())
 

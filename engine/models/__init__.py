@@ -46,3 +46,8 @@ def get_spec(name: str) -> ModelSpec:
 def get_family(name: str) -> Family:
     spec = get_spec(name)
     return registry()[name][1](spec)
+
+
+def tensor_plan(spec: ModelSpec):
+    """The family's tensor-parallel plan for this spec's DiT (engine/parallel/tensor.py)."""
+    return importlib.import_module(f"{__name__}.{spec.family}").tensor_plan(spec.dit_config)

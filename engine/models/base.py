@@ -173,10 +173,14 @@ def pack_modulation(dit: nn.Module) -> bool:
     parameters, as views into the packed weight, so state dicts and the unpacked path see the
     same modules; no memory is added.
 
-    Only for a DiT that stays whole on one device: layerwise and whole-DiT offload move
-    parameters one by one, which would break the views. A DiT opts in by defining
+    Only for a DiT that stays whole on its device: layerwise and whole-DiT offload move
+    parameters one by one, which would break the views. Under tensor parallelism (every Linear a
+    parallel.tensor.GatherLinear: this rank's part of each section) the packed GEMV makes this
+    rank's part of every modulation and one all-gather makes them whole. A DiT opts in by defining
     `modulation_groups()` -> one list of Linears per consumer, in forward order. Returns whether
     it packed."""
+    from ..parallel.tensor import GatherLinear
+
     groups_fn = getattr(dit, "modulation_groups", None)
     if groups_fn is None:
         return False
@@ -184,6 +188,11 @@ def pack_modulation(dit: nn.Module) -> bool:
     linears = [lin for g in groups for lin in g]
     if not linears or any(lin.bias is None for lin in linears):
         return False
+    gathered = [isinstance(lin, GatherLinear) for lin in linears]
+    tp = linears[0].tp if gathered[0] else None
+    if any(gathered) and not (all(gathered) and all(lin.tp is tp for lin in linears)
+                              and len({lin.weight.shape[0] // lin.sections for lin in linears}) == 1):
+        return False  # a mix, or unequal sections: one all-gather cannot put them back in place
     w0 = linears[0].weight
     if any(lin.weight.shape[1] != w0.shape[1] or lin.weight.device != w0.device or lin.weight.dtype != w0.dtype
            for lin in linears):
@@ -198,7 +207,9 @@ def pack_modulation(dit: nn.Module) -> bool:
         bias[o : o + n].copy_(lin.bias.data)
         lin.weight.data, lin.bias.data = weight[o : o + n], bias[o : o + n]
         o += n
-    dit.packed_modulation = (weight, bias, [sum(lin.weight.shape[0] for lin in g) for g in groups])
+    scale = tp.degree if tp is not None else 1  # the consumers take whole modulations
+    dit.packed_modulation = (weight, bias, [sum(lin.weight.shape[0] for lin in g) * scale for g in groups])
+    dit.packed_gather = (tp, sum(lin.sections for lin in linears)) if tp is not None else None
     return True
 
 
@@ -209,4 +220,9 @@ def modulations(dit: nn.Module, vec: torch.Tensor) -> list[torch.Tensor | None] 
     if packed is None:
         return None
     weight, bias, sizes = packed
-    return list(torch.nn.functional.linear(vec, weight, bias).split(sizes, dim=-1))
+    out = torch.nn.functional.linear(vec, weight, bias)
+    gathered = getattr(dit, "packed_gather", None)
+    if gathered is not None:  # tensor parallel: this rank's part of every section -> all of them
+        tp, sections = gathered
+        out = tp.gather(out, sections)
+    return list(out.split(sizes, dim=-1))

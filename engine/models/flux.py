@@ -21,6 +21,7 @@ from torch import nn
 from ..attention import Attention
 from ..ops import reference
 from ..parallel.sequence import NO_SHARDS
+from ..parallel.tensor import NO_TP, TensorPlan, column, gather, row
 from .rope import joint_qk_norm_rope, rms_norm, rope
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec, modulations
@@ -253,6 +254,8 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP over the joint sequence, one output projection for both."""
 
+    tp = NO_TP  # tensor parallel: proj_out is row-parallel but runs as a fused op (engine/parallel/tensor.py)
+
     def __init__(self, cfg: FluxConfig):
         super().__init__()
         d, hd, m = cfg.hidden_size, cfg.attention_head_dim, cfg.mlp_hidden_dim
@@ -282,7 +285,8 @@ class SingleStreamBlock(nn.Module):
         mlp = self.ops.linear_gelu(h, self.mlp_in.weight, self.mlp_in.bias)  # [B, L, M]
         q, k = self.ops.qk_norm_rope(q, k, self.norm_q, self.norm_k, cos, sin)  # [B, H, L, hd]
         out = self.attn(q, k, v.transpose(1, 2).contiguous())  # [B, L, D]
-        x = self.ops.gated_residual(x, gate, self.ops.linear_concat(out, mlp, self.proj_out.weight, self.proj_out.bias))
+        y = self.tp.reduce(self.ops.linear_concat(out, mlp, self.proj_out.weight, self.proj_out.bias))  # [B, L, D]
+        x = self.ops.gated_residual(x, gate, y)
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x
@@ -358,6 +362,22 @@ class FluxTransformer(nn.Module):
     def modulation_groups(self) -> list[list[nn.Linear]]:
         """The adaLN Linears of vec, per consumer in forward order (see base.pack_modulation)."""
         return [[b.img_mod, b.txt_mod] for b in self.double_blocks] + [[b.mod] for b in self.single_blocks] + [[self.norm_out]]
+
+
+def tensor_plan(cfg: FluxConfig) -> TensorPlan:
+    """Tensor parallel (engine/parallel/tensor.py): each block's Linears split by output features
+    (column: its heads of q, k and v; its share of the MLP hidden units) or by input features (row:
+    the output projections, one all-reduce each). The single block's proj_out takes [attention |
+    MLP]: both parts split alike. The adaLN modulations (3.2 B of FLUX.1-dev's 11.9 B parameters)
+    split by output and all-gathered, one all-gather per forward when packed; embedders and the
+    final projection stay whole."""
+    d, m = cfg.hidden_size, cfg.mlp_hidden_dim
+    double = {}
+    for s in ("img", "txt"):
+        double |= {f"{s}_qkv": column(d, d, d), f"{s}_mlp_in": column(m), f"{s}_proj": row(d), f"{s}_mlp_out": row(m),
+                   f"{s}_mod": gather(*[d] * 6)}
+    single = {"qkv": column(d, d, d), "mlp_in": column(m), "proj_out": row(d, m, seam="tp"), "mod": gather(d, d, d)}
+    return TensorPlan(cfg.heads, {"double_blocks": double, "single_blocks": single, "": {"norm_out": gather(d, d)}})
 
 
 # ---------------------------------------------------------------------------------------------

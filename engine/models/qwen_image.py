@@ -29,6 +29,7 @@ from torch import nn
 
 from ..attention import Attention
 from ..parallel.sequence import NO_SHARDS
+from ..parallel.tensor import TensorPlan, column, gather, row
 from ..ops import reference
 from .rope import joint_qk_norm_rope, rms_norm
 from ..errors import EngineError
@@ -331,6 +332,18 @@ class QwenImageTransformer(nn.Module):
     def modulation_groups(self) -> list[list[nn.Linear]]:
         """The adaLN Linears of temb, per consumer in forward order (see base.pack_modulation)."""
         return [[b.mod] for b in self.blocks] + [[self.norm_out]]
+
+
+def tensor_plan(cfg: QwenImageConfig) -> TensorPlan:
+    """Tensor parallel (engine/parallel/tensor.py): each stream's Q/K/V and MLP input split by
+    output features (its heads of q, k and v; its hidden units), the output projections by input
+    features (one all-reduce after attention and one after each MLP). The modulations split by
+    output and all-gathered (one all-gather per forward when packed)."""
+    d, m = cfg.inner_dim, cfg.mlp_ratio * cfg.inner_dim
+    plan = {"mod": gather(*[d] * 12)}
+    for s in ("img", "txt"):
+        plan |= {f"{s}_qkv": column(d, d, d), f"{s}_out": row(d), f"{s}_mlp.fc1": column(m), f"{s}_mlp.fc2": row(m)}
+    return TensorPlan(cfg.heads, {"blocks": plan, "": {"norm_out": gather(d, d)}})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..attention import Attention
 from ..parallel.sequence import NO_SHARDS
+from ..parallel.tensor import TensorPlan, column, row
 from ..ops import reference
 from ..errors import EngineError
 from .base import Family, ModelSpec, SchedulerSpec, TextEncoderSpec, TokenBatch, VaeSpec
@@ -368,6 +369,16 @@ class ZImageTransformer(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin, c)
         return seq.gather(self.final_layer(x[:, :lx], c), 1, x_len)[:, :n_img]
+
+
+def tensor_plan(cfg: ZImageConfig) -> TensorPlan:
+    """Tensor parallel (engine/parallel/tensor.py), every block alike (refiners and main layers):
+    Q/K/V and w1|w3 split by output features (each rank's heads of q, k and v; its share of w1 and
+    of w3, so SwiGLU stays local), proj and w2 by input features (one all-reduce each). The
+    adaLN modulation, embedders and final layer stay whole."""
+    d, f = cfg.dim, cfg.ffn_dim
+    block = {"qkv": column(d, d, d), "proj": row(d), "w13": column(f, f), "w2": row(f)}
+    return TensorPlan(cfg.heads, {name: block for name in ZImageTransformer.repeated_blocks})
 
 
 # ---------------------------------------------------------------------------------------------

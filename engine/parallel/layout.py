@@ -1,7 +1,9 @@
 """The parallel layout of one run: degrees from the flags, ranks as named coordinates, and the
-process groups of each dimension. Ranks are ordered (cfg, ring, ulysses), ulysses innermost, so a
-Ulysses group is contiguous ranks (the all-to-all stays between neighbours) and the tokens of
-sequence-parallel index `sp = ring * ulysses_degree + ulysses` follow rank order."""
+process groups of each dimension. Ranks are ordered (cfg, ring, ulysses, tp), tp innermost: a
+tensor-parallel group is contiguous ranks (its two all-reduces per block, the most frequent
+collective, stay between neighbours, on one NVLink pair), then a Ulysses group is ranks `tp`
+apart, and the tokens of sequence-parallel index `sp = ring * ulysses_degree + ulysses` follow
+rank order. The ranks of one tp group hold the same tokens and split the heads and MLP widths."""
 
 from __future__ import annotations
 
@@ -16,14 +18,16 @@ class Layout:
     cfg: int = 1  # 2 with --enable-cfg-parallel
     ulysses: int = 1
     ring: int = 1
+    tp: int = 1  # --tp-size
 
     @classmethod
     def from_flags(cls, flags: Any) -> "Layout":
-        return cls(cfg=2 if flags.enable_cfg_parallel else 1, ulysses=flags.ulysses_degree, ring=flags.ring_degree)
+        return cls(cfg=2 if flags.enable_cfg_parallel else 1, ulysses=flags.ulysses_degree, ring=flags.ring_degree,
+                   tp=flags.tp_size)
 
     @property
     def world(self) -> int:
-        return self.cfg * self.ring * self.ulysses
+        return self.cfg * self.ring * self.ulysses * self.tp
 
     @property
     def sp(self) -> int:
@@ -31,26 +35,31 @@ class Layout:
         return self.ring * self.ulysses
 
     def coords(self, rank: int) -> dict[str, int]:
-        sp = rank % self.sp
-        return {"cfg": rank // self.sp, "ring": sp // self.ulysses, "ulysses": sp % self.ulysses, "sp": sp}
+        rest = rank // self.tp
+        sp = rest % self.sp
+        return {"cfg": rest // self.sp, "ring": sp // self.ulysses, "ulysses": sp % self.ulysses, "sp": sp,
+                "tp": rank % self.tp}
 
-    def rank_of(self, cfg: int, ring: int, ulysses: int) -> int:
-        return (cfg * self.ring + ring) * self.ulysses + ulysses
+    def rank_of(self, cfg: int, ring: int, ulysses: int, tp: int = 0) -> int:
+        return ((cfg * self.ring + ring) * self.ulysses + ulysses) * self.tp + tp
 
     def group_ranks(self) -> dict[str, list[list[int]]]:
         """Every group of each dimension, as rank lists (all ranks create all groups, same order)."""
-        c, r, u = self.cfg, self.ring, self.ulysses
+        c, r, u, t = self.cfg, self.ring, self.ulysses, self.tp
+        at = self.rank_of
         return {
-            "sp": [[self.rank_of(i, j, k) for j in range(r) for k in range(u)] for i in range(c)],
-            "ulysses": [[self.rank_of(i, j, k) for k in range(u)] for i in range(c) for j in range(r)],
-            "ring": [[self.rank_of(i, j, k) for j in range(r)] for i in range(c) for k in range(u)],
-            "cfg": [[self.rank_of(i, j, k) for i in range(c)] for j in range(r) for k in range(u)],
+            "sp": [[at(i, j, k, m) for j in range(r) for k in range(u)] for i in range(c) for m in range(t)],
+            "ulysses": [[at(i, j, k, m) for k in range(u)] for i in range(c) for j in range(r) for m in range(t)],
+            "ring": [[at(i, j, k, m) for j in range(r)] for i in range(c) for k in range(u) for m in range(t)],
+            "cfg": [[at(i, j, k, m) for i in range(c)] for j in range(r) for k in range(u) for m in range(t)],
+            "tp": [[at(i, j, k, m) for m in range(t)] for i in range(c) for j in range(r) for k in range(u)],
         }
 
     def describe(self) -> str:
         parts = [f"cfg {self.cfg}"] if self.cfg > 1 else []
         parts += [f"ulysses {self.ulysses}"] if self.ulysses > 1 else []
         parts += [f"ring {self.ring}"] if self.ring > 1 else []
+        parts += [f"tp {self.tp}"] if self.tp > 1 else []
         return " x ".join(parts) or "single GPU"
 
 
@@ -65,6 +74,7 @@ class Groups:
     ulysses: Any
     ring: Any
     cfg: Any
+    tp: Any = None
 
     @property
     def coords(self) -> dict[str, int]:
@@ -74,7 +84,7 @@ class Groups:
 def build_groups(layout: Layout, rank: int) -> Groups:
     """Create the layout's process groups (collective: every rank calls it)."""
     mine: dict[str, Any] = {}
-    sizes = {"sp": layout.sp, "ulysses": layout.ulysses, "ring": layout.ring, "cfg": layout.cfg}
+    sizes = {"sp": layout.sp, "ulysses": layout.ulysses, "ring": layout.ring, "cfg": layout.cfg, "tp": layout.tp}
     for dim, groups in layout.group_ranks().items():
         for ranks in groups:
             if sizes[dim] == 1:
@@ -85,4 +95,4 @@ def build_groups(layout: Layout, rank: int) -> Groups:
                 g = dist.new_group(ranks)
             if rank in ranks:
                 mine[dim] = g
-    return Groups(layout, rank, mine.get("sp"), mine.get("ulysses"), mine.get("ring"), mine.get("cfg"))
+    return Groups(layout, rank, mine.get("sp"), mine.get("ulysses"), mine.get("ring"), mine.get("cfg"), mine.get("tp"))

@@ -17,6 +17,10 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where this rank waits (the tuner asks on a timeout)
     job_dir, rank = Path(argv[0]), int(argv[1])
     job = pickle.loads((job_dir / "job.pkl").read_bytes())
     world, backend = job["world"], job["backend"]

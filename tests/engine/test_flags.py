@@ -178,7 +178,7 @@ def test_sglang_translation_names_what_has_no_equivalent():
 
 
 def test_layout_product_message_names_the_degrees():
-    with pytest.raises(FlagError, match=r"--num-gpus 4 must equal .* 2 \(cfg parallel\) x 1 \(ulysses\) x 1 \(ring\) = 2"):
+    with pytest.raises(FlagError, match=r"--num-gpus 4 must equal .* 2 \(cfg parallel\) x 1 \(ulysses\) x 1 \(ring\) x 1 \(tp\) = 2"):
         F.config_from_argv(["--num-gpus", "4", "--enable-cfg-parallel"])
 
 

@@ -109,7 +109,8 @@ def test_cli_num_gpus_matches_one_process_and_dumps_every_rank(tmp_path):
     dump = json.loads((tmp_path / "two.json").read_text())
     assert 1 <= dump["warmup_requests"] <= 4 and len(dump["warmup"]["latencies_s"]) == dump["warmup_requests"] + 1
     par = dump["parallel"]
-    assert par["layout"] == {"world_size": 2, "cfg": 1, "ulysses": 2, "ring": 1, "describe": "ulysses 2"}
+    assert par["layout"] == {"world_size": 2, "cfg": 1, "ulysses": 2, "ring": 1, "tp": 1,
+                             "describe": "ulysses 2"}
     assert [r["rank"] for r in par["ranks"]] == [0, 1] and [r["ulysses"] for r in par["ranks"]] == [0, 1]
     for r in par["ranks"]:
         assert r["collectives_per_step"]["attention_bytes"] > 0

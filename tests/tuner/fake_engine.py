@@ -51,7 +51,12 @@ def cost(flags: dict) -> tuple[float, int]:
 
 
 def main() -> int:
-    job = json.loads(Path(sys.argv[1]).read_text())
+    path, warm = sys.argv[1], False
+    if path == "--wait":  # a warm worker (tuner/runner.py Spares): the job's path comes on stdin
+        path, warm = sys.stdin.readline().strip(), True
+        if not path:
+            return 0
+    job = json.loads(Path(path).read_text())
     start = time.time()
     time.sleep(float(os.environ.get("FAKE_ENGINE_SLEEP", "0")))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -84,7 +89,8 @@ def main() -> int:
         "cold_start": {"total_s": 20.0}, "warmup_requests": 1,
         "manifest": {"fake": True, "flags": job["flags"], "device": job["device"],
                      # where the tuner put it, and when: for the GPU-pool tests
-                     "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "ran": [start, time.time()]},
+                     "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "ran": [start, time.time()],
+                     "warm_worker": warm, "pid": os.getpid()},
     }
     Path(job["perf_dump_path"]).write_text(json.dumps(dump))
     return 0

@@ -131,3 +131,22 @@ def test_bad_gpu_requests_are_one_line_errors():
     l40 = GpuInfo(4, "NVIDIA L40S", 48 * GiB, 47 * GiB, "580.65", (8, 9), 5, "GPU-l40", "")
     with pytest.raises(TunerError, match="different kinds"):
         choose((*H100S, l40), (0, 4))
+
+
+def test_wide_seeds_follow_the_single_gpu_seeds_with_cfg_parallel_where_the_workload_has_true_cfg(monkeypatch):
+    import optuna
+
+    import dittune.tuner.study as study
+    from dittune.tuner import seeds
+
+    pretend_h100s(monkeypatch, H100S[:2])
+    fix = ("attention-backend=torch_cudnn_sdpa", "enable-torch-compile=true", "fused-kernels=true", "enable-cuda-graph=true")
+    layouts = {}
+    for model in ("qwen-image", "flux-dev"):
+        st = optuna.create_study()
+        seeds.enqueue_seeds(st, study._setup(TuneOptions(model, fix=fix)))
+        fixed = [t.system_attrs["fixed_params"] for t in st.trials]  # enqueued: not asked yet
+        layouts[model] = [(p.get("enable-cfg-parallel", False), p["ulysses-degree"], p["ring-degree"]) for p in fixed]
+    # the fixes fold the preset's seeds into one single-GPU configuration; its wide forms follow
+    assert layouts["qwen-image"] == [(False, 1, 1), (True, 1, 1), (False, 2, 1)]
+    assert layouts["flux-dev"] == [(False, 1, 1), (False, 2, 1)]  # FLUX.1-dev has no true CFG
