@@ -23,7 +23,7 @@ DRIVER = textwrap.dedent("""
     mp = pytest.MonkeyPatch()
     pretend_h100(mp)
     real = study.run_trial
-    mp.setattr(study, "run_trial", lambda job, limit, cmd, env=None, **kw: real(job, limit, FAKE, env, **kw))
+    mp.setattr(study, "run_trial", lambda job, limit, cmd, env=None, **kw: real(job, limit, FAKE, env, cancel=kw.get("cancel")))  # no spares: they start the real worker
     sys.argv = ["dittune", *sys.argv[1:]]
     from dittune.cli import main
     main()

@@ -16,7 +16,7 @@ from test_study import FAKE, pretend_h100  # noqa: E402
 mp = pytest.MonkeyPatch()
 pretend_h100(mp)
 _run = study.run_trial
-mp.setattr(study, "run_trial", lambda job, limit, cmd, env: _run(job, limit, FAKE, env))
+mp.setattr(study, "run_trial", lambda job, limit, cmd, env, **kw: _run(job, limit, FAKE, env))  # cold: spares would start the real worker
 
 from dittune.cli import main  # noqa: E402
 
