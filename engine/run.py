@@ -14,8 +14,10 @@ from typing import Any
 # Expandable segments let the caching allocator grow and shrink segments in place instead of
 # keeping stage-sized blocks it cannot reuse: what the process reserves stays near what it
 # allocates, so a configuration fits a smaller VRAM budget. Read when CUDA first allocates; a
-# user's own setting wins.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# user's own setting wins (DITTUNE_ALLOC_CONF marks ours, so that child processes can tell).
+if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    os.environ["DITTUNE_ALLOC_CONF"] = "default"
 
 import torch  # noqa: E402
 
@@ -266,7 +268,22 @@ def _launch(req: GenerateRequest, progress: bool) -> GenerateResult:
         raise EngineError(f"--device {req.device!r}: only cuda and cpu are supported")
     if req.perf_dump_path is not None:
         Path(req.perf_dump_path).parent.mkdir(parents=True, exist_ok=True)
-    return launch.run(n, "dittune.engine.run:rank_generate", (req, progress), "nccl" if kind == "cuda" else "gloo")
+    return launch.run(n, "dittune.engine.run:rank_generate", (req, progress), "nccl" if kind == "cuda" else "gloo",
+                      env=rank_env(req.flags))
+
+
+def rank_env(flags) -> dict[str, str]:
+    """The ranks' allocator setting. With collectives inside the captured CUDA graph (Ulysses,
+    ring or TP with --enable-cuda-graph), NCCL graph capture with expandable segments is reported
+    to hang (pytorch/torchtitan#3306: context parallel + CUDA graphs hang until the watchdog with
+    expandable_segments:True, complete with False), and in the tuner on 2 x H200 our Ulysses-2
+    trials with CUDA graphs did not finish in 180 s while the bench, which does not set expandable
+    segments, captured the same layout: such runs take expandable_segments:False, unless the user
+    set PYTORCH_CUDA_ALLOC_CONF. The manifest's cuda_alloc_conf says what ran."""
+    collectives_in_graph = flags.enable_cuda_graph and flags.ulysses_degree * flags.ring_degree * flags.tp_size > 1
+    if collectives_in_graph and os.environ.get("DITTUNE_ALLOC_CONF") == "default":
+        return {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
+    return {}
 
 
 def rank_generate(rank: int, world: int, payload) -> GenerateResult | None:

@@ -30,7 +30,10 @@ class RankCrashed(RuntimeError):
     """A rank died of something other than an expected failure."""
 
 
-def run(world: int, target: str, payload: Any, backend: str, poll_s: float = 0.05) -> Any:
+def run(world: int, target: str, payload: Any, backend: str, poll_s: float = 0.05,
+        env: dict[str, str] | None = None) -> Any:
+    """Run `target(rank, world, payload)` in `world` rank processes (`env`: added to their
+    environment); rank 0's return value, or the first failure re-raised."""
     import torch.distributed as dist
 
     with tempfile.TemporaryDirectory(prefix="dittune-ranks-") as tmp:
@@ -38,8 +41,8 @@ def run(world: int, target: str, payload: Any, backend: str, poll_s: float = 0.0
         (job / "job.pkl").write_bytes(pickle.dumps({"target": target, "payload": payload, "world": world,
                                                     "backend": backend}))
         store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
-        env = dict(os.environ, DITTUNE_RANK_STORE=f"127.0.0.1:{store.port}")
-        procs = [subprocess.Popen([sys.executable, "-m", "dittune.engine.parallel.rank", tmp, str(r)], env=env)
+        rank_env = dict(os.environ, **(env or {}), DITTUNE_RANK_STORE=f"127.0.0.1:{store.port}")
+        procs = [subprocess.Popen([sys.executable, "-m", "dittune.engine.parallel.rank", tmp, str(r)], env=rank_env)
                  for r in range(world)]
         stopped: set[int] = set()
         try:

@@ -118,3 +118,8 @@ def explain_blocks(rank: int, world: int, layout: dict) -> list[tuple[str, int]]
             torch._dynamo.reset()
             out.append((f"{model}:{name}", torch._dynamo.explain(f)(*a, **k).graph_break_count))
     return out
+
+
+def environment(rank: int, world: int, names: list[str]) -> dict:
+    """What a rank's environment holds (rank 0's answer)."""
+    return {n: os.environ.get(n) for n in names}

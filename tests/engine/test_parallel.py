@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dittune.engine import errors
+from dittune.engine import flags as F
 from dittune.engine.parallel import launch
 
 HERE = Path(__file__).parent
@@ -156,3 +157,22 @@ def test_compiled_blocks_trace_the_collectives_without_graph_breaks(layout):
     """Functional collectives inside each repeated block: one graph per block under torch.compile."""
     breaks = launch.run(2, "parallel_ranks:explain_blocks", layout, "gloo")
     assert len(breaks) == 6 and all(n == 0 for _, n in breaks), breaks
+
+
+def test_graphs_with_collectives_run_their_ranks_without_expandable_segments(monkeypatch):
+    """NCCL capture in a CUDA graph with expandable segments is reported to hang: the ranks of such
+    a run get expandable_segments:False, unless the user chose the allocator setting."""
+    from dittune.engine import run
+
+    monkeypatch.setenv("DITTUNE_ALLOC_CONF", "default")
+    graph = dict(F.config_to_dict(F.EngineConfig()), **{"enable-cuda-graph": True, "num-gpus": 2})
+    for layout, expected in [({"ulysses-degree": 2}, {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}),
+                             ({"ring-degree": 2}, {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}),
+                             ({"enable-cfg-parallel": True}, {})]:  # CFG parallel gathers outside the graph
+        assert run.rank_env(F.config_from_dict({**graph, **layout})) == expected, layout
+    assert run.rank_env(F.config_from_dict({**graph, "enable-cuda-graph": False, "ulysses-degree": 2})) == {}
+    monkeypatch.delenv("DITTUNE_ALLOC_CONF")  # the user's own PYTORCH_CUDA_ALLOC_CONF
+    assert run.rank_env(F.config_from_dict({**graph, "ulysses-degree": 2})) == {}
+    seen = launch.run(2, "parallel_ranks:environment", ["PYTORCH_CUDA_ALLOC_CONF", "X_DITTUNE"], "gloo",
+                      env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False", "X_DITTUNE": "1"})
+    assert seen == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False", "X_DITTUNE": "1"}
