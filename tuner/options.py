@@ -53,8 +53,8 @@ class TuneOptions:
     trial_timeout_s: float | None = None
     worker_cmd: tuple[str, ...] = WORKER_CMD
     model_path: Path | None = None  # a diffusers checkpoint: trials load its weights
-    # trials run in warm workers (tuner/runner.py Spares) on GPUs; None: on for GPU studies, off on
-    # the CPU, where a worker importing beside a measured trial would take its cores
+    # trials run in warm workers (tuner/runner.py Spares); None: on for GPU studies with the engine's
+    # worker, off on the CPU (a worker importing beside a measured trial would take its cores)
     warm_workers: bool | None = None
     lease_ttl_s: float = 60.0  # a trial whose process stopped beating for this long is asked again
 

@@ -38,7 +38,7 @@ from .options import job as _job, parse_duration, resolve
 from .leases import HOST, fail_trial, heartbeat, own, single_tuner, sweep
 from .pool import GpuPool
 from .progress import Progress as _Progress, raise_on_sigterm as _raise_on_sigterm
-from .runner import Spares, run_trial
+from .runner import WORKER_CMD, Spares, run_trial
 from .seeds import enqueue_seeds as _enqueue_seeds, fit_budget as _fit_budget  # noqa: F401 (tests)
 from .state import State as _State, record_from as _record_from, tell as _tell
 from .versions import current_versions
@@ -115,7 +115,10 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
     previous_term = _raise_on_sigterm()
     asked: set[int] = set()  # Optuna trial numbers this process asked
     t0 = time.monotonic()
-    if opt.warm_workers if opt.warm_workers is not None else s.device != "cpu":
+    # by default on GPUs with the engine's own worker (whose imports they save); never beside
+    # measurements on the CPU, where an importing worker would take the trial's cores
+    warm = opt.warm_workers if opt.warm_workers is not None else (s.device != "cpu" and tuple(opt.worker_cmd) == WORKER_CMD)
+    if warm:
         run.spares = Spares(opt.worker_cmd, s.spec.name, limit=max(2, 2 * (run.pool.size if run.pool else 1)))
     try:
         asks = 0

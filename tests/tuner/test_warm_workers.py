@@ -70,7 +70,7 @@ def test_a_gpu_study_runs_its_trials_warm_and_leaves_no_worker_behind(tmp_path, 
     pretend_h100s(monkeypatch, H100S[:2])
     url = f"sqlite:///{tmp_path / 't.db'}"
     res = tune(TuneOptions("flux-dev", trials=6, db_url=url, worker_cmd=FAKE, confirm=0, patience=100,
-                           max_gpus_per_trial=1), log=lambda m: None)
+                           max_gpus_per_trial=1, warm_workers=True), log=lambda m: None)
     rows = [t for t in D.trials(D.open_db(url), study_name=res.study) if t.status == "complete"]
     warm = [t.manifest["trial"]["warm_worker"] for t in rows]
     assert all(t.manifest["trial"]["wall_s"] > 0 for t in rows)
