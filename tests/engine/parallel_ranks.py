@@ -95,8 +95,6 @@ def fail_on(rank: int, world: int, how: dict):
 
 def explain_blocks(rank: int, world: int, layout: dict) -> list[tuple[str, int]]:
     """Graph breaks of each tiny DiT's repeated blocks under sequence parallelism (torch._dynamo.explain)."""
-    import torch._dynamo
-
     out = []
     for model in ("flux-dev-tiny", "qwen-image-tiny", "z-image-turbo-tiny"):
         family = get_family(model)
@@ -104,19 +102,31 @@ def explain_blocks(rank: int, world: int, layout: dict) -> list[tuple[str, int]]
         dit = components.build_dit(family, torch.device("cpu"), torch.float32, None, seed=0)
         par = context.enter(Layout(**layout), rank, world, torch.device("cpu"))
         sequence_parallel(dit, par.groups)
-        calls: list = []
-        for name in dit.repeated_blocks:  # record each block kind's first call, then explain it
-            block = getattr(dit, name)[0]
-            block.forward = (lambda f, n: (lambda *a, **k: (calls.append((n, f, a, k)), f(*a, **k))[1]))(block.forward, name)
-        latents = family.prepare_latents(1, spec.height, spec.width, torch.Generator().manual_seed(3), "cpu", torch.float32)
-        family.predict(dit, latents, torch.tensor([0.7]), _cond(family, 9, False), spec.guidance, spec.height, spec.width)
-        seen = set()
-        for name, f, a, k in calls:
-            if name in seen:
-                continue
-            seen.add(name)
-            torch._dynamo.reset()
-            out.append((f"{model}:{name}", torch._dynamo.explain(f)(*a, **k).graph_break_count))
+
+        def run():
+            latents = family.prepare_latents(1, spec.height, spec.width, torch.Generator().manual_seed(3), "cpu", torch.float32)
+            family.predict(dit, latents, torch.tensor([0.7]), _cond(family, 9, False), spec.guidance, spec.height, spec.width)
+
+        out += graph_breaks(dit, model, run)
+    return out
+
+
+def graph_breaks(dit, model: str, run) -> list[tuple[str, int]]:
+    """Each repeated block kind's first call during `run()`, explained: (model:block, graph breaks)."""
+    import torch._dynamo
+
+    calls: list = []
+    for name in dit.repeated_blocks:  # record each block kind's first call, then explain it
+        block = getattr(dit, name)[0]
+        block.forward = (lambda f, n: (lambda *a, **k: (calls.append((n, f, a, k)), f(*a, **k))[1]))(block.forward, name)
+    run()
+    out, seen = [], set()
+    for name, f, a, k in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        torch._dynamo.reset()
+        out.append((f"{model}:{name}", torch._dynamo.explain(f)(*a, **k).graph_break_count))
     return out
 
 

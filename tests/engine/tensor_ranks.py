@@ -12,7 +12,7 @@ from dittune.engine import components
 from dittune.engine.models import get_family
 from dittune.engine.models.base import pack_modulation
 from dittune.engine.parallel import Layout, context, sequence_parallel
-from parallel_ranks import _cond
+from parallel_ranks import _cond, graph_breaks
 
 WIDE = {"flux": {"num_attention_heads": 4}, "qwen_image": {"num_attention_heads": 4},
         "zimage": {"dim": 64, "n_heads": 4}}
@@ -110,24 +110,11 @@ def explain_blocks(rank: int, world: int, layout: dict) -> list[tuple[str, int]]
     """Graph breaks of the wide tiny FLUX's repeated blocks under the layout (torch._dynamo.explain):
     its double block reduces through RowLinear modules (as every Qwen-Image and Z-Image block does),
     its single block through the `tp` seam around a fused op. One model: explain costs seconds."""
-    import torch._dynamo
-
     out = []
     for model in ("flux-dev-tiny",):
         family = wide_family(model)
         par = context.enter(Layout(**layout), rank, world, torch.device("cpu"))
         dit = components.build_dit(family, torch.device("cpu"), torch.float32, None, seed=0, tensor=par.groups)
         sequence_parallel(dit, par.groups)
-        calls: list = []
-        for name in dit.repeated_blocks:  # record each block kind's first call, then explain it
-            block = getattr(dit, name)[0]
-            block.forward = (lambda f, n: (lambda *a, **k: (calls.append((n, f, a, k)), f(*a, **k))[1]))(block.forward, name)
-        _predict(family, dit)
-        seen = set()
-        for name, f, a, k in calls:
-            if name in seen:
-                continue
-            seen.add(name)
-            torch._dynamo.reset()
-            out.append((f"{model}:{name}", torch._dynamo.explain(f)(*a, **k).graph_break_count))
+        out += graph_breaks(dit, model, lambda: _predict(family, dit))
     return out
