@@ -13,8 +13,8 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -63,13 +63,16 @@ class _Started:
     env_key: tuple
 
 
+def _spawn(argv: Sequence[str], tmp: Path, env: dict[str, str], stdin) -> subprocess.Popen:
+    """A worker in its own session (killed as a group), stderr into `tmp`."""
+    with open(tmp / "stderr.txt", "wb") as err:
+        return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+
 def _start(worker_cmd: Sequence[str], model: str, env: dict[str, str]) -> _Started:
     tmp = Path(tempfile.mkdtemp(prefix="dittune-trial-"))
-    with open(tmp / "stderr.txt", "wb") as err:
-        p = subprocess.Popen([*worker_cmd, "--wait", model], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                             stderr=err, start_new_session=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
-    return _Started(p, tmp, _key(env))
+    return _Started(_spawn([*worker_cmd, "--wait", model], tmp, env, subprocess.PIPE), tmp, _key(env))
 
 
 def _key(env: dict[str, str]) -> tuple:
@@ -77,11 +80,7 @@ def _key(env: dict[str, str]) -> tuple:
 
 
 def _discard(w: _Started) -> None:
-    try:
-        os.killpg(w.proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    w.proc.wait()
+    _kill_group(w.proc)
     shutil.rmtree(w.tmp, ignore_errors=True)
 
 
@@ -147,10 +146,7 @@ def run_trial(job: dict[str, Any], timeout_s: float, worker_cmd: Sequence[str] =
             except (BrokenPipeError, OSError):
                 pass  # it died: its exit code and stderr say why, below
         else:
-            with open(tmp / "stderr.txt", "wb") as err:
-                p = subprocess.Popen([*worker_cmd, str(tmp / "job.json")], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+            p = _spawn([*worker_cmd, str(tmp / "job.json")], tmp, env, subprocess.DEVNULL)
         out = _wait(p, tmp, timeout_s, cancel, t0)
         out.warm = w is not None
         return out

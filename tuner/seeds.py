@@ -19,6 +19,7 @@ def enqueue_seeds(study, s: Setup) -> None:
     (so that single-GPU seeds fill the GPUs side by side first)."""
     seen = set()
     wide = []
+    marked = any(x.get(WIDE, False) for x in s.seeds)  # none marked: every seed goes wide
     for seed in s.seeds:
         try:
             cfg = F.config_from_dict({**{k: v for k, v in seed.items() if k != WIDE}, **s.fix})
@@ -28,7 +29,7 @@ def enqueue_seeds(study, s: Setup) -> None:
             cfg = fit_budget(cfg, s)
         if cfg is None or not s.space.contains(cfg):
             continue
-        if seed.get(WIDE, False) or not any(x.get(WIDE, False) for x in s.seeds):  # none marked: every seed
+        if seed.get(WIDE, False) or not marked:
             wide += wide_layouts(cfg, s)
         _enqueue(study, s, cfg, seen)
     for c in wide:

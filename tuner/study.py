@@ -257,7 +257,7 @@ def _measure(run: _Run, trial, lease: int, cfg, argv: str, predicted: int | None
         threaded = threading.current_thread() is not threading.main_thread()
         with heartbeat(db, lease, opt.lease_ttl_s):
             outcome = run_trial(_job(s, cfg), limit, opt.worker_cmd, {**run.env, **_pinned(run, gpus)},
-                                **({"cancel": run.cancel} if threaded else {}), spares=run.spares)
+                                cancel=run.cancel if threaded else None, spares=run.spares)
     finally:
         if run.pool is not None and gpus:
             run.pool.give(gpus)
