@@ -9,6 +9,9 @@ against dittune on one GPU.
     python bench/bench_parallel.py --models flux-dev --json out.json        # 2 GPUs, NCCL
     python bench/bench_parallel.py --models flux-dev --gpus 4               # the 4-GPU layouts (TP x Ulysses)
     python bench/bench_parallel.py --models flux-dev --profile              # + kernel time split of one Ulysses-2 step
+    python bench/bench_parallel.py --models flux-dev --only tp --profile    # ... of one TP-2 step
+    python bench/bench_parallel.py --models flux-dev --only tp \
+        --inductor reorder_for_compute_comm_overlap=true bucket_all_reduces_fx=all   # + each layout again under each setting
     python bench/bench_parallel.py --tiny --device cpu                      # smoke test on gloo
 
 The ranks are started by dittune's own launcher (engine/parallel/launch.py).
@@ -134,13 +137,15 @@ def bench_rank(rank: int, world: int, payload: dict):
 
     # --- dittune layouts on every rank --------------------------------------------------------------
     only = payload.get("only") or ()
-    for lay in _layouts(model, payload["tiny"], world):
-        if only and not any(lay.get(d, 1) > 1 for d in only):
-            continue
+    runs = [(lay, {}) for lay in _layouts(model, payload["tiny"], world) if not only or any(lay.get(d, 1) > 1 for d in only)]
+    runs += [(lay, setting) for setting in payload.get("inductor") or [] for lay, _ in list(runs)]
+    for lay, setting in runs:
         torch._dynamo.reset()  # each row compiles afresh: no row inherits (or exhausts) another's cache
         layout = Layout(**lay)
-        name = f"dittune {layout.describe()} {payload['flags']}"
+        name = f"dittune {layout.describe()} {payload['flags']}" + "".join(f" [inductor {k}={v}]" for k, v in setting.items())
         try:
+            patch = torch._inductor.config.patch(setting)
+            patch.__enter__()
             par = context.enter(layout, rank, world, device)
             peak_reset()
             ours = native_tp(family, sd, device, dtype, par.groups) if layout.tp > 1 else native_from(family, sd, device, dtype)
@@ -177,6 +182,8 @@ def bench_rank(rank: int, world: int, payload: dict):
             del ours
         except Exception as e:  # noqa: BLE001
             rows.append({"config": name, "gpus": world, "error": f"{type(e).__name__}: {e}"[:300]})
+        finally:
+            patch.__exit__(None, None, None)
         free(device)
         dist.barrier()
 
@@ -218,13 +225,16 @@ def bench_rank(rank: int, world: int, payload: dict):
             free(device)
             dist.barrier()
 
-    if payload.get("profile") and world == 2:
-        rows.append(_profile(model, family, sd, cfg, device, dtype, our_fwd, passes, rank, world))
+    if payload.get("profile") and world == 2 and device.type == "cuda":
+        lay = next((lay for lay, _ in runs), {"ulysses": 2}) if only else {"ulysses": 2}
+        rows.append(_profile(model, family, sd, cfg, device, dtype, our_fwd, passes, rank, world, lay))
     return rows if rank == 0 else None
 
 
-def _profile(model, family, sd, cfg, device, dtype, our_fwd, passes, rank, world) -> dict:
-    """Kernel time of one Ulysses-2 step on rank 0: NCCL kernels vs the rest, and the step's wall time."""
+def _profile(model, family, sd, cfg, device, dtype, our_fwd, passes, rank, world, lay: dict) -> dict:
+    """Kernel time of one step of layout `lay` (2 GPUs) on rank 0: NCCL kernels vs the rest, the
+    kernels by name, and the step's wall time; the GPU's busy time (kernel intervals merged) says
+    how much of the step is idle or waits in no kernel."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -233,8 +243,9 @@ def _profile(model, family, sd, cfg, device, dtype, our_fwd, passes, rank, world
     from dittune.engine.parallel import Layout, context
 
     torch._dynamo.reset()
-    par = context.enter(Layout(ulysses=2), rank, world, device)
-    ours = native_from(family, sd, device, dtype)
+    layout = Layout(**lay)
+    par = context.enter(layout, rank, world, device)
+    ours = native_tp(family, sd, device, dtype, par.groups) if layout.tp > 1 else native_from(family, sd, device, dtype)
     with torch.inference_mode():
         prepare_native(ours, cfg, device, groups=par.groups)
 
@@ -253,6 +264,16 @@ def _profile(model, family, sd, cfg, device, dtype, our_fwd, passes, rank, world
             wall = time.perf_counter() - t
     nccl = other = 0.0
     top: dict[str, float] = {}
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type is not None and not str(e.device_type).endswith("CPU"))
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # the union of kernel intervals
+        if a > end:
+            busy, end = busy + (b - a), b
+        elif b > end:
+            busy, end = busy + (b - end), b
+    nccl_calls = sum(e.count for e in prof.key_averages()
+                     if "nccl" in e.key.lower() and e.device_type is not None and not str(e.device_type).endswith("CPU"))
     for e in prof.key_averages():
         us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if e.device_type is None or str(e.device_type).endswith("CPU"):
@@ -262,9 +283,27 @@ def _profile(model, family, sd, cfg, device, dtype, our_fwd, passes, rank, world
         else:
             other += us
         top[e.key[:80]] = us
-    return {"config": "profile: dittune ulysses 2, one step, rank 0", "wall_ms": wall * 1e3, "nccl_kernel_ms": nccl / 1e3,
-            "other_kernel_ms": other / 1e3,
-            "top_kernels_ms": {k: v / 1e3 for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}}
+    return {"config": f"profile: dittune {layout.describe()}, one step, rank 0", "wall_ms": wall * 1e3,
+            "nccl_kernel_ms": nccl / 1e3, "nccl_kernels": nccl_calls, "other_kernel_ms": other / 1e3,
+            "gpu_busy_ms": busy / 1e3,
+            "top_kernels_ms": {k: v / 1e3 for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:16]}}
+
+
+def _settings(items: list[str] | None) -> list[dict]:
+    """["reorder_for_compute_comm_overlap=true", "a=1,b=all"] -> one {key: bool | int | str} per
+    item (one variant each; keys checked here)."""
+    import torch._inductor.config as ic
+
+    out = []
+    for item in items or []:
+        variant = {}
+        for it in item.split(","):
+            k, sep, v = it.partition("=")
+            if not sep or k not in ic._config:
+                raise SystemExit(f"--inductor {item}: not KEY=VALUE[,KEY=VALUE] with KEY a torch._inductor.config setting")
+            variant[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
+        out.append(variant)
+    return out
 
 
 def main(argv=None) -> int:
@@ -280,7 +319,9 @@ def main(argv=None) -> int:
     ap.add_argument("--diffusers-tp", action="store_true", help="accepted for old command lines: diffusers' TP row is always in")
     ap.add_argument("--only", nargs="+", choices=("ulysses", "ring", "cfg", "tp"), default=None,
                     help="only the layouts (and diffusers rows) of these dimensions, beside the 1-GPU rows")
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="kernel time of one step of the first --only layout (default Ulysses-2)")
+    ap.add_argument("--inductor", nargs="+", default=None, metavar="KEY=VALUE",
+                    help="run each layout again under each KEY=VALUE[,KEY=VALUE] group of torch._inductor.config settings (an experiment's rows)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None)
@@ -294,7 +335,7 @@ def main(argv=None) -> int:
         tokens = 16 if a.tiny else (512 if m.startswith("flux") else 128)
         payload = {"model": m, "size": 64 if a.tiny else a.size, "tokens": tokens, "warmup": a.warmup, "iters": a.iters,
                    "flags": flags, "tiny": a.tiny, "no_graphs": a.no_graphs, "no_diffusers": a.no_diffusers,
-                   "profile": a.profile, "only": a.only}
+                   "profile": a.profile, "only": a.only, "inductor": _settings(a.inductor)}
         sys.path.insert(0, str(Path(__file__).parent))
         rows = launch.run(a.gpus, "bench_parallel:bench_rank", payload, "nccl" if a.device == "cuda" else "gloo")
         one = next((r["step_ms"] for r in rows if r.get("gpus") == 1 and "step_ms" in r and "cuda-graph" in r["config"]),

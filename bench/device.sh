@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the device machine (see ../shared/device/README.md): install the project, then one named
 # stage that fits a 10-minute call. Logs and JSON go to $OUT (default ./out).
-#   bash bench/device.sh STAGE...   (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner;
+#   bash bench/device.sh STAGE...   (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner
+#   par-gen tp-bench tune2 pool budget;
 #   tune and winner need TUNE_DB=file, tune takes TUNE_ARGS such as --vram-budget 24GiB)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -72,7 +73,40 @@ stage() {
     timeout "$(left 580)" dittune tune flux-dev --trials 30 --timeout $(( $(left 580) - 60 )) --trial-timeout 5m \
       --db "sqlite:///$db" ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
     echo "tune rc=$?"; tail -25 "$OUT/tune.log"; cp "$db" "$OUT/" ;;
-  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner)"; exit 2 ;;
+  par-gen)  # FLUX.1-dev on 2 GPUs through `dittune generate`, fast flags: Ulysses-2, then TP-2. A run still
+            # going after PAR_GEN_LIMIT s gets SIGUSR1 (every rank prints its Python stacks), then SIGKILL.
+    for lay in "--ulysses-degree 2" "--tp-size 2"; do
+      n=$(echo "$lay" | tr -d ' -'); lim=$(left ${PAR_GEN_LIMIT:-170}); t0=$(date +%s)
+      setsid dittune generate --model flux-dev --num-gpus 2 $lay --attention-backend torch_cudnn_sdpa --fused-kernels \
+        --enable-torch-compile --enable-cuda-graph --warmup 1 --perf-dump-path "$OUT/gen_$n.json" > "$OUT/gen_$n.log" 2>&1 &
+      pid=$!
+      while kill -0 $pid 2>/dev/null && (( $(date +%s) - t0 < lim )); do sleep 1; done
+      if kill -0 $pid 2>/dev/null; then
+        echo "gen $n: still running after $lim s: stacks, then killed"; kill -USR1 -- -$pid; sleep 5; kill -9 -- -$pid
+      fi
+      wait $pid; echo "gen $n rc=$? wall=$(( $(date +%s) - t0 )) s"; tail -4 "$OUT/gen_$n.log"
+      [ -f "$OUT/gen_$n.json" ] && python3 -c "import json; d=json.load(open('$OUT/gen_$n.json')); print('latency', d['latency_s'], 'step', d['step_median_s'], 'cold', d['cold_start'].get('load_s'), d['cold_start'].get('first_request_s'), 'alloc', d.get('manifest', {}).get('allocator'))"
+    done ;;
+  tp-bench)  # FLUX TP-2 step: rows, the same under two inductor settings, and a kernel profile of one step
+    PYTHONPATH=bench:$PYTHONPATH timeout "$(left 400)" python3 bench/bench_parallel.py --models flux-dev --only tp --no-diffusers \
+      --profile --inductor reorder_for_compute_comm_overlap=true bucket_all_reduces_fx=all --json "$OUT/tp_bench.json" > "$OUT/tp_bench.log" 2>&1
+    echo "tp-bench rc=$?"; tail -8 "$OUT/tp_bench.log"
+    python3 -c "import json; r=[x for x in json.load(open('$OUT/tp_bench.json'))['rows'] if 'wall_ms' in x]; print(json.dumps(r, indent=1))" ;;
+  tune2)  # TUNE_MODEL on both GPUs with the fast flags fixed (the layouts searched), then recommend per GPU count
+    m=${TUNE_MODEL:-flux-dev}; db="$OUT/tune_${m//-/_}_2xh200.db"
+    timeout "$(left 580)" dittune tune "$m" --gpus 0,1 --trials ${TUNE_TRIALS:-3} --confirm ${TUNE_CONFIRM:-0} --trial-timeout 200 \
+      --timeout $(( $(left 580) - 20 )) --db "sqlite:///$db" --fix attention-backend=torch_cudnn_sdpa --fix enable-torch-compile=true \
+      --fix fused-kernels=true --fix enable-cuda-graph=true ${TUNE_ARGS:-} > "$OUT/tune2_$m.log" 2>&1
+    echo "tune2 $m rc=$?"; tail -22 "$OUT/tune2_$m.log"
+    for n in 1 2; do dittune recommend "$m" --num-gpus $n --db "sqlite:///$db" --format json > "$OUT/rec_${m}_$n.json" 2>&1; echo "recommend --num-gpus $n:"; head -c 900 "$OUT/rec_${m}_$n.json"; echo; done ;;
+  pool)  # a single-GPU study alone on GPU 0, then side by side on GPUs 0 and 1 (bench/bench_tuner.py pool)
+    timeout "$(left 590)" python3 bench/bench_tuner.py pool --model ${POOL_MODEL:-z-image-turbo} --trials ${POOL_TRIALS:-16} \
+      --confirm ${POOL_CONFIRM:-1} --out "$OUT" -- ${POOL_ARGS:-} > "$OUT/pool.log" 2>&1
+    echo "pool rc=$?"; tail -8 "$OUT/pool.log" ;;
+  budget)  # FLUX under 24 GiB: tune, recommend, the recommended command watched through NVML (tests/tuner/test_budget_gpu.py)
+    timeout "$(left 590)" python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/tuner/test_budget_gpu.py > "$OUT/budget.log" 2>&1
+    echo "budget rc=$?"; grep -E "under|passed|failed|Error|assert" "$OUT/budget.log" | tail -12 ;;
+  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tune2 pool budget)"; exit 2 ;;
   esac
 }
 for s in "$@"; do stage "$s"; done

@@ -46,14 +46,35 @@ def _enqueue(study, s: Setup, cfg, seen: set) -> None:
 def wide_layouts(cfg, s: Setup) -> list:
     """On several GPUs, the seed also on the widest layouts the space allows: CFG parallel with
     sequence parallel inside each half (where the workload has true CFG: two DiT passes a step,
-    one per GPU half, measured 1.97x for Qwen-Image on 2 H200s), then sequence parallel alone. The
+    one per GPU half, measured 1.97x for Qwen-Image on 2 H200s), then sequence parallel alone,
+    then tensor parallel alone (FLUX.1-dev on 2 H200s: TP-2 75.3 ms per step, Ulysses-2 76.1 ms,
+    at half the per-GPU weights, so under a budget it can be the one layout that fits). The
     sampler then starts knowing what the GPUs buy. Empty on one GPU."""
     out = []
     for split_cfg in (True, False):
         c = widest_layout(cfg, s, split_cfg)
         if c is not None:
             out.append(c)
+    c = widest_tp(cfg, s)
+    if c is not None:
+        out.append(c)
     return out
+
+
+def widest_tp(cfg, s: Setup):
+    """The seed on the widest tensor-parallel layout the space allows (tp = GPUs), or None."""
+    n = s.space.max_gpus
+    while n >= 2:
+        c = replace(cfg, tp_size=n, ulysses_degree=1, ring_degree=1, enable_cfg_parallel=False, num_gpus=n,
+                    dit_cpu_offload=False, dit_layerwise_offload=False)
+        try:
+            if s.space.contains(c) and (s.budget_bytes is None or
+                                        memory.predict_peak_bytes(s.spec.name, c, s.width, s.height) <= s.budget_bytes):
+                return c
+        except FlagError:
+            pass
+        n //= 2
+    return None
 
 
 def widest_layout(cfg, s: Setup, split_cfg: bool = False):

@@ -146,7 +146,9 @@ def test_wide_seeds_follow_the_single_gpu_seeds_with_cfg_parallel_where_the_work
         st = optuna.create_study()
         seeds.enqueue_seeds(st, study._setup(TuneOptions(model, fix=fix)))
         fixed = [t.system_attrs["fixed_params"] for t in st.trials]  # enqueued: not asked yet
-        layouts[model] = [(p.get("enable-cfg-parallel", False), p["ulysses-degree"], p["ring-degree"]) for p in fixed]
-    # the fixes fold the preset's seeds into one single-GPU configuration; its wide forms follow
-    assert layouts["qwen-image"] == [(False, 1, 1), (True, 1, 1), (False, 2, 1)]
-    assert layouts["flux-dev"] == [(False, 1, 1), (False, 2, 1)]  # FLUX.1-dev has no true CFG
+        layouts[model] = [(p.get("enable-cfg-parallel", False), p["ulysses-degree"], p["ring-degree"], p.get("tp-size", 1))
+                          for p in fixed]
+    # the fixes fold the preset's seeds into one single-GPU configuration; its wide forms follow:
+    # CFG parallel, sequence parallel, tensor parallel
+    assert layouts["qwen-image"] == [(False, 1, 1, 1), (True, 1, 1, 1), (False, 2, 1, 1), (False, 1, 1, 2)]
+    assert layouts["flux-dev"] == [(False, 1, 1, 1), (False, 2, 1, 1), (False, 1, 1, 2)]  # FLUX.1-dev has no true CFG
