@@ -17,7 +17,7 @@ import torch
 import torch.distributed._functional_collectives as fc
 
 from ..errors import EngineError
-from .sequence import TokenShards, all_gather
+from .sequence import TokenShards, all_gather, settled
 
 
 # --- attention that also returns the log-sum-exp, per backend -----------------------------------
@@ -97,7 +97,7 @@ def ulysses_in(xs: tuple[torch.Tensor, ...], sizes: tuple[int, ...], group: Any)
     for i, x in enumerate(xs):
         send[:, i].copy_(x.view(b, u, h // u, l, d).transpose(0, 1))
     unit = n * b * (h // u) * d
-    recv = fc.all_to_all_single(send.flatten(), [unit * s for s in sizes], [unit * l] * u, group)
+    recv = settled(fc.all_to_all_single(send.flatten(), [unit * s for s in sizes], [unit * l] * u, group))
     parts = recv.split([unit * s for s in sizes])
     return torch.cat([p.view(n, b, h // u, s, d) for p, s in zip(parts, sizes)], dim=3)
 
@@ -108,7 +108,7 @@ def ulysses_out(out: torch.Tensor, sizes: tuple[int, ...], index: int, group: An
     b, hu, _, d = out.shape
     l = sizes[index]
     send = torch.cat([c.flatten() for c in out.split(list(sizes), dim=2)])  # chunk s: rank s's tokens
-    recv = fc.all_to_all_single(send, [b * hu * l * d] * u, [b * hu * s * d for s in sizes], group)
+    recv = settled(fc.all_to_all_single(send, [b * hu * l * d] * u, [b * hu * s * d for s in sizes], group))
     return recv.view(u, b, hu, l, d).permute(1, 3, 0, 2, 4).reshape(b, l, u * hu * d)
 
 

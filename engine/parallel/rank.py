@@ -41,8 +41,14 @@ def main(argv: list[str]) -> int:
             tmp.write_bytes(pickle.dumps(result))
             tmp.rename(job_dir / "result.pkl")
         dist.barrier()
-        dist.destroy_process_group()
-        return 0
+        # End here, without tearing down: on 2 x H200 a rank whose pipeline had captured NCCL
+        # collectives in a CUDA graph (Ulysses-2, compile, graph) wrote its result, then never
+        # exited: no Python stack on SIGUSR1, so past main, in the interpreter's teardown of the
+        # graphs and communicators. The result is written and every rank passed the barrier;
+        # the driver frees the GPU when the process ends.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the rank ends
         from dittune.errors import DittuneError
 

@@ -18,11 +18,26 @@ import torch
 from ..errors import EngineError
 
 
+def settled(t: torch.Tensor) -> torch.Tensor:
+    """A functional collective's result, ready to read. Run eagerly, a functional collective
+    returns an AsyncCollectiveTensor, a wrapper that waits for the collective only when a torch
+    op reads it, and passes views through unwaited; a Triton kernel of dittune.kernels takes the
+    data pointer of what it is given (the wrapper's), so it would read too early (on 2 x H200,
+    eager TP-2 with --fused-kernels: an illegal memory access in the gated residual after the
+    MLP's all-reduce). Outside compile, wait here and return the plain tensor; traced,
+    torch.compile places the wait itself."""
+    if torch.compiler.is_compiling():
+        return t
+    import torch.distributed._functional_collectives as fc
+
+    return t.wait() if isinstance(t, fc.AsyncCollectiveTensor) else t
+
+
 def all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     """Functional all-gather (traceable by torch.compile) along `dim`."""
     import torch.distributed._functional_collectives as fc
 
-    return getattr(fc, "all_gather_single", fc.all_gather_tensor)(x, dim, group)
+    return settled(getattr(fc, "all_gather_single", fc.all_gather_tensor)(x, dim, group))
 
 
 def shard_sizes(n_tokens: int, degree: int) -> tuple[int, ...]:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EngineError
+from .sequence import settled
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class AllReduce(TensorShards):
 
         if not torch.compiler.is_compiling():  # a ring all-reduce sends 2 (n - 1) / n of the tensor
             self.bytes_sent += 2 * (self.degree - 1) * x.numel() * x.element_size() // self.degree
-        return fc.all_reduce(x, "sum", self.group)
+        return settled(fc.all_reduce(x, "sum", self.group))
 
     def gather(self, y: torch.Tensor, sections: int) -> torch.Tensor:
         """[..., n * w / tp] (this rank's part of each of n sections) -> [..., n * w], every rank's

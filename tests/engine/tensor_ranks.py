@@ -68,8 +68,10 @@ def _fast(family, dit, device) -> torch.Tensor:
 
 def check(rank: int, world: int, payload: dict) -> dict:
     """One launch for several checks (each launch costs seconds of imports per rank): "dits" as
-    check_dits, "explain" a layout for explain_blocks."""
+    check_dits, "plain" eager_collectives, "explain" a layout for explain_blocks."""
     out = {"dits": check_dits(rank, world, payload["dits"], payload.get("fast", False))}
+    if payload.get("plain"):
+        out["plain"] = eager_collectives(rank, world)
     if payload.get("explain"):
         out["explain"] = explain_blocks(rank, world, payload["explain"])
     return out
@@ -118,3 +120,20 @@ def explain_blocks(rank: int, world: int, layout: dict) -> list[tuple[str, int]]
         sequence_parallel(dit, par.groups)
         out += graph_breaks(dit, model, lambda: _predict(family, dit))
     return out
+
+
+def eager_collectives(rank: int, world: int) -> dict:
+    """Each collective seam run eagerly (as an uncompiled DiT runs it) -> {name: (type of its
+    result, its sum)}: a Triton kernel reads its input's data pointer, so an unwaited
+    AsyncCollectiveTensor must never come out of a seam."""
+    import torch.distributed as dist
+
+    from dittune.engine.parallel import sequence
+    from dittune.engine.parallel.tensor import AllReduce
+
+    group = dist.group.WORLD
+    tp = AllReduce(group, world, rank)
+    outs = {"all_reduce": tp.reduce(torch.full((4, 8), float(rank + 1))),
+            "all_gather (dim 0)": sequence.all_gather(torch.full((3, 2), float(rank + 1)), 0, group),
+            "modulation gather": tp.gather(torch.full((2, 4), float(rank + 1)), 2)}
+    return {k: (type(v).__name__, float(v.sum())) for k, v in outs.items()}

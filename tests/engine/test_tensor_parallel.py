@@ -74,8 +74,9 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def _check(world, cases, explain=None, backend="gloo", tol=TOL, fast=False):
-    results = launch.run(world, "tensor_ranks:check", {"dits": cases, "explain": explain, "fast": fast}, backend)
+def _check(world, cases, explain=None, backend="gloo", tol=TOL, fast=False, plain=False):
+    results = launch.run(world, "tensor_ranks:check", {"dits": cases, "explain": explain, "fast": fast, "plain": plain},
+                         backend)
     assert len(results["dits"]) == world
     for rank_rows in results["dits"]:
         assert len(rank_rows) == len(cases)
@@ -90,9 +91,12 @@ def _check(world, cases, explain=None, backend="gloo", tol=TOL, fast=False):
 
 def test_tp2_matches_one_process_and_compiles_without_graph_breaks(checkpoints):
     cases = [(m, {"tp": 2}, path) for m in MODELS for path in (None, checkpoints[m])]
-    results = _check(2, cases, explain={"tp": 2})
+    results = _check(2, cases, explain={"tp": 2}, plain=True)
     breaks = results["explain"]
     assert len(breaks) == 2 and all(n == 0 for _, n in breaks), breaks  # one graph per block kind
+    # uncompiled, the seams hand plain tensors on (fused kernels read data pointers), summed right
+    assert results["plain"] == {"all_reduce": ("Tensor", 3 * 32.0), "all_gather (dim 0)": ("Tensor", 3 * 6.0),
+                                "modulation gather": ("Tensor", 3 * 8.0)}
 
 
 def test_tp2_times_ulysses2_and_cfg_times_tp_match_one_process(checkpoints):
