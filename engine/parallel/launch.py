@@ -41,7 +41,8 @@ def run(world: int, target: str, payload: Any, backend: str, poll_s: float = 0.0
         (job / "job.pkl").write_bytes(pickle.dumps({"target": target, "payload": payload, "world": world,
                                                     "backend": backend}))
         store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
-        rank_env = dict(os.environ, **(env or {}), DITTUNE_RANK_STORE=f"127.0.0.1:{store.port}")
+        rank_env = dict(os.environ, **(env or {}), DITTUNE_RANK_STORE=f"127.0.0.1:{store.port}",
+                        DITTUNE_LAUNCHER_PID=str(os.getpid()))
         procs = [subprocess.Popen([sys.executable, "-m", "dittune.engine.parallel.rank", tmp, str(r)], env=rank_env)
                  for r in range(world)]
         stopped: set[int] = set()

@@ -21,6 +21,7 @@ def main(argv: list[str]) -> int:
     import signal
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # where this rank waits (the tuner asks on a timeout)
+    _die_with_launcher()
     job_dir, rank = Path(argv[0]), int(argv[1])
     job = pickle.loads((job_dir / "job.pkl").read_bytes())
     world, backend = job["world"], job["backend"]
@@ -58,6 +59,21 @@ def main(argv: list[str]) -> int:
             traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)  # no teardown: a peer may be gone, and destroying the group would wait for it
+
+
+def _die_with_launcher() -> None:
+    """End this rank when its launcher ends, however it ends: a launcher killed by SIGTERM (e.g.
+    `timeout`) runs no cleanup, and its ranks, orphaned, held both H200s and their NCCL peers for
+    minutes. Linux: the kernel sends SIGKILL when the parent dies (PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    launcher = int(os.environ.get("DITTUNE_LAUNCHER_PID", "0"))
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if launcher and os.getppid() != launcher:  # it died before the line above took effect
+        os._exit(1)
 
 
 if __name__ == "__main__":

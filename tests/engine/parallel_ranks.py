@@ -133,3 +133,12 @@ def graph_breaks(dit, model: str, run) -> list[tuple[str, int]]:
 def environment(rank: int, world: int, names: list[str]) -> dict:
     """What a rank's environment holds (rank 0's answer)."""
     return {n: os.environ.get(n) for n in names}
+
+
+def linger(rank: int, world: int, folder: str) -> None:
+    """Write this rank's pid into `folder`, then wait far longer than any test (killed from outside)."""
+    import time
+    from pathlib import Path
+
+    Path(folder, f"rank{rank}.pid").write_text(str(os.getpid()))
+    time.sleep(300)

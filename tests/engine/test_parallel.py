@@ -176,3 +176,42 @@ def test_graphs_with_collectives_run_their_ranks_without_expandable_segments(mon
     seen = launch.run(2, "parallel_ranks:environment", ["PYTORCH_CUDA_ALLOC_CONF", "X_DITTUNE"], "gloo",
                       env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False", "X_DITTUNE": "1"})
     assert seen == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False", "X_DITTUNE": "1"}
+
+
+def test_ranks_end_when_their_launcher_is_killed(tmp_path):
+    """A launcher ended by SIGTERM (`timeout`, a scheduler) runs no cleanup: its ranks must not
+    live on holding GPUs and waiting on their peers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    code = f"from dittune.engine.parallel import launch; launch.run(2, 'parallel_ranks:linger', {str(tmp_path)!r}, 'gloo')"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("rank*.pid"))) < 2 and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    pids = [int(f.read_text()) for f in tmp_path.glob("rank*.pid")]
+    assert len(pids) == 2, "the ranks did not start"
+    p.send_signal(signal.SIGTERM)
+    p.wait(30)
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as f:  # a zombie (not yet reaped) is gone
+            return f.read().split(")")[-1].split()[0] != "Z"
+
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in pids if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"ranks {left} outlived their launcher"
