@@ -130,8 +130,8 @@ def main() -> int:
     ap.add_argument("--confirm", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", default=".")
-    ap.add_argument("tune_args", nargs="*", help="more `dittune tune` arguments (after --)")
-    args = ap.parse_args()
+    args, more = ap.parse_known_args()  # the rest (after --): more `dittune tune` arguments
+    args.tune_args = [a for a in more if a != "--"]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     res = (pool if args.what == "pool" else cost)(args)
     res["argv"] = sys.argv
