@@ -272,12 +272,13 @@ def _profile(model, family, sd, cfg, device, dtype, our_fwd, passes, rank, world
             busy, end = busy + (b - a), b
         elif b > end:
             busy, end = busy + (b - end), b
-    nccl_calls = sum(e.count for e in prof.key_averages()
-                     if "nccl" in e.key.lower() and e.device_type is not None and not str(e.device_type).endswith("CPU"))
-    for e in prof.key_averages():
+    # "nccl:all_reduce" and the like are torch's annotations around the NCCL kernels, carrying the
+    # same device time: skipped, or every collective counts twice (the first TP profile did).
+    kernels = [e for e in prof.key_averages() if e.device_type is not None and not str(e.device_type).endswith("CPU")
+               and not e.key.startswith("nccl:")]
+    nccl_calls = sum(e.count for e in kernels if "nccl" in e.key.lower())
+    for e in kernels:
         us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if e.device_type is None or str(e.device_type).endswith("CPU"):
-            continue
         if "nccl" in e.key.lower():
             nccl += us
         else:
