@@ -274,10 +274,11 @@ def rank_env(flags) -> dict[str, str]:
     """The ranks' allocator setting. With collectives inside the captured CUDA graph (Ulysses,
     ring or TP with --enable-cuda-graph), NCCL graph capture with expandable segments is reported
     to hang (pytorch/torchtitan#3306: context parallel + CUDA graphs hang until the watchdog with
-    expandable_segments:True, complete with False), and in the tuner on 2 x H200 our Ulysses-2
-    trials with CUDA graphs did not finish in 180 s while the bench, which does not set expandable
-    segments, captured the same layout: such runs take expandable_segments:False, unless the user
-    set PYTORCH_CUDA_ALLOC_CONF. The manifest's cuda_alloc_conf says what ran."""
+    expandable_segments:True, complete with False): such runs take expandable_segments:False,
+    unless the user set PYTORCH_CUDA_ALLOC_CONF. The manifest's cuda_alloc_conf says what ran.
+    Not verified here: the Ulysses-2 + graph trials that did not finish on 2 x H200 turned out to
+    hang at interpreter exit, after their result, with this setting already False (fixed in
+    parallel/rank.py); whether True hangs the capture on our stack has not been measured."""
     collectives_in_graph = flags.enable_cuda_graph and flags.ulysses_degree * flags.ring_degree * flags.tp_size > 1
     if collectives_in_graph and os.environ.get("DITTUNE_ALLOC_CONF") == "default":
         return {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
