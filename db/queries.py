@@ -84,6 +84,22 @@ class Result:
         return self.step_spread
 
     @property
+    def fresh_band(self) -> float | None:
+        """± relative: where one fresh run of this command should land. The confirmation runs are
+        fresh processes each, so their spread is the run-to-run spread: two sample standard
+        deviations around their median, widened by the median's own uncertainty (x sqrt(1 +
+        1.57 / n)). None without two runs. Wider than noise_band, the median's uncertainty that
+        ties are judged by: on a quiet GPU both are under 1%; on a shared CPU whose two cores run
+        the same process 1.5-2x apart (this project's CI machine), this one says so."""
+        n = len(self.repeats)
+        if n < 2:
+            return None
+        med = sorted(self.repeats)[n // 2] if n % 2 else sum(sorted(self.repeats)[n // 2 - 1 : n // 2 + 1]) / 2
+        mean = sum(self.repeats) / n
+        sd = math.sqrt(sum((x - mean) ** 2 for x in self.repeats) / (n - 1))
+        return 2 * sd * math.sqrt(1 + 1.57 / n) / med
+
+    @property
     def band_source(self) -> str:
         if self.status == "confirmed":
             return f"confirmation repeats (n={len(self.repeats)})" if self.repeats else "confirmation repeats"

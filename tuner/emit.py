@@ -60,7 +60,8 @@ VERSION_KEYS = ("torch", "triton", "driver", "dittune")
 def band_text(r: Result) -> str:
     band = f"±{r.noise_band:.1%}" if r.noise_band is not None else "no noise band"
     tie = f", {r.verdict}" if r.verdict else ""
-    return f"{band} ({r.band_source}{tie})"
+    fresh = f"; a fresh run: ±{r.fresh_band:.1%}" if r.fresh_band is not None else ""
+    return f"{band} ({r.band_source}{tie}){fresh}"
 
 
 def peak_text(r: Result) -> str:
@@ -105,7 +106,8 @@ def to_dict(r: Result) -> dict:
         "step_spread": r.step_spread, "peak_vram_bytes": r.peak_vram_bytes, "cold_start_s": r.cold_start_s,
         "measured_at": r.measured_at.isoformat(), "study": r.study, "trial_id": r.trial_id, "status": r.status,
         "versions": r.versions, "registry_hash": r.registry_hash, "stale": r.stale, "stale_reasons": list(r.stale_reasons),
-        "noise_band": r.noise_band, "noise_band_source": r.band_source, "repeats_s": list(r.repeats),
+        "noise_band": r.noise_band, "noise_band_source": r.band_source, "fresh_run_band": r.fresh_band,
+        "repeats_s": list(r.repeats),
         "verdict": r.verdict or None, "peak_kind": r.peak_kind, "torch_reserved_peak_bytes": r.torch_reserved_peak_bytes,
         "warmup_requests": r.warmup_requests, "budget_peak_bytes": r.budget_peak_bytes,
     }

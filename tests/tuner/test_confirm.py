@@ -25,3 +25,24 @@ def test_verdicts():
     assert verdict({"a": [1.0, 1.001]}) == ("", set())  # one finalist: its band is within the target
     assert verdict({"a": [1.0, 1.0 + 3 * TARGET_BAND]})[0] is None
     assert verdict({"a": [1.0], "b": [1.2, 1.2]})[0] is None  # one run: no band yet
+
+
+def test_fresh_run_band_is_the_runs_spread_not_the_medians():
+    """Five fresh processes of one command: the band a sixth lands in is two standard deviations
+    of theirs, widened by the median's uncertainty; the median's own band is narrower."""
+    import dataclasses
+    import math
+    import statistics
+
+    from dittune.db.queries import Result
+
+    runs = (0.040, 0.052, 0.066, 0.055, 0.059)  # flux-dev-tiny on this project's 2-core CPU, 5 processes
+    fields = {f.name: None for f in dataclasses.fields(Result) if f.default is dataclasses.MISSING}
+    r = Result(**{**fields, "status": "confirmed", "flags": {}}, repeats=runs)
+    med, sd = statistics.median(runs), statistics.stdev(runs)
+    assert math.isclose(r.fresh_band, 2 * sd * math.sqrt(1 + 1.57 / 5) / med)
+    assert r.fresh_band > band(list(runs))  # confirm.band: the median's standard error, for ties
+    assert all(abs(x / med - 1) <= r.fresh_band for x in runs)
+    assert dataclasses.replace(r, repeats=(0.05,)).fresh_band is None
+    two = dataclasses.replace(r, repeats=(0.04, 0.05)).fresh_band
+    assert math.isclose(two, 2 * (0.01 / math.sqrt(2)) * math.sqrt(1 + 1.57 / 2) / 0.045)
