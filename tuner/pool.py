@@ -89,3 +89,12 @@ class GpuPool:
 
     def env(self, take: Sequence[GpuInfo]) -> dict[str, str]:
         return visible_devices(take, self.every)
+
+
+def host_bound(cfg) -> bool:
+    """A configuration that streams the DiT's weights from host memory every step (layerwise or
+    whole-DiT offload): its speed is the host's (pinned copies, PCIe, memory bandwidth), which
+    trials side by side share. On 2 x H200 (Z-Image-Turbo) a streamed trial took 62.7 s and
+    53.4 s beside another against 26.9-28.8 s alone, whole-DiT offload 44.6 s, while GPU-bound
+    trials ran side by side at their solo speed (20.9 vs 20.6 s). The study runs one at a time."""
+    return bool(getattr(cfg, "dit_layerwise_offload", False) or getattr(cfg, "dit_cpu_offload", False))

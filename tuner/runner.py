@@ -112,6 +112,15 @@ class Spares:
             return None
         return got
 
+    def prime(self, env: dict[str, str]) -> None:
+        """Start a worker for `env` now, ahead of the first trial that takes one. Otherwise the
+        first trial on each GPU starts cold: on 2 x H200 (Z-Image-Turbo, no compile) the first
+        two trials side by side took 29.5 and 30.3 s, where the second configuration took 9.7 s
+        in a warm worker in the one-GPU study."""
+        with self._lock:
+            if not self._closed and not any(w.env_key == _key(env) for w in self._waiting):
+                self._prime_locked(env)
+
     def _prime_locked(self, env: dict[str, str]) -> None:
         self._waiting.append(_start(self.worker_cmd, self.model, env))
         while len(self._waiting) > self.limit:

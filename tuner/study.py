@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +36,7 @@ from .confirm import confirm as _confirm, result as _result
 from .options import OBJECTIVES, Setup as _Setup, TuneOptions, TuneResult, default_name as _default_name
 from .options import job as _job, parse_duration, resolve
 from .leases import HOST, fail_trial, heartbeat, own, single_tuner, sweep
-from .pool import GpuPool
+from .pool import GpuPool, host_bound
 from .progress import Progress as _Progress, raise_on_sigterm as _raise_on_sigterm
 from .runner import WORKER_CMD, Spares, run_trial
 from .seeds import enqueue_seeds as _enqueue_seeds, fit_budget as _fit_budget  # noqa: F401 (tests)
@@ -74,6 +74,8 @@ class _Run:
     cancel: threading.Event
     cut: threading.Event  # a trial was cut by --timeout
     spares: Spares | None = None  # warm workers (None: every trial starts its process cold)
+    # one trial at a time that streams the DiT from host memory (tuner/pool.py host_bound)
+    host: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(1))
 
 
 def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool, log) -> TuneResult:
@@ -120,6 +122,8 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
     warm = opt.warm_workers if opt.warm_workers is not None else (s.device != "cpu" and tuple(opt.worker_cmd) == WORKER_CMD)
     if warm:
         run.spares = Spares(opt.worker_cmd, s.spec.name, limit=max(2, 2 * (run.pool.size if run.pool else 1)))
+        for g in run.pool.gpus if run.pool is not None else (None,):  # the first trial on each GPU starts warm too
+            run.spares.prime({**run.env, **_pinned(run, (g,) if g is not None else ())})
     try:
         asks = 0
         while True:
@@ -203,12 +207,15 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
                     _tell(study, trial, rec, s.budget_bytes, opt.objective)
                     say(f"trial {trial.number}: pruned ({why}): {argv or '(defaults)'}")
                     continue
+            host = side_by_side and host_bound(cfg)
             with heartbeat(db, lease, ttl):  # waiting for GPUs (a running trial's) keeps the lease alive
+                while host and not run.host.acquire(timeout=0.5):
+                    inflight = _reap(inflight)
                 gpus = run.pool.take(_gpus_needed(cfg)) if run.pool is not None else ()
             if executor is not None:
-                inflight.add(executor.submit(_measure, run, trial, lease, cfg, argv, predicted, gpus))
+                inflight.add(executor.submit(_measure, run, trial, lease, cfg, argv, predicted, gpus, host))
             else:
-                _measure(run, trial, lease, cfg, argv, predicted, gpus)
+                _measure(run, trial, lease, cfg, argv, predicted, gpus, host)
     except KeyboardInterrupt:
         stopped = "interrupted (Ctrl-C or SIGTERM); everything measured is kept"
         run.cancel.set()  # trials side by side give their configurations back themselves
@@ -246,8 +253,9 @@ def _pinned(run: _Run, gpus) -> dict[str, str]:
     return run.pool.env(gpus) if run.pool is not None and gpus else {}
 
 
-def _measure(run: _Run, trial, lease: int, cfg, argv: str, predicted: int | None, gpus) -> None:
-    """Run one leased trial on `gpus` (given back to the pool at the end), record it and tell Optuna."""
+def _measure(run: _Run, trial, lease: int, cfg, argv: str, predicted: int | None, gpus, host: bool = False) -> None:
+    """Run one leased trial on `gpus` (given back to the pool at the end; `host`: it holds the
+    host's streaming slot, given back too), record it and tell Optuna."""
     s, opt, db, study = run.s, run.opt, run.db, run.study
     try:
         limit = s.trial_timeout_s
@@ -261,6 +269,8 @@ def _measure(run: _Run, trial, lease: int, cfg, argv: str, predicted: int | None
     finally:
         if run.pool is not None and gpus:
             run.pool.give(gpus)
+        if host:
+            run.host.release()
     if outcome.status == "cancelled":
         _give_back(db, run.study_id, study, trial, lease, s.space.params(cfg))
         return

@@ -80,6 +80,9 @@ def test_four_gpus_run_trials_side_by_side_and_find_the_optimum(tmp_path, monkey
             (a, b), (x, y) = t.manifest["ran"], u.manifest["ran"]
             if x < b and a < y:
                 assert set(t.manifest["cuda_visible_devices"].split(",")).isdisjoint(u.manifest["cuda_visible_devices"].split(","))
+    streamed = [t.manifest["ran"] for t in done if t.flags.get("dit-layerwise-offload") or t.flags.get("dit-cpu-offload")]
+    for i, (a, b) in enumerate(streamed):  # trials streaming the DiT from host memory: one at a time
+        assert not any(x < b and a < y for x, y in streamed[i + 1:])
     confirmed = [t for t in rows if t.status == "confirmed"]
     assert len(confirmed) == 2
     for c in confirmed:  # confirmed alone: no other trial ran while its runs did
@@ -87,7 +90,7 @@ def test_four_gpus_run_trials_side_by_side_and_find_the_optimum(tmp_path, monkey
         assert not any(x < b and a < y for x, y in spans)
     assert any(m.startswith("4 GPUs, trials side by side:") for m in said)
     print(f"4 pretend GPUs, 30 trials of 1 s side by side: {wall:.1f} s wall (30 s of trials), "
-          f"{overlapping} at once at most; winner {res.winner.argv}")
+          f"{overlapping} at once at most, {len(streamed)} streamed one at a time; winner {res.winner.argv}")
 
 
 def test_gpus_choose_a_subset_and_a_single_gpu_runs_one_at_a_time(tmp_path, monkeypatch):
@@ -98,6 +101,20 @@ def test_gpus_choose_a_subset_and_a_single_gpu_runs_one_at_a_time(tmp_path, monk
     rows = D.trials(D.open_db(url), study_name=res.study)
     assert {t.manifest["cuda_visible_devices"] for t in rows if t.status == "complete"} == {H100S[2].uuid}
     assert all(t.flags["num-gpus"] == 1 for t in rows)  # one GPU: no layouts in the space
+
+
+def test_trials_streaming_the_dit_from_host_memory_never_run_side_by_side(tmp_path, monkeypatch):
+    """Streamed trials slow each other down (host memory, PCIe): on two GPUs, every trial
+    streamed, they run one after another although a GPU is free."""
+    pretend_h100s(monkeypatch, H100S[:2])
+    monkeypatch.setenv("FAKE_ENGINE_SLEEP", "1.5")
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    res = tune(TuneOptions("flux-dev", trials=4, db_url=url, worker_cmd=FAKE, confirm=0, patience=100, gpus=(0, 1),
+                           max_gpus_per_trial=1, fix=("dit-layerwise-offload=true",)), log=lambda m: None)
+    done = [t for t in D.trials(D.open_db(url), study_name=res.study) if t.status == "complete"]
+    assert len(done) == 4 and all(t.flags["dit-layerwise-offload"] for t in done)
+    spans = sorted(t.manifest["ran"] for t in done)
+    assert all(b <= x for (_, b), (x, _) in zip(spans, spans[1:])), spans
 
 
 def test_visible_devices_by_uuid_else_pci_bus_order():

@@ -36,6 +36,21 @@ def test_a_trial_runs_in_a_warm_worker_of_its_environment_and_each_in_its_own_pr
     assert spares._waiting == []
 
 
+def test_primed_workers_make_the_first_trial_on_each_gpu_warm():
+    spares = Spares(FAKE, "flux-dev", limit=4)
+    gpus = [{"CUDA_VISIBLE_DEVICES": f"GPU-{i}"} for i in range(2)]
+    try:
+        for env in gpus:
+            spares.prime(env)
+            spares.prime(env)  # once per environment
+        assert len(spares._waiting) == 2
+        firsts = [run_trial(JOB, 30, FAKE, env, spares=spares) for env in gpus]
+    finally:
+        spares.close()
+    assert all(o.status == "complete" and o.warm for o in firsts)
+    assert [o.dump["manifest"]["cuda_visible_devices"] for o in firsts] == ["GPU-0", "GPU-1"]
+
+
 def test_waiting_workers_are_capped_closed_and_a_dead_one_is_replaced_by_a_cold_start():
     spares = Spares(FAKE, "flux-dev", limit=2)
     try:
