@@ -56,9 +56,11 @@ class Pipeline:
                  parallel: "RankContext | None" = None):
         self.family, self.spec, self.flags = family, family.spec, flags
         self.device, self.dtype, self.model_path = device, dtype, model_path
-        # One rank of several (engine/parallel): rank 0 alone holds the text encoders and the VAE.
+        # One rank of several (engine/parallel): rank 0 alone holds the VAE, the last rank the text
+        # encoders (parallel/context.py encoder_rank); one process holds both.
         self.par = parallel
         self.main = parallel is None or parallel.is_main
+        self.encodes = parallel is None or parallel.encodes
         self._check_supported()
         if model_path is not None:
             components.check_checkpoint_dir(model_path, family)
@@ -81,7 +83,7 @@ class Pipeline:
         self.dit = components.build_dit(family, self._home(flags.dit_cpu_offload or flags.dit_layerwise_offload), dtype,
                                         model_path, tensor=parallel.groups if parallel is not None else None)
         part("dit_s")
-        encoders = self.spec.text_encoders if self.main else ()
+        encoders = self.spec.text_encoders if self.encodes else ()
         self.tokenizers = {te.name: components.build_tokenizer(te, model_path) for te in encoders}
         self.text_encoders = {
             te.name: components.build_text_encoder(te, self._home(flags.text_encoder_cpu_offload), dtype, model_path, seed=i + 1)
@@ -200,11 +202,11 @@ class Pipeline:
         sync(dev)
         t = time.perf_counter()
         with self.peaks.stage("encode"):
-            if self.main:
+            if self.encodes:
                 cond = self.encode(prompt)
                 neg = self.encode(negative_prompt) if do_cfg else None
-            if self.par is not None:  # rank 0 encodes, every rank gets the embeddings
-                cond, neg = self.par.broadcast((cond, neg) if self.main else None)
+            if self.par is not None:  # the encoder rank encodes, every rank gets the embeddings
+                cond, neg = self.par.broadcast((cond, neg) if self.encodes else None, src=self.par.encoder_rank)
             sync(dev)
         times.stages["encode_s"] = time.perf_counter() - t
 
@@ -270,10 +272,10 @@ class Pipeline:
         do_cfg = self.spec.uses_cfg(guidance)
         with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
             cond = neg = None
-            if self.main:
+            if self.encodes:
                 cond = self.encode(prompt)
                 neg = self.encode(negative_prompt) if do_cfg else None
-            cond, neg = self.par.broadcast((cond, neg) if self.main else None)
+            cond, neg = self.par.broadcast((cond, neg) if self.encodes else None, src=self.par.encoder_rank)
             latents = self.family.prepare_latents(1, height, width, torch.Generator("cpu").manual_seed(0), self.device, self.dtype)
             sigma = torch.ones(1, device=self.device)
             conds = [cond, neg] if do_cfg else [cond]

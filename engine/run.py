@@ -317,7 +317,7 @@ def _parallel_report(pipe, par, req: GenerateRequest, width: int, height: int, g
     return {
         "layout": {"world_size": lay.world, "cfg": lay.cfg, "ulysses": lay.ulysses, "ring": lay.ring, "tp": lay.tp,
                    "describe": lay.describe()},
-        "text_encoders": "rank 0 (embeddings broadcast to every rank)",
+        "text_encoders": f"rank {par.encoder_rank} (embeddings broadcast to every rank)",
         "vae": "rank 0",
         "text_tokens": "sharded with the image tokens",
         "ranks": ranks,

@@ -126,7 +126,7 @@ def text_encoder_stream_bytes(fp: Footprint) -> int:
 
 
 def predict_peak_bytes(model: str, cfg, width: int, height: int, dtype_name: str = "bf16") -> int:
-    """The process's whole footprint on its GPU (rank 0's under several), as NVML counts it and the
+    """The process's whole footprint on its GPU (the binding rank's under several), as NVML counts it and the
     budget binds it: the allocator's reserved peak plus what lives outside the allocator (CUDA
     context, kernel modules, NCCL buffers), the allowance the worker keeps free of its cap
     (engine/budget.py). The outside term is additive, so differences between two configurations
@@ -146,7 +146,8 @@ def measured_outside_bytes(peak_vram: dict) -> int | None:
 
 
 def predict_stage_bytes(model: str, cfg, width: int, height: int, dtype_name: str = "bf16") -> dict[str, int]:
-    """Allocated bytes on the GPU (rank 0 on several) in each stage: load, encode, denoise, decode."""
+    """Allocated bytes on the GPU (on several, the binding rank's: rank 0 with the VAE or the last
+    with the text encoders) in each stage: load, encode, denoise, decode."""
     fp = footprint(model, dtype_name)
     family = get_family(model)
     tokens = family.image_seq_len(height, width) + fp.text_tokens
@@ -168,10 +169,10 @@ def predict_stage_bytes(model: str, cfg, width: int, height: int, dtype_name: st
         dit_resident, dit_visiting = fp.dit_bytes - fp.dit_split_bytes + fp.dit_split_bytes // tp, 0
     te_resident = 0 if cfg.text_encoder_cpu_offload else fp.text_encoder_bytes
     vae_resident = 0 if cfg.vae_cpu_offload else vae_bytes
-    resident = dit_resident + te_resident + vae_resident
 
-    # Several GPUs (the peak of rank 0, the binding one: it alone holds the text encoders and the
-    # VAE; every rank holds the whole DiT, or its tensor-parallel share): sequence parallelism
+    # Several GPUs: every rank holds the whole DiT, or its tensor-parallel share; rank 0 also the
+    # VAE, the last rank the text encoders (engine/parallel/context.py encoder_rank): the binding
+    # GPU is the one of the two whose peak is higher. Sequence parallelism
     # splits the DiT's activations over ulysses x ring ranks, and its collectives add send/receive
     # buffers for q, k, v and the output of one shard (of this rank's heads under tp). Tensor
     # parallelism splits the activations of split width. CFG parallel runs one branch per rank.
@@ -185,12 +186,20 @@ def predict_stage_bytes(model: str, cfg, width: int, height: int, dtype_name: st
         dit_act += TP_BUFFER_ELEMENTS_PER_TOKEN_HIDDEN * (tokens // sp + 1) * fp.hidden * elem
     vae_act = VAE_ACT_ELEMENTS_PER_PIXEL * width * height * vae_elem
     te_act = 64 * fp.text_tokens * 4096 * elem
-    return {
-        "load": resident,
-        "encode": resident + (text_encoder_stream_bytes(fp) if cfg.text_encoder_cpu_offload else 0) + te_act,
-        "denoise": resident + dit_visiting + dit_act,
-        "decode": resident + (vae_bytes if cfg.vae_cpu_offload else 0) + vae_act,
-    }
+
+    def stages(encodes: bool, decodes: bool) -> dict[str, int]:
+        resident = dit_resident + (te_resident if encodes else 0) + (vae_resident if decodes else 0)
+        return {
+            "load": resident,
+            "encode": resident + ((text_encoder_stream_bytes(fp) if cfg.text_encoder_cpu_offload else 0) + te_act
+                                  if encodes else 0),
+            "denoise": resident + dit_visiting + dit_act,
+            "decode": resident + ((vae_bytes if cfg.vae_cpu_offload else 0) + vae_act if decodes else 0),
+        }
+
+    if int(getattr(cfg, "num_gpus", 1) or 1) == 1:
+        return stages(True, True)
+    return max(stages(False, True), stages(True, False), key=lambda st: max(st.values()))
 
 
 def over_budget(predicted: int, budget_bytes: int) -> bool:

@@ -116,7 +116,9 @@ def test_cli_num_gpus_matches_one_process_and_dumps_every_rank(tmp_path):
     for r in par["ranks"]:
         assert r["collectives_per_step"]["attention_bytes"] > 0
     assert dump["manifest"]["flags"]["num-gpus"] == 2 and dump["manifest"]["sequence_parallel_attention"] == 2
-    assert "text_encoder" in dump["manifest"]["placement"]  # rank 0's manifest: it holds the encoders
+    # rank 0's manifest: it holds the VAE; the last rank the text encoders
+    assert "vae" in dump["manifest"]["placement"] and "text_encoder" not in dump["manifest"]["placement"]
+    assert par["text_encoders"].startswith("rank 1 ") and par["vae"] == "rank 0"
 
 
 def test_cli_rank_failure_is_one_line_with_the_single_process_status(tmp_path):

@@ -5,9 +5,10 @@ from dittune.engine import flags as F
 from dittune.tuner import memory
 
 
-def _cfg(**degrees):
+def _cfg(offloaded: bool = True, **degrees):
+    """Text encoders and VAE offloaded (default): what stays is the DiT and its activations."""
     n = degrees.get("tp_size", 1) * degrees.get("ulysses_degree", 1)
-    return F.EngineConfig(num_gpus=n, **degrees)
+    return F.EngineConfig(num_gpus=n, text_encoder_cpu_offload=offloaded, vae_cpu_offload=offloaded, **degrees)
 
 
 def test_tp_splits_the_plans_weights_and_activations():
@@ -31,3 +32,19 @@ def test_flux_tp2_dit_share_is_under_the_issue_target():
     fp = memory.footprint("flux-dev")
     share = (fp.dit_bytes - fp.dit_split_bytes + fp.dit_split_bytes // 2) / fp.dit_bytes
     assert 0.5 < share < 0.51
+
+
+def test_several_gpus_hold_the_text_encoders_and_the_vae_on_different_ranks():
+    """Rank 0 holds the VAE, the last rank the text encoders: the binding GPU is whichever of the
+    two peaks higher, below one process holding both (FLUX TP-2 on 2 x H200 with both on rank 0:
+    30.96 GiB on rank 0, 13.18 GiB on rank 1)."""
+    fp = memory.footprint("flux-dev")
+    one = memory.predict_stage_bytes("flux-dev", _cfg(False), 1024, 1024)
+    two = memory.predict_stage_bytes("flux-dev", _cfg(False, tp_size=2), 1024, 1024)
+    bare = memory.predict_stage_bytes("flux-dev", _cfg(tp_size=2), 1024, 1024)  # neither resident
+    dit_share = bare["load"]
+    assert two["load"] in (dit_share + fp.text_encoder_bytes, dit_share + fp.vae_bytes // 2)  # one of them, not both
+    assert max(two.values()) < max(one.values()) - (fp.dit_split_bytes - fp.dit_split_bytes // 2)
+    # FLUX: T5-XXL (about 9 GiB) outweighs the VAE and its decode: the encoder rank binds, at the
+    # encode stage or later, and it decodes nothing
+    assert two["load"] == dit_share + fp.text_encoder_bytes and two["decode"] == two["load"]
