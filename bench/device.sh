@@ -2,7 +2,7 @@
 # Runs on the device machine (see ../shared/device/README.md): install the project, then one named
 # stage that fits a 10-minute call. Logs and JSON go to $OUT (default ./out).
 #   bash bench/device.sh STAGE...   (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner
-#   par-gen tp-bench tune2 pool budget;
+#   par-gen tp-bench tp-proto tune2 pool budget;
 #   tune and winner need TUNE_DB=file, tune takes TUNE_ARGS such as --vram-budget 24GiB)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -92,6 +92,13 @@ stage() {
       --profile --inductor reorder_for_compute_comm_overlap=true bucket_all_reduces_fx=all --json "$OUT/tp_bench.json" > "$OUT/tp_bench.log" 2>&1
     echo "tp-bench rc=$?"; tail -8 "$OUT/tp_bench.log"
     python3 -c "import json; r=[x for x in json.load(open('$OUT/tp_bench.json'))['rows'] if 'wall_ms' in x]; print(json.dumps(r, indent=1))" ;;
+  tp-proto)  # the FLUX TP-2 rows under each NCCL protocol (the all-reduce ran ring LL at ~130 GB/s); a bench
+             # builds its CPU reference first (over a minute for FLUX): give each run 300 s
+    for proto in ${PROTOS:-Simple LL128}; do
+      NCCL_PROTO=$proto PYTHONPATH=bench:$PYTHONPATH timeout "$(left 300)" python3 bench/bench_parallel.py --models flux-dev \
+        --only tp --no-diffusers --json "$OUT/tp_$proto.json" > "$OUT/tp_$proto.log" 2>&1
+      echo "tp-proto $proto rc=$?"; tail -3 "$OUT/tp_$proto.log"
+    done ;;
   tune2)  # TUNE_MODEL on both GPUs with the fast flags fixed (the layouts searched), then recommend per GPU count
     m=${TUNE_MODEL:-flux-dev}; db="$OUT/tune_${m//-/_}_2xh200.db"
     timeout "$(left 580)" dittune tune "$m" --gpus 0,1 --trials ${TUNE_TRIALS:-3} --confirm ${TUNE_CONFIRM:-0} --trial-timeout 200 \
@@ -106,7 +113,7 @@ stage() {
   budget)  # FLUX under 24 GiB: tune, recommend, the recommended command watched through NVML (tests/tuner/test_budget_gpu.py)
     timeout "$(left 590)" python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/tuner/test_budget_gpu.py > "$OUT/budget.log" 2>&1
     echo "budget rc=$?"; grep -E "under|passed|failed|Error|assert" "$OUT/budget.log" | tail -12 ;;
-  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tune2 pool budget)"; exit 2 ;;
+  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tp-proto tune2 pool budget)"; exit 2 ;;
   esac
 }
 for s in "$@"; do stage "$s"; done
