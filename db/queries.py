@@ -106,6 +106,13 @@ class Result:
         return "single run (spread of its steps)"
 
     @property
+    def images_per_s_per_gpu(self) -> float:
+        """Throughput per GPU of this configuration serving one request at a time: what tells one
+        wide layout from replicas of a narrower one (FLUX.1-dev on 2 x H200: TP-2 0.220, one GPU
+        0.279, so two single-GPU replicas serve more images while TP-2 answers each sooner)."""
+        return 1.0 / (self.latency_s * self.num_gpus)
+
+    @property
     def num_gpus(self) -> int:
         """GPUs the configuration ran on: the stored flags' "num-gpus" (absent before multi-GPU: 1)."""
         return int(self.flags.get("num-gpus", 1))

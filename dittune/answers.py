@@ -58,18 +58,51 @@ def recommend(db: D.Database, q: Question, current: dict[str, Any] | None = None
     return rows
 
 
-def answer_dict(r: D.Result) -> dict[str, Any]:
+def single_gpu_peers(db: D.Database, q: Question, rows: list[D.Result],
+                     current: dict[str, Any] | None = None) -> dict[int, D.Result]:
+    """For each answer on several GPUs, the best one-GPU answer of the same workload, GPU kind and
+    budget (by trial id of the wide answer): what N replicas of it would serve instead."""
+    wide = [r for r in rows if r.num_gpus > 1]
+    if not wide:
+        return {}
+    ones = D.best(db, q.model, q.gpu, q.check(), _current() if current is None else current, num_gpus=1)
+    by_group = {r.group[:-1]: r for r in ones}
+    return {r.trial_id: by_group[r.group[:-1]] for r in wide if r.group[:-1] in by_group}
+
+
+def _replicas(r: D.Result, single: D.Result) -> dict[str, Any]:
+    n = r.num_gpus
+    return {"single_gpu_trial_id": single.trial_id, "single_gpu_latency_s": single.latency_s,
+            "replicas": n, "replicas_images_per_s": n / single.latency_s, "layout_images_per_s": 1 / r.latency_s,
+            "more_images_per_s": "replicas" if n / single.latency_s > 1 / r.latency_s else "layout",
+            "layout_speedup": single.latency_s / r.latency_s}
+
+
+def answer_dict(r: D.Result, single: D.Result | None = None) -> dict[str, Any]:
     """emit.to_dict plus what the answer needs to be trusted: GPU count, the rule that picked it,
-    where its noise band comes from, and which versions differ when it is stale."""
+    where its noise band comes from, and which versions differ when it is stale; on several GPUs,
+    against replicas of the best one-GPU answer (`single`, single_gpu_peers) where there is one."""
     from dittune.tuner import emit
 
-    return {**emit.to_dict(r), "num_gpus": r.num_gpus, "rule": r.rule or None}
+    out = {**emit.to_dict(r), "num_gpus": r.num_gpus, "rule": r.rule or None}
+    if single is not None and r.num_gpus > 1:
+        out["vs_single_gpu_replicas"] = _replicas(r, single)
+    return out
 
 
-def answer_text(r: D.Result) -> str:
+def answer_text(r: D.Result, single: D.Result | None = None) -> str:
     from dittune.tuner import emit
 
-    return f"{emit.render_text(r)}\n  GPUs: {r.num_gpus}; picked: {r.rule}"
+    text = f"{emit.render_text(r)}\n  GPUs: {r.num_gpus}; picked: {r.rule}"
+    if single is not None and r.num_gpus > 1:
+        x = _replicas(r, single)
+        more = (f"{x['replicas']} replicas serve more images" if x["more_images_per_s"] == "replicas"
+                else "this layout serves more images")
+        text += (f"\n  throughput: {x['layout_images_per_s']:.3g} images/s on {r.num_gpus} GPUs; {x['replicas']} "
+                 f"replicas of the one-GPU best (trial {single.trial_id}, {single.latency_s:.3f} s) would serve "
+                 f"{x['replicas_images_per_s']:.3g}: {more}, this layout answers each request "
+                 f"{x['layout_speedup']:.2f}x as fast")
+    return text
 
 
 def export(db: D.Database, q: Question, fmt: str, current: dict[str, Any] | None = None) -> tuple[str, int]:

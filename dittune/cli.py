@@ -125,12 +125,14 @@ def recommend(
         raise DittuneError(f"--format {format!r}: choose text or json")
     q = answers.Question(model, gpu, num_gpus, vram_budget)
     q.check()
-    results = answers.recommend(D.open_db(db), q)
+    database = D.open_db(db)
+    results = answers.recommend(database, q)
+    peers = answers.single_gpu_peers(database, q, results)
     if format == "json":
-        print(json.dumps([answers.answer_dict(r) for r in results], indent=2))
+        print(json.dumps([answers.answer_dict(r, peers.get(r.trial_id)) for r in results], indent=2))
     else:
         for r in results:
-            print(answers.answer_text(r))
+            print(answers.answer_text(r, peers.get(r.trial_id)))
 
 
 @app.command()

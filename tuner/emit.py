@@ -85,6 +85,7 @@ def stale_text(r: Result) -> str:
 def _evidence(r: Result) -> str:
     """One line: the figure and everything needed to trust (or redo) it."""
     step = f", step median {r.step_median_s * 1e3:.1f} ms" if r.step_median_s is not None else ""
+    step += f", {r.images_per_s_per_gpu:.3g} images/s per GPU ({r.num_gpus} GPU(s))"
     warm = f", {r.warmup_requests} warm-up request(s)" if r.warmup_requests is not None else ""
     stale = f"; {stale_text(r)}" if r.stale else ""
     return (
@@ -110,6 +111,7 @@ def to_dict(r: Result) -> dict:
         "repeats_s": list(r.repeats),
         "verdict": r.verdict or None, "peak_kind": r.peak_kind, "torch_reserved_peak_bytes": r.torch_reserved_peak_bytes,
         "warmup_requests": r.warmup_requests, "budget_peak_bytes": r.budget_peak_bytes,
+        "images_per_s_per_gpu": r.images_per_s_per_gpu,
     }
 
 

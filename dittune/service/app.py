@@ -146,8 +146,10 @@ def create_app(db: D.Database, token: str | None = None, jobs: JobRunner | None 
     @app.get("/v1/recommend", summary="The best stored configuration (the same answer as `dittune recommend --format json`)")
     def recommend(model: str, gpu: Optional[str] = None, num_gpus: Optional[int] = Query(None, ge=1),
                   vram_budget: Optional[str] = None) -> JSONResponse:
-        rows = answers.recommend(db, answers.Question(model, gpu, num_gpus, vram_budget), current)
-        return JSONResponse([answers.answer_dict(r) for r in rows])  # plain dicts: no response-model pass
+        q = answers.Question(model, gpu, num_gpus, vram_budget)
+        rows = answers.recommend(db, q, current)
+        peers = answers.single_gpu_peers(db, q, rows, current)
+        return JSONResponse([answers.answer_dict(r, peers.get(r.trial_id)) for r in rows])  # plain dicts: no response-model pass
 
     @app.get("/v1/studies", summary="Stored studies with their best configuration")
     def studies_() -> list[dict[str, Any]]:

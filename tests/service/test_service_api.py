@@ -19,10 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 FLUX_DB = ROOT / "bench" / "results" / "tune_flux_dev.db"
 
 
-def cli_json(*args):
+def cli_text(*args):
     r = CliRunner().invoke(cli, list(args))
     assert r.exit_code == 0, r.output
-    return json.loads(r.stdout)
+    return r.stdout
+
+
+def cli_json(*args):
+    return json.loads(cli_text(*args))
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +269,22 @@ def test_export_num_gpus_is_the_cli_export(client, fake_study):
     assert api == cli_json("export", "--db", url, "--format", "json", "--num-gpus", "2")
     r = CliRunner().invoke(cli, ["export", "--db", url, "--num-gpus", "0"])
     assert r.exit_code == 1 and "--num-gpus 0: need at least one GPU" in r.stderr
+
+
+def test_wide_answers_weigh_themselves_against_single_gpu_replicas(client, fake_study):
+    """Images per second per GPU on every answer; a 2-GPU answer also says what two replicas of
+    the best 1-GPU answer of the same workload and GPU kind would serve, in JSON and text alike."""
+    url, _ = fake_study
+    rows = client.get("/v1/recommend?model=flux-dev").json()
+    one = next(r for r in rows if r["num_gpus"] == 1)
+    two = next(r for r in rows if r["num_gpus"] == 2)
+    assert one["images_per_s_per_gpu"] == pytest.approx(1 / one["latency_s"]) and "vs_single_gpu_replicas" not in one
+    assert two["images_per_s_per_gpu"] == pytest.approx(1 / (2 * two["latency_s"]))
+    x = two["vs_single_gpu_replicas"]
+    assert x["single_gpu_trial_id"] == one["trial_id"] and x["replicas"] == 2
+    assert x["replicas_images_per_s"] == pytest.approx(2 / one["latency_s"])
+    assert x["layout_images_per_s"] == pytest.approx(1 / two["latency_s"])
+    assert x["more_images_per_s"] == ("replicas" if 2 / one["latency_s"] > 1 / two["latency_s"] else "layout")
+    text = cli_text("recommend", "flux-dev", "--num-gpus", "2", "--db", url)
+    assert f"2 replicas of the one-GPU best (trial {one['trial_id']}, {one['latency_s']:.3f} s) would serve" in text
+    assert f"{two['images_per_s_per_gpu']:.3g} images/s per GPU (2 GPU(s))" in text
