@@ -102,20 +102,37 @@ def record_from(outcome: Outcome, cfg, argv: str, number: int | None, s: Setup, 
     return rec
 
 
-def tell(study, trial, rec: D.TrialRecord, budget: int | None, objective: str) -> None:
+def told(study, trial, values=None, state=None) -> bool:
+    """study.tell, False where the Optuna trial had already been finished by another process: a
+    sweeper fails RUNNING trials with no lease once older than the TTL, and on a starved machine
+    (CI, two cores shared by two test runs) a trial's ask and its lease were seen that far apart.
+    What dittune stored stays; only the sampler's copy of that one trial is the sweeper's."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    number = trial if isinstance(trial, int) else trial.number
+    if all(t.number != number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+        return False
+    try:
+        study.tell(trial, values, state=state)
+    except UpdateFinishedTrialError:  # closed between the read above and this write
+        return False
+    return True
+
+
+def tell(study, trial, rec: D.TrialRecord, budget: int | None, objective: str) -> bool:
     """Measured trials report (latency, peak GiB). Trials that did not fit the budget (pruned by
     the memory model, or out of memory) report as infeasible with the predicted or the budget's
-    peak as the constraint value, so the sampler learns where the wall is; other failures FAIL."""
+    peak as the constraint value, so the sampler learns where the wall is; other failures FAIL.
+    False where another process had finished the Optuna trial (told)."""
     if rec.status == "complete":
         peak = rec.peak_vram_bytes or 0
         if budget is not None:
             trial.set_constraint("vram", (peak - budget) / 2**30)
         values = [rec.latency_s, peak / 2**30] if objective == "frontier" else [rec.latency_s]
-        study.tell(trial, values)
-    elif budget is not None and rec.status in ("pruned", "oom"):
+        return told(study, trial, values)
+    if budget is not None and rec.status in ("pruned", "oom"):
         peak = max(rec.predicted_vram_bytes or 0, budget + 2**30)
         trial.set_constraint("vram", (peak - budget) / 2**30)
         values = [INFEASIBLE_LATENCY, peak / 2**30] if objective == "frontier" else [INFEASIBLE_LATENCY]
-        study.tell(trial, values)
-    else:
-        study.tell(trial, state=TrialState.FAIL)
+        return told(study, trial, values)
+    return told(study, trial, state=TrialState.FAIL)

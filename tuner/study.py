@@ -40,7 +40,7 @@ from .pool import GpuPool, host_bound
 from .progress import Progress as _Progress, raise_on_sigterm as _raise_on_sigterm
 from .runner import WORKER_CMD, Spares, run_trial
 from .seeds import enqueue_seeds as _enqueue_seeds, fit_budget as _fit_budget  # noqa: F401 (tests)
-from .state import State as _State, record_from as _record_from, tell as _tell
+from .state import State as _State, record_from as _record_from, tell as _tell, told as _told
 from .versions import current_versions
 
 __all__ = ["OBJECTIVES", "TuneOptions", "TuneResult", "parse_duration", "tune", "CLIMB_MARGIN"]
@@ -167,7 +167,7 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
             try:
                 cfg = s.space.suggest(trial)
             except FlagError:  # a registry constraint: costs nothing, the registry refuses it anyway
-                study.tell(trial, state=TrialState.PRUNED)
+                _told(study, trial, state=TrialState.PRUNED)
                 continue
             argv = shlex.join(F.config_to_argv(cfg))
             prior = state.tried.get(argv)
@@ -181,7 +181,7 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
                 if prior is not None:
                     _tell(study, trial, prior, s.budget_bytes, opt.objective)
                 else:
-                    study.tell(trial, state=TrialState.FAIL)
+                    _told(study, trial, state=TrialState.FAIL)
                 continue
             dom = _dominated(cfg, s, state, opt.objective)
             if dom is not None:  # cannot be faster than what was measured: no GPU time
@@ -191,7 +191,7 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
                     status="pruned", flags=F.config_to_dict(cfg), argv=argv, optuna_number=trial.number, reason=why))
                 if s.budget_bytes is not None:
                     trial.set_constraint("vram", ((dom.peak_vram_bytes or 0) - s.budget_bytes) / 2**30)
-                study.tell(trial, [dom.latency_s])  # a lower bound of its latency: the sampler moves on
+                _told(study, trial, [dom.latency_s])  # a lower bound of its latency: the sampler moves on
                 say(f"trial {trial.number}: pruned ({why}): {argv or '(defaults)'}")
                 continue
             predicted = None
@@ -285,7 +285,8 @@ def _measure(run: _Run, trial, lease: int, cfg, argv: str, predicted: int | None
         fail_trial(study, trial.number)
         run.say(f"trial {trial.number}: its lease expired while it ran and another process asks it again; not recorded")
         return
-    _tell(study, trial, rec, s.budget_bytes, opt.objective)
+    if not _tell(study, trial, rec, s.budget_bytes, opt.objective):
+        run.say(f"trial {trial.number}: another process's sweep had closed its Optuna trial; the measurement is stored")
     where = f" on GPU {','.join(str(g.index) for g in gpus)}" if run.pool is not None and run.pool.size > 1 else ""
     if rec.status == "complete":
         run.say(f"trial {trial.number}: {rec.latency_s:.3f} s, peak {format_bytes(rec.peak_vram_bytes)}{where}: "

@@ -154,3 +154,23 @@ def test_a_second_process_on_one_sqlite_study_is_refused(tmp_path):
     assert not second.trials()
     statuses = [t.status for t in D.trials(db)]
     assert set(statuses) == {"complete"} and len(first.trials()) <= len(statuses) <= len(first.trials()) + 1
+
+
+def test_a_trial_another_process_closed_is_told_without_a_crash():
+    """A sweeper fails a RUNNING Optuna trial with no lease once it is older than the TTL; on a
+    starved machine a trial's ask and its lease were seen that far apart, and its process then
+    crashed telling the result (CI). told() reports it instead."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from dittune.tuner.state import told
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    trial = study.ask()
+    other = optuna.load_study(study_name=study.study_name, storage=study._storage)
+    other.tell(trial.number, state=TrialState.FAIL)  # the sweeper
+    assert told(study, trial, [1.0]) is False
+    assert study.trials[trial.number].state == TrialState.FAIL
+    fresh = study.ask()
+    assert told(study, fresh, [2.0]) is True and study.best_value == 2.0
