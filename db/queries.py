@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import statistics
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -94,10 +95,7 @@ class Result:
         n = len(self.repeats)
         if n < 2:
             return None
-        med = sorted(self.repeats)[n // 2] if n % 2 else sum(sorted(self.repeats)[n // 2 - 1 : n // 2 + 1]) / 2
-        mean = sum(self.repeats) / n
-        sd = math.sqrt(sum((x - mean) ** 2 for x in self.repeats) / (n - 1))
-        return 2 * sd * math.sqrt(1 + 1.57 / n) / med
+        return 2 * statistics.stdev(self.repeats) * math.sqrt(1 + 1.57 / n) / statistics.median(self.repeats)
 
     @property
     def band_source(self) -> str:

@@ -67,12 +67,8 @@ def widest_tp(cfg, s: Setup):
     while n >= 2:
         c = replace(cfg, tp_size=n, ulysses_degree=1, ring_degree=1, enable_cfg_parallel=False, num_gpus=n,
                     dit_cpu_offload=False, dit_layerwise_offload=False)
-        try:
-            if s.space.contains(c) and (s.budget_bytes is None or
-                                        memory.predict_peak_bytes(s.spec.name, c, s.width, s.height) <= s.budget_bytes):
-                return c
-        except FlagError:
-            pass
+        if _layout_fits(c, s):
+            return c
         n //= 2
     return None
 
@@ -88,16 +84,20 @@ def widest_layout(cfg, s: Setup, split_cfg: bool = False):
         while u >= 1:
             c = replace(cfg, ulysses_degree=u, ring_degree=n // halves // u, enable_cfg_parallel=split_cfg,
                         num_gpus=n, dit_cpu_offload=False, dit_layerwise_offload=False)  # layouts run the DiT resident
-            try:
-                ok = s.space.contains(c) and (s.budget_bytes is None or
-                                              memory.predict_peak_bytes(s.spec.name, c, s.width, s.height) <= s.budget_bytes)
-            except FlagError:
-                ok = False
-            if ok:
+            if _layout_fits(c, s):
                 return c
             u //= 2
         n //= 2
     return None
+
+
+def _layout_fits(c, s: Setup) -> bool:
+    """A wide layout the space holds and the memory model fits in the budget."""
+    try:
+        return s.space.contains(c) and (s.budget_bytes is None or
+                                        memory.predict_peak_bytes(s.spec.name, c, s.width, s.height) <= s.budget_bytes)
+    except FlagError:
+        return False
 
 
 def fit_budget(cfg, s: Setup):
