@@ -32,6 +32,7 @@ from dittune.engine.gpu import detect
 from . import memory
 from .climb import CLIMB_MARGIN, allocated_peak as _allocated_peak, next_climb as _next_climb  # noqa: F401 (tests)
 from .climb import dominated as _dominated, residency_climb as _residency_climb  # noqa: F401 (tests)
+from .climb import resident_first as _resident_first
 from .confirm import confirm as _confirm, result as _result
 from .options import OBJECTIVES, Setup as _Setup, TuneOptions, TuneResult, default_name as _default_name
 from .options import job as _job, parse_duration, resolve
@@ -193,6 +194,16 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
                     trial.set_constraint("vram", ((dom.peak_vram_bytes or 0) - s.budget_bytes) / 2**30)
                 _told(study, trial, [dom.latency_s])  # a lower bound of its latency: the sampler moves on
                 say(f"trial {trial.number}: pruned ({why}): {argv or '(defaults)'}")
+                continue
+            first = _resident_first(cfg, s, state, opt.objective)
+            if first is not None:  # its resident sibling runs first; asked again later, it is pruned or runs
+                D.leases.finish(db, lease, study_id, None)
+                _told(study, trial, state=TrialState.PRUNED)
+                first_argv = shlex.join(F.config_to_argv(first))
+                if first_argv not in {r.argv for r in running}:
+                    study.enqueue_trial(s.space.params(first), skip_if_exists=False)
+                say(f"trial {trial.number}: deferred (the DiT resident is measured first: "
+                    f"{first_argv or '(defaults)'}): {argv or '(defaults)'}")
                 continue
             predicted = None
             if s.budget_bytes is not None:

@@ -90,3 +90,32 @@ def test_the_climb_leaves_the_allowance_outside_the_allocator(monkeypatch):
     kept = residency_climb(base, rec(4 * GiB), s, S._State({}))
     assert free is not None and kept is not None
     assert kept.dit_resident_layers < free.dit_resident_layers  # 4 GiB less room: fewer blocks climbed
+
+
+def test_a_streamed_configuration_waits_for_its_resident_sibling(monkeypatch):
+    """Under the latency objective a streamed configuration whose DiT-resident sibling should fit
+    is deferred until that sibling is measured (then `dominated` prunes it for free); a sibling
+    predicted over the budget, measured, or out of memory lets it run; the frontier runs it."""
+    from dittune.tuner.climb import resident_first
+
+    s = _setup(monkeypatch)
+    state = S._State({})
+    small = ["--text-encoder-cpu-offload", "--vae-cpu-offload"]
+    r10 = F.config_from_argv([*STREAM, "10"])
+    sib = F.config_from_argv(small)
+    fits = memory.predict_peak_bytes("flux-dev", sib, s.width, s.height) <= s.budget_bytes
+    assert (resident_first(r10, s, state, "latency") == sib) is fits  # FLUX resident at 24 GiB: the model decides
+    s24 = S._setup(S.TuneOptions("flux-dev", vram_budget="80GiB", trials=1, db_url="sqlite://"))
+    assert resident_first(r10, s24, state, "latency") == sib
+    whole = F.config_from_argv([*small, "--dit-cpu-offload"])
+    assert resident_first(whole, s24, state, "latency") == sib
+    assert resident_first(r10, s24, state, "frontier") is None
+    assert resident_first(sib, s24, state, "latency") is None  # nothing streamed: it simply runs
+    s8 = S._setup(S.TuneOptions("flux-dev", vram_budget="8GiB", trials=1, db_url="sqlite://"))
+    assert resident_first(r10, s8, state, "latency") is None  # the resident DiT cannot fit 8 GiB
+    _add(state, s24, sib, status="oom")
+    assert resident_first(r10, s24, state, "latency") is None  # it ran out of memory: stream
+    state = S._State({})
+    _add(state, s24, sib, latency=1.0, peak=20 * GiB)
+    assert resident_first(r10, s24, state, "latency") is None  # measured: `dominated` decides
+    assert S._dominated(r10, s24, state, "latency").latency_s == 1.0
