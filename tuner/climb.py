@@ -128,8 +128,8 @@ def resident_first(cfg, s: Setup, state: State, objective: str):
     27-63 s each against ~21 s). None when `cfg` should simply run."""
     if objective != "latency" or not (cfg.dit_layerwise_offload or cfg.dit_cpu_offload):
         return None
-    sib = replace(cfg, dit_layerwise_offload=False, dit_resident_layers=0, dit_cpu_offload=False,
-                  dit_offload_prefetch_size=F.config_from_dict({}).dit_offload_prefetch_size)
+    streaming = ("dit-layerwise-offload", "dit-cpu-offload")  # and the flags that only apply under them
+    sib = replace(cfg, **{f.attr: f.default for f in F.FLAGS if f.name in streaming or f.requires in streaming})
     if not s.space.contains(sib):
         return None  # the DiT's placement is fixed (--fix), or the space has no such point
     argv = shlex.join(F.config_to_argv(sib))

@@ -107,6 +107,8 @@ def test_a_streamed_configuration_waits_for_its_resident_sibling(monkeypatch):
     assert (resident_first(r10, s, state, "latency") == sib) is fits  # FLUX resident at 24 GiB: the model decides
     s24 = S._setup(S.TuneOptions("flux-dev", vram_budget="80GiB", trials=1, db_url="sqlite://"))
     assert resident_first(r10, s24, state, "latency") == sib
+    idle = F.config_from_argv([*STREAM, "10", "--dit-idle-offload", "--dit-offload-prefetch-size", "2"])
+    assert resident_first(idle, s24, state, "latency") == sib  # the streaming-only flags go with it
     whole = F.config_from_argv([*small, "--dit-cpu-offload"])
     assert resident_first(whole, s24, state, "latency") == sib
     assert resident_first(r10, s24, state, "frontier") is None
