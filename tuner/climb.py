@@ -69,10 +69,18 @@ def residency_climb(cfg, rec: D.TrialRecord, s: Setup, state: State):
     return None
 
 
+_STREAMING = ("dit-layerwise-offload", "dit-cpu-offload")
+
+
+def resident(cfg):
+    """`cfg` with the whole DiT resident: the streaming flags, and those that apply only under
+    them (resident count, prefetch, idle offload), at their defaults."""
+    return replace(cfg, **{f.attr: f.default for f in F.FLAGS if f.name in _STREAMING or f.requires in _STREAMING})
+
+
 def _family(cfg) -> tuple:
     """Everything but where the DiT lives: configurations that differ only in residency."""
-    d = F.config_to_dict(replace(cfg, dit_layerwise_offload=False, dit_resident_layers=0, dit_cpu_offload=False))
-    return tuple(sorted((k, v) for k, v in d.items() if k != "dit-offload-prefetch-size"))
+    return tuple(sorted(F.config_to_dict(resident(cfg)).items()))
 
 
 def dominated(cfg, s: Setup, state: State, objective: str) -> D.TrialRecord | None:
@@ -81,7 +89,7 @@ def dominated(cfg, s: Setup, state: State, objective: str) -> D.TrialRecord | No
     the budget: more resident blocks stream fewer bytes, so it cannot be faster. (The frontier
     objective wants those lower-memory points; latency does not.) The measured record that
     dominates it, or None."""
-    if objective != "latency" or not cfg.dit_layerwise_offload:
+    if objective != "latency" or not (cfg.dit_layerwise_offload or cfg.dit_cpu_offload):
         return None
     fam = _family(cfg)
     best = None
@@ -91,8 +99,10 @@ def dominated(cfg, s: Setup, state: State, objective: str) -> D.TrialRecord | No
         other = F.config_from_dict(rec.flags)
         if other.dit_cpu_offload or _family(other) != fam:
             continue
-        if (not other.dit_layerwise_offload or other.dit_resident_layers > cfg.dit_resident_layers) and (
-                best is None or rec.latency_s < best.latency_s):
+        wider = not other.dit_layerwise_offload or (  # the whole DiT resident dominates every streamed variant
+            cfg.dit_layerwise_offload and other.dit_idle_offload == cfg.dit_idle_offload
+            and other.dit_resident_layers > cfg.dit_resident_layers)
+        if wider and (best is None or rec.latency_s < best.latency_s):
             best = rec
     return best
 
@@ -128,8 +138,7 @@ def resident_first(cfg, s: Setup, state: State, objective: str):
     27-63 s each against ~21 s). None when `cfg` should simply run."""
     if objective != "latency" or not (cfg.dit_layerwise_offload or cfg.dit_cpu_offload):
         return None
-    streaming = ("dit-layerwise-offload", "dit-cpu-offload")  # and the flags that only apply under them
-    sib = replace(cfg, **{f.attr: f.default for f in F.FLAGS if f.name in streaming or f.requires in streaming})
+    sib = resident(cfg)
     if not s.space.contains(sib):
         return None  # the DiT's placement is fixed (--fix), or the space has no such point
     argv = shlex.join(F.config_to_argv(sib))

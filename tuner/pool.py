@@ -5,6 +5,7 @@ device order, which need not match NVML's, never matters."""
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Sequence
 
@@ -53,14 +54,36 @@ def visible_devices(take: Sequence[GpuInfo], every: Sequence[GpuInfo]) -> dict[s
     return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(cuda_index[g.index]) for g in take)}
 
 
+def cpu_shares(n: int, cpus: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+    """The cores this process may use, split into `n` contiguous shares (one per GPU of a pool);
+    fewer cores than shares: one core each, reused round robin."""
+    cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if len(cpus) < n:
+        return [(cpus[i % len(cpus)],) for i in range(n)]
+    k, extra = divmod(len(cpus), n)
+    out, start = [], 0
+    for i in range(n):
+        size = k + (i < extra)
+        out.append(tuple(cpus[start:start + size]))
+        start += size
+    return out
+
+
 class GpuPool:
-    """Thread-safe; `take` blocks until enough GPUs are free (or returns None on `stop`)."""
+    """Thread-safe; `take` blocks until enough GPUs are free (or returns None on `stop`).
+
+    With several GPUs each GPU also owns a share of the host's cores, and a trial's worker is bound
+    to the shares of the GPUs it holds (DITTUNE_CPUS, read by tuner/worker.py): trials side by side
+    then do not fight over cores while they build and load their components. On 2 x H200
+    (Z-Image-Turbo) a GPU-bound trial's load took 13.0 s beside a trial building its text encoders
+    on the CPU, against 4.1 s alone. Confirmation runs alone, on every core (`env(..., cpus=False)`)."""
 
     def __init__(self, gpus: Sequence[GpuInfo], every: Sequence[GpuInfo] = ()):
         self.gpus = tuple(gpus)
         self.every = tuple(every) or self.gpus  # the host's GPUs, as CUDA enumerates them
         self._free = list(self.gpus)
         self._cv = threading.Condition()
+        self._cpus = dict(zip((g.index for g in self.gpus), cpu_shares(len(self.gpus)))) if len(self.gpus) > 1 else {}
 
     @property
     def size(self) -> int:
@@ -87,14 +110,20 @@ class GpuPool:
             self._free.extend(gpus)
             self._cv.notify_all()
 
-    def env(self, take: Sequence[GpuInfo]) -> dict[str, str]:
-        return visible_devices(take, self.every)
+    def env(self, take: Sequence[GpuInfo], cpus: bool = True) -> dict[str, str]:
+        """The environment of a worker on `take`: its GPUs, and (`cpus`, side by side) its cores."""
+        out = visible_devices(take, self.every)
+        if cpus and self._cpus:
+            out["DITTUNE_CPUS"] = ",".join(str(c) for c in sorted({c for g in take for c in self._cpus[g.index]}))
+        return out
 
 
 def host_bound(cfg) -> bool:
     """A configuration that streams the DiT's weights from host memory every step (layerwise or
-    whole-DiT offload): its speed is the host's (pinned copies, PCIe, memory bandwidth), which
-    trials side by side share. On 2 x H200 (Z-Image-Turbo) a streamed trial took 62.7 s and
-    53.4 s beside another against 26.9-28.8 s alone, whole-DiT offload 44.6 s, while GPU-bound
-    trials ran side by side at their solo speed (20.9 vs 20.6 s). The study runs one at a time."""
-    return bool(getattr(cfg, "dit_layerwise_offload", False) or getattr(cfg, "dit_cpu_offload", False))
+    whole-DiT offload), or builds the text encoders (several GB) in pinned host memory: its speed
+    is the host's (pinned copies, PCIe, memory bandwidth), which trials side by side share. On 2 x
+    H200 (Z-Image-Turbo) a streamed trial took 62.7 s and 53.4 s beside another against 26.9-28.8 s
+    alone, whole-DiT offload 44.6 s; a text-encoder-offload trial's load 38.5 s against 22.2 s;
+    GPU-bound trials ran side by side at their solo speed (20.9 vs 20.6 s). The study runs one at a
+    time."""
+    return any(getattr(cfg, a, False) for a in ("dit_layerwise_offload", "dit_cpu_offload", "text_encoder_cpu_offload"))

@@ -252,7 +252,7 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
         _wait_for_others(db, study_id, study, ttl, say, deadline)
         # alone: nothing else runs now, so a finalist takes the first GPUs of the pool
         _confirm(db, study_id, s, _State.load(db, study_id), opt, run.env, say, rounds=2 if side_by_side else 1,
-                 pin=lambda cfg: _pinned(run, run.pool.gpus[:_gpus_needed(cfg)] if run.pool is not None else ()))
+                 pin=lambda cfg: _pinned(run, run.pool.gpus[:_gpus_needed(cfg)] if run.pool is not None else (), cpus=False))
     return _result(db, name, _State.load(db, study_id), stopped, s)
 
 
@@ -260,8 +260,8 @@ def _gpus_needed(cfg) -> int:
     return max(1, int(getattr(cfg, "num_gpus", 1) or 1))
 
 
-def _pinned(run: _Run, gpus) -> dict[str, str]:
-    return run.pool.env(gpus) if run.pool is not None and gpus else {}
+def _pinned(run: _Run, gpus, cpus: bool = True) -> dict[str, str]:
+    return run.pool.env(gpus, cpus) if run.pool is not None and gpus else {}
 
 
 def _measure(run: _Run, trial, lease: int, cfg, argv: str, predicted: int | None, gpus, host: bool = False) -> None:

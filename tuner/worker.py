@@ -10,6 +10,7 @@ Exit codes tell the orchestrator what happened: 0 measured, 3 out of memory unde
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,9 +40,27 @@ def preimport(model: str) -> None:
     getattr(diffusers, family.spec.vae.cls, None)
 
 
+def bind_cpus(text: str | None) -> None:
+    """DITTUNE_CPUS="0,1,2": this process (and the threads and ranks it starts) runs on those
+    cores only, with as many torch threads. The pool's share of the host for a trial side by side
+    with others (tuner/pool.py)."""
+    if not text:
+        return
+    try:
+        cpus = {int(c) for c in text.split(",")}
+        os.sched_setaffinity(0, cpus)
+    except (ValueError, OSError) as e:  # a core this host lacks: the trial runs unbound, and says so
+        print(f"warning: DITTUNE_CPUS={text!r} not applied: {e}", file=sys.stderr)
+        return
+    if "torch" in sys.modules:  # imported with the package (tuner/__init__): its pool was sized by every core
+        sys.modules["torch"].set_num_threads(len(cpus))
+
+
 def main(argv: list[str]) -> int:
     import faulthandler
     import signal
+
+    bind_cpus(os.environ.get("DITTUNE_CPUS"))
 
     # On a trial timeout the orchestrator sends SIGUSR1 to the trial's process group first: every
     # process (this one and its ranks) writes its Python stacks to stderr, kept in the trial's record.

@@ -90,6 +90,7 @@ def main() -> int:
         "manifest": {"fake": True, "flags": job["flags"], "device": job["device"],
                      # where the tuner put it, and when: for the GPU-pool tests
                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "ran": [start, time.time()],
+                     "cpus": os.environ.get("DITTUNE_CPUS"),
                      "warm_worker": warm, "pid": os.getpid()},
     }
     Path(job["perf_dump_path"]).write_text(json.dumps(dump))

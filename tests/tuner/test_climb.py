@@ -121,3 +121,10 @@ def test_a_streamed_configuration_waits_for_its_resident_sibling(monkeypatch):
     _add(state, s24, sib, latency=1.0, peak=20 * GiB)
     assert resident_first(r10, s24, state, "latency") is None  # measured: `dominated` decides
     assert S._dominated(r10, s24, state, "latency").latency_s == 1.0
+    assert S._dominated(idle, s24, state, "latency").latency_s == 1.0  # idle offload, prefetch: same family
+    assert S._dominated(whole, s24, state, "latency").latency_s == 1.0  # whole-DiT offload too
+    r5_idle = F.config_from_argv([*STREAM, "5", "--dit-idle-offload"])
+    state = S._State({})
+    _add(state, s24, r10, latency=1.5, peak=12 * GiB)
+    assert S._dominated(F.config_from_argv([*STREAM, "5"]), s24, state, "latency").latency_s == 1.5
+    assert S._dominated(r5_idle, s24, state, "latency") is None  # idle offload is not ordered by count alone

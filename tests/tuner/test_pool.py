@@ -1,15 +1,19 @@
 """The GPU pool: trials side by side on a study's GPUs, each child pinned to its GPU by UUID (or
 PCI bus order), finalists confirmed alone. Driven against the fake engine on pretend H100s."""
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 from dittune import db as D
+from dittune.engine import flags as F
 from dittune.engine.gpu import Detection, GpuInfo
 from dittune.tuner import TuneOptions, TunerError, tune
-from dittune.tuner.pool import GpuPool, choose, parse_gpus, visible_devices
+from dittune.tuner.pool import GpuPool, choose, cpu_shares, host_bound, parse_gpus, visible_devices
 
 import fake_engine
 from test_study import ALL_BACKENDS, FAKE, GiB
@@ -65,9 +69,11 @@ def test_four_gpus_run_trials_side_by_side_and_find_the_optimum(tmp_path, monkey
     done = [t for t in rows if t.status == "complete"]
     assert len({t.argv for t in done}) == 30  # side by side, still none measured twice
     uuids = {g.uuid for g in H100S}
-    for t in done:  # each child saw exactly the GPUs its layout needs, by UUID
+    share = dict(zip((g.uuid for g in H100S), cpu_shares(4)))
+    for t in done:  # each child saw exactly the GPUs its layout needs, by UUID, and their cores
         seen = t.manifest["cuda_visible_devices"].split(",")
         assert len(seen) == t.flags["num-gpus"] == len(set(seen)) and set(seen) <= uuids and t.manifest["device"] == "cuda"
+        assert t.manifest["cpus"] == ",".join(str(c) for c in sorted({c for u in seen for c in share[u]}))
     assert {t.flags["num-gpus"] for t in done} >= {1, 4}  # single-GPU trials and layouts in one study
     spans = sorted(t.manifest["ran"] for t in done)
     wide = [t.manifest["ran"] for t in done if t.flags["num-gpus"] == 4]
@@ -80,12 +86,13 @@ def test_four_gpus_run_trials_side_by_side_and_find_the_optimum(tmp_path, monkey
             (a, b), (x, y) = t.manifest["ran"], u.manifest["ran"]
             if x < b and a < y:
                 assert set(t.manifest["cuda_visible_devices"].split(",")).isdisjoint(u.manifest["cuda_visible_devices"].split(","))
-    streamed = [t.manifest["ran"] for t in done if t.flags.get("dit-layerwise-offload") or t.flags.get("dit-cpu-offload")]
-    for i, (a, b) in enumerate(streamed):  # trials streaming the DiT from host memory: one at a time
+    streamed = [t.manifest["ran"] for t in done if host_bound(F.config_from_dict(t.flags))]
+    for i, (a, b) in enumerate(streamed):  # trials streaming from (or building in) host memory: one at a time
         assert not any(x < b and a < y for x, y in streamed[i + 1:])
     confirmed = [t for t in rows if t.status == "confirmed"]
     assert len(confirmed) == 2
-    for c in confirmed:  # confirmed alone: no other trial ran while its runs did
+    for c in confirmed:  # confirmed alone, on every core: no other trial ran while its runs did
+        assert c.manifest["cpus"] is None
         a, b = c.manifest["ran"]
         assert not any(x < b and a < y for x, y in spans)
     assert any(m.startswith("4 GPUs, trials side by side:") for m in said)
@@ -125,6 +132,30 @@ def test_visible_devices_by_uuid_else_pci_bus_order():
     c = GpuInfo(2, "X", GiB, GiB, "1", (9, 0), 3, "", "00000000:41:00.0")
     assert visible_devices([a], [a, b, c]) == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "2"}
     assert visible_devices([b, c], [a, b, c])["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_each_gpu_owns_a_share_of_the_cores():
+    assert cpu_shares(2, range(32)) == [tuple(range(16)), tuple(range(16, 32))]
+    assert cpu_shares(3, [0, 1, 2, 3, 4]) == [(0, 1), (2, 3), (4,)]
+    assert cpu_shares(4, [0, 1]) == [(0,), (1,), (0,), (1,)]  # fewer cores than GPUs: shared round robin
+    pool = GpuPool(H100S)
+    shares = cpu_shares(4)
+    assert pool.env(H100S[1:2])["DITTUNE_CPUS"] == ",".join(map(str, shares[1]))
+    assert pool.env(H100S[:2])["DITTUNE_CPUS"] == ",".join(map(str, sorted(set(shares[0] + shares[1]))))
+    assert "DITTUNE_CPUS" not in pool.env(H100S[:1], cpus=False)  # confirmation: alone, every core
+    assert "DITTUNE_CPUS" not in GpuPool(H100S[:1]).env(H100S[:1])  # one GPU: nothing beside it
+
+
+def test_a_worker_binds_to_its_share_and_a_bad_share_is_a_warning(tmp_path):
+    code = ("import os, torch; from dittune.tuner.worker import bind_cpus; bind_cpus(os.environ['DITTUNE_CPUS']); "
+            "print(sorted(os.sched_getaffinity(0)), torch.get_num_threads())")
+    one = min(os.sched_getaffinity(0))
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DITTUNE_CPUS=str(one)),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [f"[{one}]", "1"]
+    bad = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DITTUNE_CPUS="9999"),
+                         capture_output=True, text=True, check=True)
+    assert "DITTUNE_CPUS='9999' not applied" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_pool_hands_out_each_gpu_once():
