@@ -2,7 +2,7 @@
 # Runs on the device machine (see ../shared/device/README.md): install the project, then one named
 # stage that fits a 10-minute call. Logs and JSON go to $OUT (default ./out).
 #   bash bench/device.sh STAGE...   (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner
-#   par-gen tp-bench tp-proto tune2 pool budget;
+#   par-gen tp-bench tp-proto tune2 pool budget-tune budget;
 #   tune and winner need TUNE_DB=file, tune takes TUNE_ARGS such as --vram-budget 24GiB)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -110,10 +110,16 @@ stage() {
     timeout "$(left 590)" python3 bench/bench_tuner.py pool --model ${POOL_MODEL:-z-image-turbo} --trials ${POOL_TRIALS:-16} \
       --confirm ${POOL_CONFIRM:-1} --out "$OUT" -- ${POOL_ARGS:-} > "$OUT/pool.log" 2>&1
     echo "pool rc=$?"; tail -8 "$OUT/pool.log" ;;
-  budget)  # FLUX under 24 GiB: tune, recommend, the recommended command watched through NVML (tests/tuner/test_budget_gpu.py)
+  budget-tune)  # the budget study's tune alone (SIGTERM before the limit: saved, resumed by `budget` in the next call)
+    timeout "$(left 590)" python3 -m dittune tune ${DITTUNE_GPU_BUDGET_MODEL:-flux-dev} --vram-budget ${DITTUNE_GPU_BUDGET:-24GiB} \
+      --trials ${DITTUNE_GPU_BUDGET_TRIALS:-3} --gpus 0 --confirm 1 --db sqlite:////tmp/budget.db > "$OUT/budget_tune.log" 2>&1
+    echo "budget-tune rc=$?"; cp /tmp/budget.db "$OUT/" 2>/dev/null; tail -5 "$OUT/budget_tune.log" ;;
+  budget)  # FLUX under 24 GiB: tune (resuming /tmp/budget.db if budget-tune began it), recommend, the recommended
+    # command watched through NVML (tests/tuner/test_budget_gpu.py)
+    [ -f /tmp/budget.db ] && export DITTUNE_GPU_BUDGET_DB=/tmp/budget.db
     timeout "$(left 590)" python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/tuner/test_budget_gpu.py > "$OUT/budget.log" 2>&1
-    echo "budget rc=$?"; grep -E "under|passed|failed|Error|assert" "$OUT/budget.log" | tail -12 ;;
-  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tp-proto tune2 pool budget)"; exit 2 ;;
+    echo "budget rc=$?"; cp /tmp/budget.db "$OUT/" 2>/dev/null; grep -E "under|passed|failed|Error|assert" "$OUT/budget.log" | tail -12 ;;
+  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tp-proto tune2 pool budget-tune budget)"; exit 2 ;;
   esac
 }
 for s in "$@"; do stage "$s"; done

@@ -5,7 +5,8 @@ the whole run, sampled from outside by this test (not by dittune's own code).
 The full check tunes FLUX.1-dev under 24 GiB with 3 trials and one confirmed finalist (several
 minutes on an H200: run it alone, `python -m pytest -m gpu tests/tuner/test_budget_gpu.py -s`, whose
 output line is the figure for docs/PERFORMANCE.md); DITTUNE_GPU_BUDGET_MODEL, DITTUNE_GPU_BUDGET and
-DITTUNE_GPU_BUDGET_TRIALS change the model, the budget and the trials."""
+DITTUNE_GPU_BUDGET_TRIALS change the model, the budget and the trials; DITTUNE_GPU_BUDGET_DB (a SQLite
+path) resumes a study begun with the same `dittune tune` command in an earlier call."""
 
 import json
 import os
@@ -98,7 +99,9 @@ def test_recommended_for_x_gib_runs_under_x_gib(tmp_path):
 
     env = _gpu0_env()
     limit = parse_budget(BUDGET).resolve(None)
-    url = f"sqlite:///{tmp_path / 'budget.db'}"
+    # DITTUNE_GPU_BUDGET_DB: a study an earlier call began (the device's calls are limited in time):
+    # the same tune command resumes it (nothing re-measured, its finalist confirmed if it was not yet)
+    url = f"sqlite:///{os.environ.get('DITTUNE_GPU_BUDGET_DB') or tmp_path / 'budget.db'}"
     tune = subprocess.run([sys.executable, "-m", "dittune", "tune", MODEL, "--vram-budget", BUDGET, "--trials", TRIALS,
                            "--gpus", "0", "--confirm", "1", "--db", url], env=env, capture_output=True, text=True,
                           timeout=3600)
