@@ -33,6 +33,52 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+class Clocks:
+    """NVML's SM clock (MHz) and board power (W) sampled every 2 ms from a thread while the block
+    runs (GPU only; a no-op elsewhere or without pynvml): whether the same kernels run slower in
+    one forward than another because the GPU runs them at a lower clock (denser work, more power)."""
+
+    def __init__(self, device):
+        self.device, self.sm, self.power = device, [], []
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+        self._t = None
+        if self.device.type != "cuda":
+            return self
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            h = pynvml.nvmlDeviceGetHandleByIndex(idx)
+        except Exception:  # noqa: BLE001 (no NVML: no clock figures, the timing stands)
+            return self
+
+        def run():
+            while not self._stop.is_set():
+                self.sm.append(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM))
+                self.power.append(pynvml.nvmlDeviceGetPowerUsage(h) / 1e3)
+                time.sleep(0.002)
+
+        self._t = threading.Thread(target=run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._t is not None:
+            self._t.join()
+
+    def summary(self) -> dict:
+        if not self.sm:
+            return {}
+        return {"sm_mhz_median": statistics.median(self.sm), "sm_mhz_min": min(self.sm),
+                "power_w_median": statistics.median(self.power), "power_w_max": max(self.power)}
+
+
 def timeit(fn, device, warmup: int, iters: int) -> float:
     """Median seconds of fn() after warm-up (CUDA events on the GPU)."""
     for _ in range(warmup):

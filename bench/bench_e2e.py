@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_dit import DIFFUSERS_BACKEND, build_reference, case, free, native_from, prepare_native, timeit  # noqa: E402
+from bench_dit import DIFFUSERS_BACKEND, Clocks, build_reference, case, free, native_from, prepare_native, timeit  # noqa: E402
 
 from dittune.engine import flags as F  # noqa: E402
 from dittune.engine.cudagraph import capture  # noqa: E402
@@ -56,23 +56,26 @@ def run(model, height, width, tokens, dittune_argvs, device, dtype, warmup, iter
     def step(fn, m):
         return lambda: [fn(m) for _ in range(passes)]
 
+    def timed_row(fn, **row):  # the step's median ms, and the SM clock and power while it ran
+        with Clocks(device) as c:
+            ms = timeit(fn, device, warmup, iters) * 1e3
+        return {**row, "step_ms": ms, **c.summary()}
+
     ref = build_reference(ref_cls, ref_cfg, device, dtype)
     cfg = F.config_from_argv(dittune_argvs[0])  # its attention backend for diffusers' rows
     with torch.inference_mode():
-        ref_ms = timeit(step(ref_fwd, ref), device, warmup, iters) * 1e3
+        rows.append(timed_row(step(ref_fwd, ref), config="diffusers eager"))
         ref_out = ref_fwd(ref).float()
-        rows.append({"config": "diffusers eager", "step_ms": ref_ms})
         if cfg.attention_backend in DIFFUSERS_BACKEND and DIFFUSERS_BACKEND[cfg.attention_backend]:
             ref.set_attention_backend(DIFFUSERS_BACKEND[cfg.attention_backend])
-            rows.append({"config": f"diffusers eager, {cfg.attention_backend}",
-                         "step_ms": timeit(step(ref_fwd, ref), device, warmup, iters) * 1e3})
+            rows.append(timed_row(step(ref_fwd, ref), config=f"diffusers eager, {cfg.attention_backend}"))
         if compile_diffusers:
             t = time.perf_counter()
             ref.compile_repeated_blocks(fullgraph=True)
             ref_fwd(ref)
             compile_s = time.perf_counter() - t
-            rows.append({"config": f"diffusers + regional compile, {cfg.attention_backend}",
-                         "step_ms": timeit(step(ref_fwd, ref), device, warmup, iters) * 1e3, "compile_s": compile_s})
+            rows.append(timed_row(step(ref_fwd, ref), config=f"diffusers + regional compile, {cfg.attention_backend}",
+                                  compile_s=compile_s))
     sd = {k: v.to("cpu") for k, v in ref.state_dict().items()}
     del ref
     free(device)
@@ -95,11 +98,9 @@ def run(model, height, width, tokens, dittune_argvs, device, dtype, warmup, iter
             if cfg.enable_cuda_graph:  # the whole step as one graph, as the engine captures it
                 graph, _ = capture(our_step, device)
                 timed = graph.replay
-            ms = timeit(timed, device, warmup, iters) * 1e3
-        rel = ((out - ref_out).norm() / ref_out.norm()).item()
-        name = "dittune " + (shlex.join(dittune_argv) or "(defaults)") + ("" if pack else " [per-block modulation]")
-        rows.append({"config": name, "step_ms": ms, "compile_s": compile_s if cfg.enable_torch_compile else None,
-                     "rel_diff_vs_diffusers": rel})
+            name = "dittune " + (shlex.join(dittune_argv) or "(defaults)") + ("" if pack else " [per-block modulation]")
+            row = timed_row(timed, config=name, compile_s=compile_s if cfg.enable_torch_compile else None)
+        rows.append({**row, "rel_diff_vs_diffusers": ((out - ref_out).norm() / ref_out.norm()).item()})
         del ours, our_step, timed
         if cfg.enable_cuda_graph:
             del graph
@@ -154,11 +155,13 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(device) if peak else "cpu",
                                             "matmul_tflops": peak, "rows": table}, indent=2))
-    print(f"\n{'model':16} {'config':70} {'step ms':>8} {'/eager':>7} {'/compile':>8} {'floor':>6}")
+    print(f"\n{'model':16} {'config':70} {'step ms':>8} {'/eager':>7} {'/compile':>8} {'floor':>6} {'SM MHz':>6} {'W':>5}")
     for r in table:
         c = f"{r['vs_diffusers_compile']:.3f}" if r["vs_diffusers_compile"] else "-"
         fl = f"{r['floor_fraction']:.0%}" if r["floor_fraction"] else "-"
-        print(f"{r['model']:16} {r['config'][-70:]:70} {r['step_ms']:8.2f} {r['vs_diffusers_eager']:7.3f} {c:>8} {fl:>6}")
+        mhz, w = r.get("sm_mhz_median"), r.get("power_w_median")
+        print(f"{r['model']:16} {r['config'][-70:]:70} {r['step_ms']:8.2f} {r['vs_diffusers_eager']:7.3f} {c:>8} {fl:>6} "
+              f"{mhz if mhz else '-':>6} {f'{w:.0f}' if w else '-':>5}")
     return 0
 
 

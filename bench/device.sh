@@ -2,7 +2,7 @@
 # Runs on the device machine (see ../shared/device/README.md): install the project, then one named
 # stage that fits a 10-minute call. Logs and JSON go to $OUT (default ./out).
 #   bash bench/device.sh STAGE...   (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner
-#   par-gen tp-bench tp-proto tune2 pool budget-tune budget;
+#   par-gen tp-bench tp-proto tune2 pool budget-tune budget kernels;
 #   tune and winner need TUNE_DB=file, tune takes TUNE_ARGS such as --vram-budget 24GiB)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -62,6 +62,9 @@ stage() {
   e2e)
     timeout "$(left 560)" python3 bench/bench_e2e.py --json "$OUT/e2e.json" ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
     echo "e2e rc=$?"; tail -14 "$OUT/e2e.log" ;;
+  kernels)  # the attention kernel by input layout (dittune's vs diffusers'), L2 warm and flushed, with SM clocks
+    timeout "$(left 120)" python3 bench/bench_kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+    echo "kernels rc=$?"; tail -26 "$OUT/kernels.log" ;;
   profile)  # one forward per model, dittune's fast path vs diffusers eager, kernel by kernel
     for m in ${PROFILE_MODELS:-flux-dev qwen-image z-image-turbo}; do
       timeout "$(left 200)" python3 bench/profile_step.py --model "$m" --json "$OUT/profile_$m.json" \
@@ -119,7 +122,7 @@ stage() {
     [ -f /tmp/budget.db ] && export DITTUNE_GPU_BUDGET_DB=/tmp/budget.db
     timeout "$(left 590)" python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/tuner/test_budget_gpu.py > "$OUT/budget.log" 2>&1
     echo "budget rc=$?"; cp /tmp/budget.db "$OUT/" 2>/dev/null; grep -E "under|passed|failed|Error|assert" "$OUT/budget.log" | tail -12 ;;
-  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tp-proto tune2 pool budget-tune budget)"; exit 2 ;;
+  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tp-proto tune2 pool budget-tune budget kernels)"; exit 2 ;;
   esac
 }
 for s in "$@"; do stage "$s"; done
