@@ -1,9 +1,10 @@
 """Timing and memory measurement: device-synchronised stage times, CUDA-event step times (wall
-clock on the CPU), peak VRAM from torch and NVML, and the software versions for the manifest."""
+clock on the CPU), peak VRAM from torch and NVML, the software versions and the host's share (cores, threads) for the manifest."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from importlib import metadata
@@ -149,3 +150,17 @@ def versions() -> dict[str, str | None]:
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": v("triton"), "driver": driver,
         "diffusers": v("diffusers"), "transformers": v("transformers"), "dittune": v("dittune"),
     }
+
+
+def host() -> dict[str, Any]:
+    """The cores this process may run on (as taskset writes them: "0-2,5") and torch's threads:
+    a CPU measurement is only comparable with one made on the same share (tuner/cores.py)."""
+    out, run = [], []
+    for c in sorted(os.sched_getaffinity(0)):
+        if run and c != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(c)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return {"cpus": ",".join(out), "torch_threads": torch.get_num_threads()}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from . import attention, components, scheduler
+from . import attention, components, perf, scheduler
 from .errors import EngineError
 from .flags import config_to_dict
 from .cudagraph import GraphedPasses
@@ -316,6 +316,7 @@ class Pipeline:
             "weights": "synthetic" if self.model_path is None else f"checkpoint:{self.model_path}",
             "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "host": perf.host(),
             "flags": config_to_dict(f),
             "attention": {"backend": f.attention_backend, "calls": attention.calls(self.dit)},
             "compile": {
@@ -381,3 +382,4 @@ def cfg_combine(v: torch.Tensor, v_neg: torch.Tensor, scale: float, style: str, 
 
 def _count(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
+

@@ -34,6 +34,7 @@ from .climb import CLIMB_MARGIN, allocated_peak as _allocated_peak, next_climb a
 from .climb import dominated as _dominated, residency_climb as _residency_climb  # noqa: F401 (tests)
 from .climb import resident_first as _resident_first
 from .confirm import confirm as _confirm, result as _result
+from .cores import steadiest_core
 from .options import OBJECTIVES, Setup as _Setup, TuneOptions, TuneResult, default_name as _default_name
 from .options import job as _job, parse_duration, resolve
 from .leases import HOST, fail_trial, heartbeat, own, single_tuner, sweep
@@ -112,6 +113,15 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
     if s.budget_bytes is not None and s.free_bytes is not None and s.free_bytes < s.budget_bytes:
         say(f"warning: only {format_bytes(s.free_bytes)} of the GPU is free (other processes hold the rest), "
             f"less than the budget {format_bytes(s.budget_bytes)}: configurations near the budget will run out of memory")
+    if s.device == "cpu":  # every measuring process on one core, the same one (tuner/cores.py)
+        if os.environ.get("DITTUNE_CPUS"):
+            say(f"CPU trials run on cores {os.environ['DITTUNE_CPUS']} (DITTUNE_CPUS)")
+        else:
+            core, means = steadiest_core()
+            run.env["DITTUNE_CPUS"] = str(core)
+            say(f"CPU trials run on core {core} with one thread" + (
+                f" (dispatch benchmark, mean ms per core: {', '.join(f'{c}: {m * 1e3:.2f}' for c, m in means.items())})"
+                if means else ""))
     side_by_side = run.pool is not None and run.pool.size > 1
     executor = ThreadPoolExecutor(max_workers=run.pool.size, thread_name_prefix="dittune-trial") if side_by_side else None
     inflight: set[Future] = set()

@@ -53,3 +53,16 @@ def test_stored_trial_carries_the_real_manifest(tuned):
     m = complete[0].manifest
     assert m["model"] == "flux-dev-tiny" and m["weights"] == "synthetic" and m["attention"]["calls"]["torch_sdpa"] > 0
     assert complete[0].step_median_s > 0 and len(complete[0].step_times) == 3
+
+
+def test_every_measurement_runs_on_one_core_with_one_thread(tuned):
+    """Trials and confirmation runs of a CPU study share one core (tuner/cores.py): the manifest
+    of each says where it ran."""
+    from dittune import db as D
+
+    url, p = tuned
+    assert "CPU trials run on core" in p.stdout + p.stderr
+    rows = [t for t in D.trials(D.open_db(url)) if t.status in ("complete", "confirmed")]
+    assert {t.status for t in rows} == {"complete", "confirmed"}
+    hosts = {(t.manifest["host"]["cpus"], t.manifest["host"]["torch_threads"]) for t in rows}
+    assert len(hosts) == 1 and next(iter(hosts))[1] == 1 and next(iter(hosts))[0].isdigit(), hosts
