@@ -78,6 +78,7 @@ class _Run:
     spares: Spares | None = None  # warm workers (None: every trial starts its process cold)
     # one trial at a time that streams the DiT from host memory (tuner/pool.py host_bound)
     host: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(1))
+    parked: threading.Event = field(default_factory=threading.Event)  # a host-bound trial waits for `host`
 
 
 def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool, log) -> TuneResult:
@@ -123,7 +124,8 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
                 f" (dispatch benchmark, mean ms per core: {', '.join(f'{c}: {m * 1e3:.2f}' for c, m in means.items())})"
                 if means else ""))
     side_by_side = run.pool is not None and run.pool.size > 1
-    executor = ThreadPoolExecutor(max_workers=run.pool.size, thread_name_prefix="dittune-trial") if side_by_side else None
+    # one thread per GPU, and one for a host-bound trial waiting for the host's slot (_measure_later)
+    executor = ThreadPoolExecutor(max_workers=run.pool.size + 1, thread_name_prefix="dittune-trial") if side_by_side else None
     inflight: set[Future] = set()
     previous_term = _raise_on_sigterm()
     asked: set[int] = set()  # Optuna trial numbers this process asked
@@ -229,8 +231,15 @@ def _tune(opt: TuneOptions, s: _Setup, db: D.Database, name: str, progress: bool
                     say(f"trial {trial.number}: pruned ({why}): {argv or '(defaults)'}")
                     continue
             host = side_by_side and host_bound(cfg)
+            slot = host and run.host.acquire(blocking=False)
+            if host and not slot and not run.parked.is_set():
+                # the host's slot is taken: this trial waits in a thread, the loop fills free GPUs meanwhile
+                run.parked.set()
+                say(f"trial {trial.number}: waits for the host's streaming slot: {argv or '(defaults)'}")
+                inflight.add(executor.submit(_measure_later, run, trial, lease, cfg, argv, predicted))
+                continue
             with heartbeat(db, lease, ttl):  # waiting for GPUs (a running trial's) keeps the lease alive
-                while host and not run.host.acquire(timeout=0.5):
+                while host and not slot and not run.host.acquire(timeout=0.5):
                     inflight = _reap(inflight)
                 gpus = run.pool.take(_gpus_needed(cfg)) if run.pool is not None else ()
             if executor is not None:
@@ -314,6 +323,24 @@ def _measure(run: _Run, trial, lease: int, cfg, argv: str, predicted: int | None
                 f"{argv or '(defaults)'}")
     else:
         run.say(f"trial {trial.number}: {rec.status} ({rec.reason[:160]}){where}: {argv or '(defaults)'}")
+
+
+def _measure_later(run: _Run, trial, lease: int, cfg, argv: str, predicted: int | None) -> None:
+    """A host-bound trial asked while another held the host's slot: it waits here, its lease
+    beating, for the slot and then its GPUs, so that the loop goes on filling free GPUs with
+    GPU-bound trials (waiting in the loop left a GPU idle the whole time)."""
+    with heartbeat(run.db, lease, run.opt.lease_ttl_s):
+        while not run.host.acquire(timeout=0.5):
+            if run.cancel.is_set():
+                break
+        else:
+            run.parked.clear()
+            gpus = run.pool.take(_gpus_needed(cfg), stop=run.cancel)
+            if gpus is not None:
+                return _measure(run, trial, lease, cfg, argv, predicted, gpus, True)
+            run.host.release()
+    run.parked.clear()
+    _give_back(run.db, run.study_id, run.study, trial, lease, run.s.space.params(cfg))
 
 
 def _reap(inflight: set[Future]) -> set[Future]:

@@ -124,6 +124,29 @@ def test_trials_streaming_the_dit_from_host_memory_never_run_side_by_side(tmp_pa
     assert all(b <= x for (_, b), (x, _) in zip(spans, spans[1:])), spans
 
 
+def test_a_host_bound_trial_waits_in_a_thread_while_the_loop_fills_the_free_gpu(tmp_path, monkeypatch):
+    """Two GPUs, most configurations host-bound: a host-bound trial asked while another holds the
+    host's slot waits in a thread (said), host-bound trials never overlap, the free GPU still gets
+    GPU-bound trials meanwhile, and nothing is lost or measured twice."""
+    from dittune.tuner import study as S
+
+    pretend_h100s(monkeypatch, H100S[:2])
+    monkeypatch.setenv("FAKE_ENGINE_SLEEP", "1.5")
+    bound = lambda cfg: cfg.attention_backend != "torch_cudnn_sdpa" or cfg.fused_kernels  # noqa: E731
+    monkeypatch.setattr(S, "host_bound", bound)
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    said = []
+    res = tune(TuneOptions("flux-dev", trials=10, db_url=url, worker_cmd=FAKE, confirm=0, patience=100, gpus=(0, 1),
+                           max_gpus_per_trial=1, seed=1, objective="latency"), log=said.append)
+    done = [t for t in D.trials(D.open_db(url), study_name=res.study) if t.status == "complete"]
+    assert res.measured == 10 and len({t.argv for t in done}) == 10
+    hb = sorted(t.manifest["ran"] for t in done if bound(F.config_from_dict(t.flags)))
+    gb = [t.manifest["ran"] for t in done if not bound(F.config_from_dict(t.flags))]
+    assert all(b <= x for (_, b), (x, _) in zip(hb, hb[1:])), hb  # one host-bound trial at a time
+    assert any("waits for the host's streaming slot" in m for m in said)
+    assert gb and any(x < b and a < y for a, b in hb for x, y in gb)  # GPU-bound trials ran beside them
+
+
 def test_visible_devices_by_uuid_else_pci_bus_order():
     assert visible_devices([H100S[1]], H100S) == {"CUDA_VISIBLE_DEVICES": H100S[1].uuid}
     # NVML's order differs from the PCI bus order CUDA enumerates by: the bus decides
