@@ -193,3 +193,19 @@ def test_a_peak_stored_before_whole_footprints_counts_with_the_allowance(databas
     assert r.budget_peak_bytes == int(23.91 * GiB) + DEFAULT_OUTSIDE_BYTES
     (r,) = D.best(database, "flux-dev")  # no budget: the fastest, its peak shown as stored
     assert r.trial_id == old
+
+
+def test_within_noise_the_simpler_command_wins_before_cold_start(database):
+    """On the CPU (no peak) tied finalists were told apart by a cold start measured with a warm
+    compile cache (4.42 vs 4.83 s), which flips between tunes: the fewest changed flags decides first."""
+    s = add_study(database, "ties")
+    D.record_trial(database, s, D.TrialRecord(
+        status="complete", flags={}, argv="--enable-torch-compile --compile-scope full --compile-mode max-autotune-no-cudagraphs",
+        latency_s=0.0376, step_median_s=0.004, step_spread=0.12, cold_start_s=4.4))
+    simple = D.record_trial(database, s, D.TrialRecord(status="complete", flags={}, argv="--enable-torch-compile",
+                                                       latency_s=0.0390, step_median_s=0.004, step_spread=0.1, cold_start_s=4.8))
+    D.record_trial(database, s, D.TrialRecord(status="complete", flags={}, argv="--enable-torch-compile --compile-mode x",
+                                              latency_s=0.0500, step_median_s=0.005, step_spread=0.1, cold_start_s=1.0))
+    w = D.pick(D.measured(database, "flux-dev"))
+    assert w.trial_id == simple  # within 12% of the fastest, one flag, though its cold start is longer
+    assert "fewer changed flags" in w.rule and "fewest flags changed from the defaults" in w.rule
