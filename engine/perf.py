@@ -1,9 +1,11 @@
 """Timing and memory measurement: device-synchronised stage times, CUDA-event step times (wall
-clock on the CPU), peak VRAM from torch and NVML, the software versions and the host's share (cores, threads) for the manifest."""
+clock on the CPU), peak VRAM from torch and NVML, the software versions and the host's share
+(cores, threads) for the manifest."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import statistics
 import time
@@ -155,12 +157,7 @@ def versions() -> dict[str, str | None]:
 def host() -> dict[str, Any]:
     """The cores this process may run on (as taskset writes them: "0-2,5") and torch's threads:
     a CPU measurement is only comparable with one made on the same share (tuner/cores.py)."""
-    out, run = [], []
-    for c in sorted(os.sched_getaffinity(0)):
-        if run and c != run[-1] + 1:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-            run = []
-        run.append(c)
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return {"cpus": ",".join(out), "torch_threads": torch.get_num_threads()}
+    runs = [[c for _, c in g] for _, g in itertools.groupby(enumerate(sorted(os.sched_getaffinity(0))),
+                                                             key=lambda ic: ic[1] - ic[0])]  # consecutive cores
+    cpus = ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+    return {"cpus": cpus, "torch_threads": torch.get_num_threads()}

@@ -72,6 +72,11 @@ def residency_climb(cfg, rec: D.TrialRecord, s: Setup, state: State):
 _STREAMING = ("dit-layerwise-offload", "dit-cpu-offload")
 
 
+def _streams(cfg) -> bool:
+    """The DiT's weights come from host memory every request (layerwise or whole-DiT offload)."""
+    return cfg.dit_layerwise_offload or cfg.dit_cpu_offload
+
+
 def resident(cfg):
     """`cfg` with the whole DiT resident: the streaming flags, and those that apply only under
     them (resident count, prefetch, idle offload), at their defaults."""
@@ -89,7 +94,7 @@ def dominated(cfg, s: Setup, state: State, objective: str) -> D.TrialRecord | No
     the budget: more resident blocks stream fewer bytes, so it cannot be faster. (The frontier
     objective wants those lower-memory points; latency does not.) The measured record that
     dominates it, or None."""
-    if objective != "latency" or not (cfg.dit_layerwise_offload or cfg.dit_cpu_offload):
+    if objective != "latency" or not _streams(cfg):
         return None
     fam = _family(cfg)
     best = None
@@ -136,14 +141,14 @@ def resident_first(cfg, s: Setup, state: State, objective: str):
     trials asked side by side (before any sibling was measured) spent GPU time on streamed
     configurations that the one-GPU study pruned (2 x H200, Z-Image-Turbo: three of eight trials,
     27-63 s each against ~21 s). None when `cfg` should simply run."""
-    if objective != "latency" or not (cfg.dit_layerwise_offload or cfg.dit_cpu_offload):
+    if objective != "latency" or not _streams(cfg):
         return None
     sib = resident(cfg)
     if not s.space.contains(sib):
         return None  # the DiT's placement is fixed (--fix), or the space has no such point
     argv = shlex.join(F.config_to_argv(sib))
-    if argv in state.tried or any(replace(b, dit_resident_layers=0) == sib for b in state.budget_fail):
-        return None  # measured (then `dominated` decides), or it did not fit: the streamed one is needed
+    if argv in state.tried:
+        return None  # measured (then `dominated` decides), or it ran out of memory: the streamed one is needed
     if s.budget_bytes is not None and memory.predict_peak_bytes(s.spec.name, sib, s.width, s.height) > s.budget_bytes:
         return None
     return sib
