@@ -37,43 +37,47 @@ def _forced_sdpa(backend: SDPBackend) -> Callable:
     return run
 
 
+# flash-attn and SageAttention take and return [B, L, H, D] ("NHD"): the models' q, k, v are
+# [B, H, L, D] views of that storage, so the transposes around these ops are free, and so is
+# the output's reshape to [B, L, H * D]. Both read any strides with a contiguous head dim.
 def _fa(q, k, v, mask):
     if mask is not None:
         raise EngineError("attention backend 'fa' does not take an attention mask")
-    return torch.ops.dittune.flash_attention(q, k, v)
+    return torch.ops.dittune.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 def _sage(q, k, v, mask):
     if mask is not None:
         raise EngineError("attention backend 'sage_attn' does not take an attention mask")
-    return torch.ops.dittune.sage_attention(q, k, v)
+    return torch.ops.dittune.sage_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 # Third-party kernels as opaque custom ops: torch.compile keeps them as one node instead of
-# tracing into (and breaking on) their Python launchers.
+# tracing into (and breaking on) their Python launchers. q, k, v [B, L, H, D] -> [B, L, H, D].
 @torch.library.custom_op("dittune::flash_attention", mutates_args=())
 def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, L, H, D]
+    out = _flash_attn_func()(q, k, v)
     out = out[0] if isinstance(out, tuple) else out
-    return out.transpose(1, 2).contiguous()  # [B, H, L, D]
+    return out.contiguous()  # already is: the fake below promises it
 
 
 @torch.library.custom_op("dittune::sage_attention", mutates_args=())
 def _sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from sageattention import sageattn
 
-    # sageattn 1.x subtracts the mean of K in place by default (smooth_k): give it a copy.
-    return sageattn(q, k.clone(), v, tensor_layout="HND", is_causal=False).contiguous()
+    # The one copy this backend keeps: sageattn 1.x subtracts the mean of K in place by default
+    # (smooth_k), and K is the caller's tensor.
+    return sageattn(q, k.clone(), v, tensor_layout="NHD", is_causal=False).contiguous()
 
 
 @_flash_attention.register_fake
 def _(q, k, v):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, L, H, D]
 
 
 @_sage_attention.register_fake
 def _(q, k, v):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, L, H, D]
 
 
 def _flash_attn_func():
@@ -127,8 +131,19 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return out
 
 
+def merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """Attention output [B, H, L, D] -> contiguous [B, L, H*D]: a view when `out` lies in [B, L, H, D]
+    storage (what SDPA's kernels, flash-attn and SageAttention return for q, k, v [B, H, L, D]
+    views of [B, L, H, D] storage, the layout every model hands attention), else one copy."""
+    b, h, l, d = out.shape
+    return out.transpose(1, 2).reshape(b, l, h * d).contiguous()
+
+
 class Attention(nn.Module):
-    """q, k, v: [B, H, L, D] -> [B, L, H*D]. `backend` is set by the engine, never by a model."""
+    """q, k, v: [B, H, L, D] -> [B, L, H*D]. `backend` is set by the engine, never by a model.
+
+    The models pass q, k, v as [B, H, L, D] views of [B, L, H, D] storage (`.transpose(1, 2)` of
+    their projections' layout, any stride over L): no copy before attention, and none after."""
 
     def __init__(self):
         super().__init__()
@@ -143,9 +158,7 @@ class Attention(nn.Module):
             self.calls[self.backend] += 1
         if self.sp is not None:
             return self.sp(q, k, v, mask, _IMPLS[self.backend], self.backend)  # [B, L_r, H*D]
-        out = _IMPLS[self.backend](q, k, v, mask)  # [B, H, L, D]
-        b, h, l, d = out.shape
-        return out.transpose(1, 2).reshape(b, l, h * d)
+        return merge_heads(_IMPLS[self.backend](q, k, v, mask))
 
 
 def set_backend(model: nn.Module, backend: str) -> int:

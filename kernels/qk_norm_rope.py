@@ -8,7 +8,9 @@
 Inputs q, k [B, L, H, D]: any strides with a contiguous last dim, e.g. `qkv.unflatten(-1, (3, H, D))
 [:, :, 0]` of a packed QKV projection [B, L, 3 * H * D], or `.transpose(1, 2)` of a [B, H, L, D]
 view. cos, sin [L, D/2] fp32 (any strides): the angle of position l and pair i.
-Output: new contiguous [B, H, L, D] in q.dtype, ready for SDPA.
+Output: [B, H, L, D] in q.dtype, the `.transpose(1, 2)` view of a new contiguous [B, L, H, D]: the
+layout SDPA, flash-attn and SageAttention take without a copy, and in which they return the
+output, whose reshape to [B, L, H * D] is then a view too (engine/attention.py).
 
 Convention (the same in FLUX, Qwen-Image and Z-Image): RMSNorm first (fp32 stats, * weight), then
 rotate interleaved pairs (x[2i], x[2i+1]) in fp32:
@@ -42,12 +44,14 @@ from ._common import (
 def norm_rope_reference(
     x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:
-    """One of Q/K: x [B, L, H, D] -> RMSNorm * weight (rounded to x.dtype), RoPE in fp32 -> [B, H, L, D]."""
+    """One of Q/K: x [B, L, H, D] -> RMSNorm * weight (rounded to x.dtype), RoPE in fp32 -> [B, H, L, D],
+    a view of a new contiguous [B, L, H, D]."""
     dtype = x.dtype
-    x = F.rms_norm(x.transpose(1, 2), (x.shape[-1],), weight, eps).float().unflatten(-1, (-1, 2))
-    re, im = x.unbind(-1)  # [B, H, L, D/2]
+    x = F.rms_norm(x, (x.shape[-1],), weight, eps).float().unflatten(-1, (-1, 2))
+    re, im = x.unbind(-1)  # [B, L, H, D/2]
+    cos, sin = cos[:, None], sin[:, None]  # [L, 1, D/2]
     out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
-    return out.flatten(-2).to(dtype)
+    return out.flatten(-2).to(dtype).transpose(1, 2)
 
 
 def qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps: float = 1e-6):
@@ -62,7 +66,8 @@ def joint_qk_norm_rope_reference(
          norm_rope_reference(q_img, q_weight_img, cos[lt:], sin[lt:], eps)]  # fmt: skip
     k = [norm_rope_reference(k_txt, k_weight_txt, cos[:lt], sin[:lt], eps),
          norm_rope_reference(k_img, k_weight_img, cos[lt:], sin[lt:], eps)]  # fmt: skip
-    return torch.cat(q, dim=2), torch.cat(k, dim=2)
+    # Joined along L in the [B, L, H, D] storage, returned as [B, H, L, D] views like the streams.
+    return tuple(torch.cat([t.transpose(1, 2) for t in pair], dim=1).transpose(1, 2) for pair in (q, k))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,12 +82,14 @@ def _qk_norm_rope_kernel(
     WK,  # [D]
     COS,  # [L_out, D/2] fp32
     SIN,
-    QO,  # [B, H, L_out, D] contiguous; this launch writes rows l_offset .. l_offset + L
-    KO,
+    QO,  # [B, L_out, H, D] through stride_o* (last dim contiguous); writes rows l_offset .. l_offset + L
+    KO,  # same shape and strides as QO
     L,
     H,
-    L_out,
     l_offset,
+    stride_ob,
+    stride_ol,
+    stride_oh,
     stride_qb,
     stride_ql,
     stride_qh,
@@ -108,11 +115,11 @@ def _qk_norm_rope_kernel(
     if tl.program_id(2) == 0:
         x_ptrs = Q + b * stride_qb + h * stride_qh + rows * stride_ql + cols
         w_ptrs = WQ + cols
-        o_ptrs = QO + ((b * H + h) * L_out + l_offset + rows) * D + cols
+        o_ptrs = QO + b * stride_ob + h * stride_oh + (l_offset + rows) * stride_ol + cols
     else:
         x_ptrs = K + b * stride_kb + h * stride_kh + rows * stride_kl + cols
         w_ptrs = WK + cols
-        o_ptrs = KO + ((b * H + h) * L_out + l_offset + rows) * D + cols
+        o_ptrs = KO + b * stride_ob + h * stride_oh + (l_offset + rows) * stride_ol + cols
 
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_D]
     x = x * tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
@@ -165,7 +172,15 @@ def _config(d: int) -> tuple[int, int, int]:
     return max(1, min(64, 4096 // block_d)), block_d, 4
 
 
+def _outputs(q: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """New (q, k) outputs [B, L, H, D], contiguous: the kernel writes them through their strides."""
+    b, _, h, d = q.shape
+    q_out = torch.empty((b, length, h, d), dtype=q.dtype, device=q.device)
+    return q_out, torch.empty_like(q_out)
+
+
 def _launch_segment(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, l_offset: int) -> None:
+    """q_out, k_out [B, L_out, H, D] with the strides of each other (rows l_offset .. l_offset + L written)."""
     b, l, h, d = q.shape
     if q.numel() == 0:
         return
@@ -173,7 +188,7 @@ def _launch_segment(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, l_off
     kernel = wrap_triton(_qk_norm_rope_kernel) if tracing(q) else _qk_norm_rope_kernel
     kernel[(triton.cdiv(l, block_m), b * h, 2)](
         q, k, q_weight, k_weight, cos, sin, q_out, k_out,
-        l, h, q_out.shape[2], l_offset,
+        l, h, l_offset, q_out.stride(0), q_out.stride(1), q_out.stride(2),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         d, eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
@@ -181,7 +196,7 @@ def _launch_segment(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, l_off
 
 
 def launch(q, k, q_weight, k_weight, cos, sin, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the Triton kernel on one stream. -> (q, k) contiguous [B, H, L, D]."""
+    """Run the Triton kernel on one stream. -> (q, k) [B, H, L, D] views of new contiguous [B, L, H, D]."""
     _check_pair("qk_norm_rope", q, k, q_weight, k_weight)
     _check_rope("qk_norm_rope", q, cos, sin, q.shape[1])
     return _launch(q, k, q_weight, k_weight, cos, sin, eps)
@@ -189,11 +204,9 @@ def launch(q, k, q_weight, k_weight, cos, sin, eps: float = 1e-6) -> tuple[torch
 
 def _launch(q, k, q_weight, k_weight, cos, sin, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     check_launchable("qk_norm_rope", _qk_norm_rope_kernel, q, k=k, q_weight=q_weight, k_weight=k_weight)
-    b, l, h, d = q.shape
-    q_out = torch.empty((b, h, l, d), dtype=q.dtype, device=q.device)
-    k_out = torch.empty_like(q_out)
+    q_out, k_out = _outputs(q, q.shape[1])
     _launch_segment(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, 0)
-    return q_out, k_out
+    return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
 
 def _check_joint(op, q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin):
@@ -209,7 +222,8 @@ def _check_joint(op, q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_w
 def launch_joint(
     q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the Triton kernel on both streams into one output each. -> (q, k) contiguous [B, H, Lt + Li, D]."""
+    """Run the Triton kernel on both streams into one output each. -> (q, k) [B, H, Lt + Li, D] views
+    of new contiguous [B, Lt + Li, H, D]."""
     args = (q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin)
     _check_joint("joint_qk_norm_rope", *args)
     return _launch_joint(*args, eps)
@@ -219,12 +233,11 @@ def _launch_joint(q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weig
     check_launchable("joint_qk_norm_rope", _qk_norm_rope_kernel, q_txt, k_txt=k_txt, q_img=q_img, k_img=k_img,
                      q_weight_txt=q_weight_txt, k_weight_txt=k_weight_txt,
                      q_weight_img=q_weight_img, k_weight_img=k_weight_img)  # fmt: skip
-    b, lt, h, d = q_txt.shape
-    q_out = torch.empty((b, h, lt + q_img.shape[1], d), dtype=q_txt.dtype, device=q_txt.device)
-    k_out = torch.empty_like(q_out)
+    lt = q_txt.shape[1]
+    q_out, k_out = _outputs(q_txt, lt + q_img.shape[1])
     _launch_segment(q_txt, k_txt, q_weight_txt, k_weight_txt, cos, sin, eps, q_out, k_out, 0)
     _launch_segment(q_img, k_img, q_weight_img, k_weight_img, cos, sin, eps, q_out, k_out, lt)
-    return q_out, k_out
+    return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +292,8 @@ def qk_norm_rope(
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm (weights [D], q.dtype) then RoPE of q and k [B, L, H, D] (last dim contiguous) with
-    cos, sin [L, D/2] fp32. -> (q, k) new contiguous [B, H, L, D]. Triton on CUDA, reference elsewhere."""
+    cos, sin [L, D/2] fp32. -> (q, k) [B, H, L, D], views of new contiguous [B, L, H, D] tensors.
+    Triton on CUDA, reference elsewhere."""
     return _qk_norm_rope_op(q, k, q_weight, k_weight, cos, sin, eps)
 
 
@@ -297,7 +311,8 @@ def joint_qk_norm_rope(
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """qk_norm_rope of a text stream [B, Lt, H, D] and an image stream [B, Li, H, D], each with its
-    own norm weights, written into one (q, k) pair [B, H, Lt + Li, D] with the text first: no cat.
+    own norm weights, written into one (q, k) pair [B, H, Lt + Li, D] with the text first: no cat
+    (views of new contiguous [B, Lt + Li, H, D] tensors, as qk_norm_rope's).
     cos, sin [Lt + Li, D/2] fp32 cover the joint sequence (text positions first)."""
     return _joint_qk_norm_rope_op(
         q_txt, k_txt, q_img, k_img, q_weight_txt, k_weight_txt, q_weight_img, k_weight_img, cos, sin, eps

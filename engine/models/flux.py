@@ -116,10 +116,10 @@ def qk_norm_rope(
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm, then RoPE.  q, k [B, L, H, D] (strided views of the packed QKV projection);
-    cos, sin [L, D/2] fp32 -> (q, k) contiguous [B, H, L, D] in q.dtype."""
+    cos, sin [L, D/2] fp32 -> (q, k) [B, H, L, D] in q.dtype, views of new contiguous [B, L, H, D]."""
 
     def one(x, w):
-        return rope(rms_norm(x.transpose(1, 2), w, eps), cos, sin).to(x.dtype).contiguous()
+        return rope(rms_norm(x, w, eps), cos, sin).to(x.dtype).transpose(1, 2)
 
     return one(q, q_weight), one(k, k_weight)
 
@@ -135,14 +135,15 @@ def linear_concat(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bias: 
 
 
 def joint_heads(txt: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-    """txt [B, Lt, H, D], img [B, Li, H, D] (strided views) -> contiguous [B, H, Lt + Li, D].
+    """txt [B, Lt, H, D], img [B, Li, H, D] (strided views) -> [B, H, Lt + Li, D], a view of a new
+    contiguous [B, Lt + Li, H, D].
 
     Two strided copies into one buffer: a cat of strided views runs at half the speed."""
     b, lt, h, d = txt.shape
-    out = txt.new_empty(b, h, lt + img.shape[1], d)
-    out[:, :, :lt].copy_(txt.transpose(1, 2))
-    out[:, :, lt:].copy_(img.transpose(1, 2))
-    return out
+    out = txt.new_empty(b, lt + img.shape[1], h, d)
+    out[:, :lt].copy_(txt)
+    out[:, lt:].copy_(img)
+    return out.transpose(1, 2)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -236,7 +237,7 @@ class DoubleStreamBlock(nn.Module):
         tq, tk, tv = split_heads(self.txt_qkv(self.ops.modulate(txt, t_shift1, t_scale1)), self.heads)  # [B, Lt, H, hd]
         q, k = self.ops.joint_qk_norm_rope(
             tq, tk, iq, ik, self.txt_norm_q, self.txt_norm_k, self.img_norm_q, self.img_norm_k, cos, sin
-        )  # [B, H, L, hd]
+        )  # [B, H, L, hd] views of [B, L, H, hd]
         out = self.attn(q, k, joint_heads(tv, iv))  # [B, L, D]
 
         img, h = self.ops.gated_residual_modulate(img, i_gate1, self.img_proj(out[:, lt:]), i_shift2, i_scale2, 1e-6)
@@ -283,8 +284,8 @@ class SingleStreamBlock(nn.Module):
         h = self.ops.modulate(x, shift, scale)
         q, k, v = split_heads(self.qkv(h), self.heads)  # [B, L, H, hd] views
         mlp = self.ops.linear_gelu(h, self.mlp_in.weight, self.mlp_in.bias)  # [B, L, M]
-        q, k = self.ops.qk_norm_rope(q, k, self.norm_q, self.norm_k, cos, sin)  # [B, H, L, hd]
-        out = self.attn(q, k, v.transpose(1, 2).contiguous())  # [B, L, D]
+        q, k = self.ops.qk_norm_rope(q, k, self.norm_q, self.norm_k, cos, sin)  # [B, H, L, hd] views
+        out = self.attn(q, k, v.transpose(1, 2))  # [B, L, D]
         y = self.tp.reduce(self.ops.linear_concat(out, mlp, self.proj_out.weight, self.proj_out.bias))  # [B, L, D]
         x = self.ops.gated_residual(x, gate, y)
         if x.dtype == torch.float16:

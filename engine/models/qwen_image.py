@@ -129,15 +129,16 @@ def gated_residual_modulate(
 
 
 def joint_heads(txt: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-    """txt [B, Lt, H, D], img [B, Li, H, D] (strided views) -> contiguous [B, H, Lt + Li, D].
+    """txt [B, Lt, H, D], img [B, Li, H, D] (strided views) -> [B, H, Lt + Li, D], a view of a new
+    contiguous [B, Lt + Li, H, D].
 
     Two strided copies into one buffer: a torch.cat of strided views ran at half the speed.
     """
     b, lt, h, d = txt.shape
-    out = txt.new_empty(b, h, lt + img.shape[1], d)
-    out[:, :, :lt].copy_(txt.transpose(1, 2))
-    out[:, :, lt:].copy_(img.transpose(1, 2))
-    return out
+    out = txt.new_empty(b, lt + img.shape[1], h, d)
+    out[:, :lt].copy_(txt)
+    out[:, lt:].copy_(img)
+    return out.transpose(1, 2)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
@@ -258,7 +259,7 @@ class DualStreamBlock(nn.Module):
             txt_qkv[:, :, 0], txt_qkv[:, :, 1], img_qkv[:, :, 0], img_qkv[:, :, 1],
             self.txt_norm_q, self.txt_norm_k, self.img_norm_q, self.img_norm_k, cos, sin, eps,
         )  # fmt: skip
-        v = joint_heads(txt_qkv[:, :, 2], img_qkv[:, :, 2])  # q, k, v: [B, H, Lt + Li, D]
+        v = joint_heads(txt_qkv[:, :, 2], img_qkv[:, :, 2])  # q, k, v: [B, H, Lt + Li, D] views of [B, L, H, D]
         out = self.attn(q, k, v, mask)  # [B, Lt + Li, C]
 
         img, m = self.ops.gated_residual_modulate(img, i_gate1, self.img_out(out[:, lt:]), i_shift2, i_scale2, eps)

@@ -164,13 +164,14 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
 def norm_rope(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float) -> torch.Tensor:
     """Per-head RMSNorm then interleaved-pair RoPE in fp32, as diffusers' complex product.
 
-    x: [B, L, H, D]; freqs: [L, D/2, 2] fp32 (cos, sin) -> contiguous [B, H, L, D] in x.dtype.
+    x: [B, L, H, D]; freqs: [L, D/2, 2] fp32 (cos, sin) -> [B, H, L, D] in x.dtype, a view of a new
+    contiguous [B, L, H, D] (the layout attention takes without a copy).
     """
     x = rms_norm(x, weight, eps)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, L, H, D/2]
     fc = torch.view_as_complex(freqs).unsqueeze(1)  # [L, 1, D/2]
     out = torch.view_as_real(xc * fc).flatten(-2)  # [B, L, H, D] fp32
-    return out.transpose(1, 2).to(x.dtype).contiguous()  # .to() alone keeps fp32 strided
+    return out.to(x.dtype).transpose(1, 2)
 
 
 def qk_norm_rope(
@@ -268,7 +269,7 @@ class Block(nn.Module):
         q, k, v = self.qkv(h).view(b, l, 3, self.heads, -1).unbind(2)  # [B, L, H, D] each
         # both QK norms use eps 1e-5
         q, k = self.ops.qk_norm_rope(q, k, self.norm_q.weight, self.norm_k.weight, cos, sin, self.norm_q.eps)  # [B, H, L, D]
-        v = v.transpose(1, 2).contiguous()
+        v = v.transpose(1, 2)  # q, k, v: [B, H, L, D] views of [B, L, H, D] storage, no copy
         x = self.ops.gated_norm_residual(x, gate_msa, self.proj(self.attn(q, k, v)), self.attention_norm2.weight, eps)
 
         h = self.ffn_norm1(x) if scale_mlp is None else self.ops.rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, eps)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed._functional_collectives as fc
 
+from ..attention import merge_heads
 from ..errors import EngineError
 from .sequence import TokenShards, all_gather, settled
 
@@ -158,8 +159,7 @@ class SequenceParallelAttention:
             out = local(q, k, v, mask)
         if u > 1:
             return ulysses_out(out, mine, self.ulysses_index, self.ulysses_group)
-        b, h, l, d = out.shape
-        return out.transpose(1, 2).reshape(b, l, h * d)
+        return merge_heads(out)
 
     def bytes_per_call(self, sizes: tuple[int, ...], q_shape: tuple[int, ...], element_size: int) -> int:
         """Bytes this rank sends to other ranks in one attention call."""

@@ -69,8 +69,15 @@ def _check_triton(b, l, h, d, dtype, layout="packed", interleaved_table=False, j
         args = (q, k, *_weights(d, dtype), cos, sin)
         out, ref, direct = qk_norm_rope(*args), qk_norm_rope_reference(*args), launch(*args)
     for o, r, t in zip(out, ref, direct):
-        assert o.shape == (b, h, l, d) and o.is_contiguous() and torch.equal(o, t)
+        assert o.shape == r.shape == (b, h, l, d) and torch.equal(o, t)
+        for x in (o, r, t):  # [B, H, L, D] views of contiguous [B, L, H, D]: attention's layout
+            assert_attention_layout(x)
         assert_close(o, r)
+
+
+def assert_attention_layout(x: torch.Tensor) -> None:
+    """x [B, H, L, D] is the transpose of a contiguous [B, L, H, D] (not itself contiguous)."""
+    assert x.transpose(1, 2).is_contiguous() and not x.is_contiguous(), tuple(x.stride())
 
 
 def interpreted_cases():
@@ -99,15 +106,20 @@ def test_reference_is_each_models_qk_norm_rope_bit_for_bit(dtype):
     single = qk_norm_rope_reference(q, k, *w[:2], cos, sin, 1e-6)
     for ours, theirs in zip(single, flux.qk_norm_rope(q, k, *w[:2], cos, sin, 1e-6)):
         assert torch.equal(ours, theirs), "flux single stream"
+        assert_attention_layout(ours)
+        assert_attention_layout(theirs)
     joint_args = (q[:, :lt], k[:, :lt], q[:, lt:], k[:, lt:], *w, cos, sin, 1e-6)
     joint = joint_qk_norm_rope_reference(*joint_args)
     for model in (flux, qwen_image):
         for ours, theirs in zip(joint, model.joint_qk_norm_rope(*joint_args)):
             assert torch.equal(ours, theirs), model.__name__
+            assert_attention_layout(ours)
+            assert_attention_layout(theirs)
     freqs = torch.stack([cos, sin], dim=-1)  # [L, D/2, 2], Z-Image's table
     assert torch.equal(single[0], zimage.norm_rope(q, w[0], freqs, 1e-6)), "zimage"
     for ours, theirs in zip(single, zimage.qk_norm_rope(q, k, *w[:2], cos, sin, 1e-6)):
         assert torch.equal(ours, theirs), "zimage pair"
+        assert_attention_layout(theirs)
 
 
 def test_readable_refusals():
@@ -132,7 +144,9 @@ def test_cuda_flux_shapes(dtype):
     cos, sin = _rope(lt + li, d, device="cuda")
     w = _weights(d, dtype, n=4, device="cuda")
     for o, r in zip(qk_norm_rope(q, k, *w[:2], cos, sin), qk_norm_rope_reference(q, k, *w[:2], cos, sin)):
+        assert_attention_layout(o)
         assert_close(o, r)
     args = (q[:, :lt], k[:, :lt], q[:, lt:], k[:, lt:], *w, cos, sin)
     for o, r in zip(joint_qk_norm_rope(*args), joint_qk_norm_rope_reference(*args)):
+        assert_attention_layout(o)
         assert_close(o, r)

@@ -168,7 +168,8 @@ def test_joint_qk_norm_rope_matches_kernel_reference():
     cos, sin = qi.rope_tables(3, 4, lt, (4, 6, 6), 10000, "cpu")
     args = (qkv_txt[:, :, 0], qkv_txt[:, :, 1], qkv_img[:, :, 0], qkv_img[:, :, 1], *weights, cos, sin, 1e-6)
     for got, want in zip(qi.joint_qk_norm_rope(*args), joint_qk_norm_rope_reference(*args)):
-        assert got.is_contiguous() and got.shape == (2, h, lt + li, d)
+        # Both [B, H, L, D] views of new contiguous [B, L, H, D] tensors: attention's layout.
+        assert got.shape == (2, h, lt + li, d) and got.transpose(1, 2).is_contiguous() and got.stride() == want.stride()
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
