@@ -21,8 +21,12 @@ from .store import MEASURED
 # The one rule that decides "best" everywhere (recommend, studies, export, the service, tune).
 BEST_RULE = (
     "fastest measured latency; among configurations within the fastest one's noise band, "
-    "the lowest peak VRAM, then the fewest flags changed from the defaults, then the shortest cold start"
+    "the lowest peak VRAM (peaks within 1% of it count as equal), then the fewest flags changed from the "
+    "defaults, then the shortest cold start"
 )
+# Peaks closer than this (relative) do not separate configurations: the VAE offload's 10 MiB on a
+# 25.5 GiB Z-Image peak once picked a command with an extra flag over the fastest (2 x H200).
+PEAK_TIE = 0.01
 
 
 # Trials stored before the whole-footprint peak (no evidence in their manifest) ran with the torch
@@ -204,8 +208,10 @@ def pick(rows: list[Result]) -> Result | None:
     fastest = min(rows, key=lambda r: (r.latency_s, r.peak_vram_bytes or 0, r.trial_id))
     band = fastest.step_spread or 0.0
     close = [r for r in rows if r.latency_s <= fastest.latency_s * (1 + band)]
-    chosen = min(close, key=lambda r: (r.peak_vram_bytes or 0, _changed(r.argv),
-                                       r.cold_start_s if r.cold_start_s is not None else math.inf, r.latency_s, r.trial_id))
+    low = min(r.peak_vram_bytes or 0 for r in close)
+    lowest = [r for r in close if (r.peak_vram_bytes or 0) <= low * (1 + PEAK_TIE)]
+    chosen = min(lowest, key=lambda r: (_changed(r.argv), r.cold_start_s if r.cold_start_s is not None else math.inf,
+                                        r.latency_s, r.peak_vram_bytes or 0, r.trial_id))
     source = fastest.band_source
     if chosen is fastest:
         why = f"fastest measured ({len(rows)} candidates)"

@@ -209,3 +209,19 @@ def test_within_noise_the_simpler_command_wins_before_cold_start(database):
     w = D.pick(D.measured(database, "flux-dev"))
     assert w.trial_id == simple  # within 12% of the fastest, one flag, though its cold start is longer
     assert "fewer changed flags" in w.rule and "fewest flags changed from the defaults" in w.rule
+
+
+def test_peaks_within_one_percent_do_not_separate_tied_configurations(database):
+    """2 x H200, Z-Image: --vae-cpu-offload saved 10 MiB of a 25.5 GiB peak and was picked, an extra
+    flag, over the fastest. Peaks within 1% are equal; a real saving still decides before flags."""
+    s = add_study(database, "peaks")
+    rec = lambda argv, lat, peak: D.record_trial(database, s, D.TrialRecord(  # noqa: E731
+        status="complete", flags={}, argv=argv, latency_s=lat, peak_vram_bytes=int(peak * GiB),
+        step_median_s=lat / 9, step_spread=0.043, cold_start_s=5.0, manifest={"evidence": {"peak_kind": "nvml_process"}}))
+    fastest = rec("--fused-kernels", 1.020, 25.51)
+    rec("--fused-kernels --vae-cpu-offload", 1.031, 25.50)
+    w = D.pick(D.measured(database, "flux-dev"))
+    assert w.trial_id == fastest and "fastest measured" in w.rule
+    smaller = rec("--fused-kernels --text-encoder-cpu-offload", 1.040, 18.19)
+    w = D.pick(D.measured(database, "flux-dev"))
+    assert w.trial_id == smaller and "lower peak VRAM" in w.rule
