@@ -2,7 +2,7 @@
 # Runs on the device machine (see ../shared/device/README.md): install the project, then one named
 # stage that fits a 10-minute call. Logs and JSON go to $OUT (default ./out).
 #   bash bench/device.sh STAGE...   (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner
-#   par-gen tp-bench tp-proto tune2 pool budget-tune budget kernels;
+#   par-gen tp-bench tp-proto tune2 pool fa4 budget-tune budget kernels;
 #   tune and winner need TUNE_DB=file, tune takes TUNE_ARGS such as --vram-budget 24GiB)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -12,6 +12,8 @@ if ! (cd /tmp && PYTHONPATH=/tmp/site python3 -c "import dittune.engine, dittune
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
 fi
 export PYTHONPATH=${PYTHONPATH:-/tmp/site} PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+# flash-attn 4's CUTLASS DSL, where the fa4 stage installed it (its .pth is not read from a --target folder)
+[ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ] && export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # Several stages may share one call: each gets at most what is left of DEADLINE seconds.
 DEADLINE=${DEADLINE:-585}; T0=$(date +%s)
@@ -113,6 +115,21 @@ stage() {
     timeout "$(left 590)" python3 bench/bench_tuner.py pool --model ${POOL_MODEL:-z-image-turbo} --trials ${POOL_TRIALS:-16} \
       --confirm ${POOL_CONFIRM:-1} --out "$OUT" -- ${POOL_ARGS:-} > "$OUT/pool.log" 2>&1
     echo "pool rc=$?"; tail -8 "$OUT/pool.log" ;;
+  fa4)  # flash-attn 4 carried in parts (bench/big_parts.sh): gathered in /tmp/parts call by call, installed
+    # into /tmp/site once every wheel checks out; what the machine already has is not shadowed
+    mkdir -p /tmp/parts; for d in .big/p*; do [ -d "$d" ] && cp "$d"/* /tmp/parts/; done
+    ( cd /tmp/parts
+      for base in $(ls *.part-* 2>/dev/null | sed 's/\.part-.*//' | sort -u); do cat "$base".part-* > "$base"; done
+      if [ -f SHA256SUMS ] && sha256sum -c --quiet SHA256SUMS; then
+        for w in nvidia_cutlass_dsl*.whl; do python3 -m zipfile -e "$w" /tmp/site; done
+        for pair in einops:einops apache_tvm_ffi:tvm_ffi torch_c_dlpack_ext:torch_c_dlpack_ext quack_kernels:quack \
+                    cuda_bindings:cuda.bindings protobuf:google.protobuf flash_attn_4:flash_attn.cute; do
+          python3 -c "import ${pair#*:}" 2>/dev/null || python3 -m pip install -q --no-deps --no-index --target /tmp/site ${pair%%:*}-*.whl
+        done
+        echo "fa4: installed"
+      else echo "fa4: parts gathered: $(ls /tmp/parts | tr '\n' ' ')"; fi )
+    [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ] && export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+    python3 -c "from dittune.engine.attention import available_backends as a; print('attention backends:', a('cuda'))" ;;
   budget-tune)  # the budget study's tune alone (SIGTERM before the limit: saved, resumed by `budget` in the next call)
     timeout "$(left 590)" python3 -m dittune tune ${DITTUNE_GPU_BUDGET_MODEL:-flux-dev} --vram-budget ${DITTUNE_GPU_BUDGET:-24GiB} \
       --trials ${DITTUNE_GPU_BUDGET_TRIALS:-3} --gpus 0 --confirm 1 --db sqlite:////tmp/budget.db > "$OUT/budget_tune.log" 2>&1
@@ -122,7 +139,7 @@ stage() {
     [ -f /tmp/budget.db ] && export DITTUNE_GPU_BUDGET_DB=/tmp/budget.db
     timeout "$(left 590)" python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/tuner/test_budget_gpu.py > "$OUT/budget.log" 2>&1
     echo "budget rc=$?"; cp /tmp/budget.db "$OUT/" 2>/dev/null; grep -E "under|passed|failed|Error|assert" "$OUT/budget.log" | tail -12 ;;
-  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tp-proto tune2 pool budget-tune budget kernels)"; exit 2 ;;
+  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tp-proto tune2 pool fa4 budget-tune budget kernels)"; exit 2 ;;
   esac
 }
 for s in "$@"; do stage "$s"; done

@@ -21,7 +21,9 @@ _FORCED = {
     "torch_efficient_sdpa": SDPBackend.EFFICIENT_ATTENTION,
 }
 
-BACKENDS = ("torch_sdpa", *_FORCED, "fa", "sage_attn")
+BACKENDS = ("torch_sdpa", *_FORCED, "fa", "flashinfer", "sage_attn")
+# Backends that return no log-sum-exp here, so ring attention cannot merge their partial outputs.
+NO_LSE_BACKENDS = ("fa", "flashinfer", "sage_attn")
 LOSSY_BACKENDS = frozenset({"sage_attn"})
 
 
@@ -44,6 +46,12 @@ def _fa(q, k, v, mask):
     if mask is not None:
         raise EngineError("attention backend 'fa' does not take an attention mask")
     return torch.ops.dittune.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _flashinfer(q, k, v, mask):
+    if mask is not None:
+        raise EngineError("attention backend 'flashinfer' does not take an attention mask")
+    return torch.ops.dittune.flashinfer_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 def _sage(q, k, v, mask):
@@ -70,6 +78,22 @@ def _sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return sageattn(q, k.clone(), v, tensor_layout="NHD", is_causal=False).contiguous()
 
 
+@torch.library.custom_op("dittune::flashinfer_attention", mutates_args=())
+def _flashinfer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # flashinfer's single-request prefill takes one sequence [L, H, D] ("NHD"); a batch of B
+    # (true CFG batched) runs B calls into one output.
+    prefill = _flashinfer_prefill()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    for b in range(q.shape[0]):
+        out[b] = prefill(q[b], k[b], v[b], causal=False, kv_layout="NHD")
+    return out
+
+
+@_flashinfer_attention.register_fake
+def _(q, k, v):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, L, H, D]
+
+
 @_flash_attention.register_fake
 def _(q, k, v):
     return torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, L, H, D]
@@ -92,13 +116,25 @@ def _flash_attn_func():
 
         return flash_attn_func
     except ImportError as e:
-        raise EngineError("attention backend 'fa' needs flash-attn 3 or 4 installed") from e
+        raise EngineError("attention backend 'fa' needs flash-attn 3 or 4 installed "
+                          '(pip install "dittune[fa4]" for flash-attn 4)') from e
+
+
+def _flashinfer_prefill():
+    try:
+        from flashinfer import single_prefill_with_kv_cache
+
+        return single_prefill_with_kv_cache
+    except ImportError as e:
+        raise EngineError("attention backend 'flashinfer' needs flashinfer installed "
+                          '(pip install "dittune[flashinfer]")') from e
 
 
 _IMPLS: dict[str, Callable] = {
     "torch_sdpa": _sdpa,
     **{name: _forced_sdpa(b) for name, b in _FORCED.items()},
     "fa": _fa,
+    "flashinfer": _flashinfer,
     "sage_attn": _sage,
 }
 
@@ -120,6 +156,12 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
         _flash_attn_func()
         if major >= 9:
             out.append("fa")
+    except EngineError:
+        pass
+    try:
+        _flashinfer_prefill()
+        if major >= 8:
+            out.append("flashinfer")
     except EngineError:
         pass
     try:

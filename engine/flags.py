@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from .attention import BACKENDS, LOSSY_BACKENDS
+from .attention import BACKENDS, LOSSY_BACKENDS, NO_LSE_BACKENDS
 from .errors import FlagError
 
 
@@ -107,7 +107,8 @@ FLAGS: tuple[Flag, ...] = (
          multi_gpu=True, sglang="enable-cfg-parallel"),
     Flag("attention-backend", str, "torch_sdpa",
          "Attention kernel: torch_sdpa lets PyTorch pick; the torch_*_sdpa ones force one SDPA kernel "
-         "(error if it cannot run); fa = flash-attn 3/4; sage_attn = SageAttention (lossy).",
+         "(error if it cannot run); fa = flash-attn 3/4 (dittune[fa4]); flashinfer = flashinfer's prefill "
+         "(dittune[flashinfer]); sage_attn = SageAttention (lossy).",
          choices=BACKENDS, lossy_values=LOSSY_BACKENDS, sglang="attention-backend",
          sglang_values={"torch_sdpa": "torch_sdpa", "fa": "fa", "sage_attn": "sage_attn"}),
     Flag("enable-torch-compile", bool, False, "Compile the DiT with torch.compile.",
@@ -182,7 +183,7 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                          f"{c.ring_degree} (ring) x {c.tp_size} (tp) = {layout_product(c)}; "
                          "e.g. --num-gpus 2 --ulysses-degree 2"),
     Constraint("ring-needs-torch-attention",
-               lambda c: c.ring_degree > 1 and c.attention_backend in ("fa", "sage_attn"),
+               lambda c: c.ring_degree > 1 and c.attention_backend in NO_LSE_BACKENDS,
                "--ring-degree merges partial attention by log-sum-exp, which only the torch_* attention "
                "backends return here; use --attention-backend torch_cudnn_sdpa (or another torch_*)"),
     Constraint("multi-gpu-excludes-dit-offload",

@@ -129,3 +129,63 @@ def test_third_party_backends_take_and_return_token_major_without_copies(backend
     assert got["q"].data_ptr() == q.data_ptr() and got["v"].data_ptr() == v.data_ptr()
     assert (got["k"].data_ptr() == k.data_ptr()) == (backend == "fa")
     assert got["q"].shape == (b, l, h, d) and got["q"].stride(-1) == 1
+
+
+def test_flashinfer_runs_one_prefill_per_sequence_on_token_major_views(monkeypatch):
+    """flashinfer's single-request prefill gets each sequence as an [L, H, D] view of the caller's
+    storage (no copy before), and the batch's outputs land in one [B, L, H, D] tensor that the
+    [B, L, H * D] result is a view of (no copy after)."""
+    calls = []
+
+    def prefill(q, k, v, causal=False, kv_layout="NHD"):  # [L, H, D]
+        assert kv_layout == "NHD" and not causal and q.dim() == 3 and q.stride(-1) == 1
+        calls.append((q.data_ptr(), k.data_ptr(), v.data_ptr()))
+        return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
+
+    monkeypatch.setattr(attention, "_flashinfer_prefill", lambda: prefill)
+    q, k, v = _qkv(b=2)
+    attn = Attention()
+    attn.backend = "flashinfer"
+    out = attn(q, k, v)
+    torch.testing.assert_close(out, merge_heads(F.scaled_dot_product_attention(q, k, v)))
+    assert len(calls) == 2 and calls[0] == (q.data_ptr(), k.data_ptr(), v.data_ptr())
+    assert calls[1][0] == q[1].data_ptr() and out.is_contiguous()
+
+
+def test_optional_backends_missing_say_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flashinfer", None)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    from dittune.engine.errors import EngineError
+
+    with pytest.raises(EngineError, match=r"dittune\[flashinfer\]"):
+        attention._flashinfer_prefill()
+    with pytest.raises(EngineError, match=r"dittune\[fa4\]"):
+        attention._flash_attn_func()
+    assert attention.available_backends("cpu") == ["torch_sdpa"]
+
+
+# --- on the device: the optional kernels against cuDNN at the three DiTs' attention shapes ---------
+
+SHAPES = {"flux-dev": (1, 4608, 24, 128), "qwen-image": (2, 4128, 24, 128), "z-image-turbo": (1, 4128, 30, 128)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["fa", "flashinfer"])
+@pytest.mark.parametrize("model", list(SHAPES))
+def test_optional_backends_match_cudnn_on_gpu(backend, model):
+    if backend not in attention.available_backends("cuda"):
+        pytest.skip(f"{backend} is not installed on this machine (dittune[fa4] / dittune[flashinfer])")
+    b, l, h, d = SHAPES[model]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    proj = torch.randn(b, l, 3, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = (t.transpose(1, 2) for t in proj.unbind(2))
+    attn = Attention()
+    attn.backend = "torch_cudnn_sdpa"
+    ref = attn(q, k, v)
+    attn.backend = backend
+    out = attn(q, k, v)
+    assert out.shape == ref.shape == (b, l, h * d) and out.is_contiguous()
+    err = (out.float() - ref.float()).abs()
+    assert err.max().item() < 2e-2 and err.mean().item() < 1e-3, (err.max().item(), err.mean().item())

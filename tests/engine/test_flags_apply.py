@@ -213,6 +213,7 @@ def test_third_party_attention_kernels_are_opaque_custom_ops():
 
     with FakeTensorMode():
         q = torch.empty(1, 17, 3, 64, dtype=torch.bfloat16)  # [B, L, H, D], the libraries' layout
-        for op in (torch.ops.dittune.flash_attention, torch.ops.dittune.sage_attention):
+        for op in (torch.ops.dittune.flash_attention, torch.ops.dittune.flashinfer_attention,
+                   torch.ops.dittune.sage_attention):
             out = op(q, q, q)
             assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
