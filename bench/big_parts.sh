@@ -6,6 +6,9 @@
 #   --only-binary=:all: --platform manylinux_2_28_x86_64 flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1
 #   nvidia-cutlass-dsl-libs-{base,core,cu13}==4.8.1 einops apache-tvm-ffi torch-c-dlpack-ext quack-kernels
 #   cuda-bindings protobuf`)
+# flashinfer travels in one call: .big/fi holds flashinfer-python 0.6.6 (7.8 MB; 0.7.x is 101 MB) and
+# the wheels it imports (click ninja tabulate tqdm einops apache-tvm-ffi nvidia-ml-py), for device.sh's
+# flashinfer stage.
 set -euo pipefail
 src=$(cd "$1" && pwd); cd "$(dirname "$0")/.."
 rm -rf .big && mkdir -p .big/p0 .big/p1

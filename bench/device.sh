@@ -2,7 +2,7 @@
 # Runs on the device machine (see ../shared/device/README.md): install the project, then one named
 # stage that fits a 10-minute call. Logs and JSON go to $OUT (default ./out).
 #   bash bench/device.sh STAGE...   (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner
-#   par-gen tp-bench tp-proto tune2 pool fa4 budget-tune budget kernels;
+#   par-gen tp-bench tp-proto tune2 pool fa4 flashinfer budget-tune budget kernels;
 #   tune and winner need TUNE_DB=file, tune takes TUNE_ARGS such as --vram-budget 24GiB)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -130,6 +130,15 @@ stage() {
       else echo "fa4: parts gathered: $(ls /tmp/parts | tr '\n' ' ')"; fi )
     [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ] && export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
     python3 -c "from dittune.engine.attention import available_backends as a; print('attention backends:', a('cuda'))" ;;
+  flashinfer)  # flashinfer (its JIT builds kernels with the machine's nvcc on first use) from .big/fi, the
+    # wheels of bench/big_parts.sh's note; installed into /tmp/site where the machine lacks them
+    export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0}
+    export PATH=$CUDA_HOME/bin:$PATH
+    for pair in flashinfer_python:flashinfer click:click ninja:ninja tabulate:tabulate tqdm:tqdm einops:einops \
+                apache_tvm_ffi:tvm_ffi nvidia_ml_py:pynvml; do
+      python3 -c "import ${pair#*:}" 2>/dev/null || python3 -m pip install -q --no-deps --no-index --target /tmp/site .big/fi/${pair%%:*}-*.whl
+    done
+    python3 -c "from dittune.engine.attention import available_backends as a; print('attention backends:', a('cuda'))" ;;
   budget-tune)  # the budget study's tune alone (SIGTERM before the limit: saved, resumed by `budget` in the next call)
     timeout "$(left 590)" python3 -m dittune tune ${DITTUNE_GPU_BUDGET_MODEL:-flux-dev} --vram-budget ${DITTUNE_GPU_BUDGET:-24GiB} \
       --trials ${DITTUNE_GPU_BUDGET_TRIALS:-3} --gpus 0 --confirm 1 --db sqlite:////tmp/budget.db > "$OUT/budget_tune.log" 2>&1
@@ -139,7 +148,7 @@ stage() {
     [ -f /tmp/budget.db ] && export DITTUNE_GPU_BUDGET_DB=/tmp/budget.db
     timeout "$(left 590)" python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/tuner/test_budget_gpu.py > "$OUT/budget.log" 2>&1
     echo "budget rc=$?"; cp /tmp/budget.db "$OUT/" 2>/dev/null; grep -E "under|passed|failed|Error|assert" "$OUT/budget.log" | tail -12 ;;
-  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tp-proto tune2 pool fa4 budget-tune budget kernels)"; exit 2 ;;
+  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tp-proto tune2 pool fa4 flashinfer budget-tune budget kernels)"; exit 2 ;;
   esac
 }
 for s in "$@"; do stage "$s"; done

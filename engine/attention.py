@@ -83,6 +83,8 @@ def _flashinfer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     # flashinfer's single-request prefill takes one sequence [L, H, D] ("NHD"); a batch of B
     # (true CFG batched) runs B calls into one output.
     prefill = _flashinfer_prefill()
+    if q.shape[0] == 1:
+        return prefill(q[0], k[0], v[0], causal=False, kv_layout="NHD").unsqueeze(0).contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     for b in range(q.shape[0]):
         out[b] = prefill(q[b], k[b], v[b], causal=False, kv_layout="NHD")
