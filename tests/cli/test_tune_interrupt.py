@@ -16,6 +16,7 @@ from dittune import db as D
 TUNER_TESTS = Path(__file__).resolve().parents[1] / "tuner"
 DRIVER = textwrap.dedent("""
     import sys
+    sys.stdout.reconfigure(line_buffering=True)  # each trial line reaches the test as it is printed
     sys.path.insert(0, {here!r})
     import pytest
     from test_study import FAKE, pretend_h100
@@ -53,7 +54,7 @@ def test_ctrl_c_exits_130_sigterm_143_with_the_resume_command(tmp_path):
                                      stderr=subprocess.PIPE, text=True)
     p = start()
     out, err = _interrupt(p, signal.SIGINT, 1)
-    assert p.returncode == 130, err[-2000:]
+    assert p.returncode == 130, (out[-2000:], err[-2000:])
     resume = f"Resume with: dittune tune flux-dev --trials 6 --confirm 0 --db {url}"
     assert resume in err and "Traceback" not in err
     measured = len([t for t in D.trials(D.open_db(url)) if t.status == "complete"])
@@ -61,7 +62,7 @@ def test_ctrl_c_exits_130_sigterm_143_with_the_resume_command(tmp_path):
 
     p = start()  # the resume command; SIGTERM (a batch system's stop) this time
     out, err = _interrupt(p, signal.SIGTERM, 1)
-    assert p.returncode == 143, err[-2000:]
+    assert p.returncode == 143, (out[-2000:], err[-2000:])
     (study,) = D.studies(D.open_db(url))
     assert out.startswith(f"resuming study {study.name}: {measured} trials measured\n")
     assert resume in err and "Traceback" not in err
