@@ -29,7 +29,8 @@ CONFIGS: dict[str, list[str]] = {
     "flash": ["--attention-backend", "torch_flash_sdpa"],
     "efficient": ["--attention-backend", "torch_efficient_sdpa"],
     "sage": ["--attention-backend", "sage_attn"],  # lossy
-    "fa": ["--attention-backend", "fa"],  # only where flash-attn is installed
+    "fa": ["--attention-backend", "fa"],  # only where flash-attn is installed (dittune[fa4])
+    "flashinfer": ["--attention-backend", "flashinfer"],  # only where flashinfer is installed (dittune[flashinfer])
     "compile-regional": ["--enable-torch-compile"],
     "compile-full": ["--enable-torch-compile", "--compile-scope", "full"],
     "fused": ["--fused-kernels"],
