@@ -8,6 +8,8 @@ results measured under another registry are recognised as stale.
 
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import hashlib
 import json
@@ -33,8 +35,8 @@ class Flag:
     sglang: str | None = None  # SGLang Diffusion's name for the same flag, if it has one
     sglang_values: Mapping[Any, Any] | None = None  # value translation where names differ
 
-    @property
-    def attr(self) -> str:
+    @functools.cached_property
+    def attr(self) -> str:  # read millions of times when the tuner sizes a space
         return self.name.replace("-", "_")
 
     @property
@@ -287,6 +289,12 @@ def validate(cfg: Any) -> Any:
         f.parse(getattr(cfg, f.attr))
         if not is_active(f, cfg) and getattr(cfg, f.attr) != f.default:
             raise FlagError(f"{f.option} has no effect without --{f.requires}; add --{f.requires} or drop it")
+    return check_constraints(cfg)
+
+
+def check_constraints(cfg: Any) -> Any:
+    """The registry's constraints alone, for a configuration whose values are known valid (the
+    tuner's enumeration builds them from checked values, inactive flags at their defaults)."""
     for c in CONSTRAINTS:
         if c.violated(cfg):
             raise FlagError(c.message(cfg) if callable(c.message) else c.message)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Mapping
 
 from dittune.engine import flags as F
@@ -42,6 +43,9 @@ class Space:
         if self.max_gpus > 1 or F.layout_product(cfg) > 1:
             cfg = replace(cfg, num_gpus=F.layout_product(cfg))
         F.validate(cfg)
+        return self._limits(cfg)
+
+    def _limits(self, cfg: Any) -> Any:
         if self.gpus_fixed is not None and cfg.num_gpus != self.gpus_fixed:
             raise FlagError(f"the layout uses {cfg.num_gpus} GPUs; --fix num-gpus={self.gpus_fixed}")
         if cfg.num_gpus > self.max_gpus:
@@ -100,22 +104,37 @@ class Space:
             yield from self._configs(lvalues, rest, seen)
 
     def _configs(self, lvalues: dict[str, Any], rest: list[Dim], seen: set) -> Iterator[Any]:
-        for combo in itertools.product(*(d.values for d in rest)):
-            values = {**lvalues, **{d.flag.name: v for d, v in zip(rest, combo)}}
-            cfg = F.EngineConfig(**{F.FLAG_BY_NAME[k].attr: v for k, v in values.items()})
-            # Inactive children take their defaults so that each configuration appears once.
-            cfg = F.EngineConfig(**{
-                f.attr: getattr(cfg, f.attr) if F.is_active(f, cfg) else f.default for f in F.FLAGS
-            })
+        """Define-by-run, as Optuna samples: a dimension whose parent flag is off takes its default
+        and is not branched on, so each configuration is built once (a product over every
+        dimension built each one many times over)."""
+        partial = {f.attr: f.default for f in F.FLAGS}
+        partial.update({F.FLAG_BY_NAME[k].attr: v for k, v in lvalues.items()})
+        layout = F.EngineConfig(**partial)
+        if self.max_gpus > 1 or F.layout_product(layout) > 1:  # as _finish does
+            partial["num_gpus"] = F.layout_product(layout)
+        view = SimpleNamespace(**partial)
+
+        def walk(i: int) -> Iterator[Any]:
+            if i == len(rest):  # values from the checked dimensions, inactive ones at their defaults:
+                try:            # what is left of _finish is the constraints and the limits
+                    yield self._limits(F.check_constraints(F.EngineConfig(**vars(view))))
+                except FlagError:
+                    pass
+                return
+            d = rest[i]
+            if not F.is_active(d.flag, view):
+                yield from walk(i + 1)
+                return
+            for v in d.values:
+                setattr(view, d.flag.attr, v)
+                yield from walk(i + 1)
+            setattr(view, d.flag.attr, d.flag.default)
+
+        for cfg in walk(0):
             key = tuple(F.config_to_argv(cfg))
-            if key in seen:
-                continue
-            seen.add(key)
-            try:
-                cfg = self._finish(cfg)
-            except FlagError:
-                continue
-            yield cfg
+            if key not in seen:  # (the layout's _finish may fold two into one)
+                seen.add(key)
+                yield cfg
 
     def size(self) -> int:
         """Number of valid configurations. An ordinal dimension is enumerated at one value and

@@ -33,14 +33,17 @@ DRIVER = textwrap.dedent("""
 
 def _interrupt(p, sig, trials_first: int) -> tuple[str, str]:
     """Wait for `trials_first` measured trials, then send `sig` while the next trial's worker runs."""
-    lines, seen, deadline = [], 0, time.time() + 120
-    while seen < trials_first and time.time() < deadline:
+    lines, stamped, seen, t0 = [], [], 0, time.time()
+    while seen < trials_first and time.time() < t0 + 120:
         line = p.stdout.readline()
         lines.append(line)
+        stamped.append(f"[{time.time() - t0:.1f} s] {line}")
         seen += line.startswith("trial ")
     time.sleep(0.3)
+    alive = p.poll() is None
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
+    assert alive, f"the study ended before the signal ({time.time() - t0:.1f} s):\n{''.join(stamped)}{out[-1500:]}"
     return "".join(lines) + out, err
 
 
@@ -49,7 +52,7 @@ def test_ctrl_c_exits_130_sigterm_143_with_the_resume_command(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(here=str(TUNER_TESTS)))
     args = ["tune", "flux-dev", "--trials", "6", "--confirm", "0", "--db", url]
-    env = dict(os.environ, FAKE_ENGINE_SLEEP="1.0")
+    env = dict(os.environ, FAKE_ENGINE_SLEEP="2.0")
     start = lambda: subprocess.Popen([sys.executable, str(driver), *args], env=env, stdout=subprocess.PIPE,  # noqa: E731
                                      stderr=subprocess.PIPE, text=True)
     p = start()
