@@ -15,7 +15,10 @@ from dittune import db as D
 
 TUNER_TESTS = Path(__file__).resolve().parents[1] / "tuner"
 DRIVER = textwrap.dedent("""
-    import sys
+    import signal, sys
+    # Ctrl-C as a terminal's foreground process gets it: a shell starts background jobs (pytest run
+    # with `&`, say) with SIGINT ignored, and that would be inherited here
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.stdout.reconfigure(line_buffering=True)  # each trial line reaches the test as it is printed
     sys.path.insert(0, {here!r})
     import pytest

@@ -140,7 +140,8 @@ def test_lossy_needs_allow_lossy(monkeypatch):
 
 
 DRIVER = textwrap.dedent("""
-    import sys
+    import signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when pytest runs in the background
     sys.path.insert(0, {here!r})
     import pytest
     from test_study import pretend_h100, FAKE
@@ -204,7 +205,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path, sig):
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0 and "RETURNED" in out
     db = D.open_db(url)
-    assert len([t for t in D.trials(db) if t.status == "complete"]) >= 2
+    assert 2 <= len([t for t in D.trials(db) if t.status == "complete"]) < 12  # stopped early, kept what it measured
     import optuna
 
     study = optuna.load_study(study_name=D.studies(db)[0].name, storage=url)
