@@ -211,7 +211,9 @@ def tune(
     previous = signal.signal(signal.SIGTERM, P.sigterm_as_interrupt)  # outside the loop too (confirmation)
     try:
         res = run_tune(opts, progress=sys.stdout.isatty(), log=None if sys.stdout.isatty() else print)
-    except KeyboardInterrupt:  # between trials' loop and the end (confirmation): what was recorded stays
+    except BaseException as e:  # between trials' loop and the end (confirmation): what was recorded stays
+        if not P.interrupted_by_signal(e):
+            raise
         _interrupted(resume)
     finally:
         signal.signal(signal.SIGTERM, previous)

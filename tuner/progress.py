@@ -52,6 +52,19 @@ def raise_on_sigterm():
     return signal.signal(signal.SIGTERM, sigterm_as_interrupt)
 
 
+def interrupted_by_signal(exc: BaseException) -> bool:
+    """Ctrl-C or SIGTERM, also where a library turned it into its own error: the KeyboardInterrupt
+    raised inside a database commit comes out of Optuna as a StorageInternalError (caused by
+    SQLAlchemy's error, whose context is the interrupt)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def interrupt_exit_code() -> int:
     """The shell's convention: 128 + the signal number (Ctrl-C 130, SIGTERM 143)."""
     return 128 + (received if received is not None else signal.SIGINT)

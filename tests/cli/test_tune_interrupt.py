@@ -73,3 +73,28 @@ def test_ctrl_c_exits_130_sigterm_143_with_the_resume_command(tmp_path):
     assert out.startswith(f"resuming study {study.name}: {measured} trials measured\n")
     assert resume in err and "Traceback" not in err
     assert study.measured > measured  # the rerun measured more, and kept it
+
+
+def test_an_interrupt_inside_a_database_commit_is_still_the_interrupt():
+    """Ctrl-C landing in Optuna's commit came out as StorageInternalError (from SQLAlchemy's error,
+    whose context is the KeyboardInterrupt): tune exited 1 with that message instead of 130."""
+    import optuna
+    import sqlalchemy.exc
+
+    from dittune.tuner.progress import interrupted_by_signal
+
+    try:
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise sqlalchemy.exc.OperationalError("COMMIT", {}, Exception("interrupted"))
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from e
+    except BaseException as e:  # noqa: BLE001
+        err = e
+    assert interrupted_by_signal(err) and interrupted_by_signal(KeyboardInterrupt())
+    try:
+        raise optuna.exceptions.StorageInternalError("commit") from ValueError("too long")
+    except BaseException as e:  # noqa: BLE001
+        assert not interrupted_by_signal(e)
