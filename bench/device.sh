@@ -18,6 +18,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # Several stages may share one call: each gets at most what is left of DEADLINE seconds.
 DEADLINE=${DEADLINE:-585}; T0=$(date +%s)
 left() { local l=$(( DEADLINE - ($(date +%s) - T0) )); (( l > $1 )) && l=$1; (( l < 5 )) && l=5; echo $l; }
+# need DIR WHEEL:MODULE...: install DIR/WHEEL-*.whl into /tmp/site where MODULE does not import already
+need() {
+  local dir=$1 pair; shift
+  for pair in "$@"; do
+    python3 -c "import ${pair#*:}" 2>/dev/null || python3 -m pip install -q --no-deps --no-index --target /tmp/site "$dir/${pair%%:*}"-*.whl
+  done
+}
 stage() {
   case "$1" in
   gpu-tests)
@@ -122,10 +129,8 @@ stage() {
       for base in $(ls *.part-* 2>/dev/null | sed 's/\.part-.*//' | sort -u); do cat "$base".part-* > "$base"; done
       if [ -f SHA256SUMS ] && sha256sum -c --quiet SHA256SUMS; then
         for w in nvidia_cutlass_dsl*.whl; do python3 -m zipfile -e "$w" /tmp/site; done
-        for pair in einops:einops apache_tvm_ffi:tvm_ffi torch_c_dlpack_ext:torch_c_dlpack_ext quack_kernels:quack \
-                    cuda_bindings:cuda.bindings protobuf:google.protobuf flash_attn_4:flash_attn.cute; do
-          python3 -c "import ${pair#*:}" 2>/dev/null || python3 -m pip install -q --no-deps --no-index --target /tmp/site ${pair%%:*}-*.whl
-        done
+        need . einops:einops apache_tvm_ffi:tvm_ffi torch_c_dlpack_ext:torch_c_dlpack_ext quack_kernels:quack \
+               cuda_bindings:cuda.bindings protobuf:google.protobuf flash_attn_4:flash_attn.cute
         echo "fa4: installed"
       else echo "fa4: parts gathered: $(ls /tmp/parts | tr '\n' ' ')"; fi )
     [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ] && export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
@@ -134,10 +139,8 @@ stage() {
     # wheels of bench/big_parts.sh's note; installed into /tmp/site where the machine lacks them
     export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0}
     export PATH=$CUDA_HOME/bin:$PATH
-    for pair in flashinfer_python:flashinfer click:click ninja:ninja tabulate:tabulate tqdm:tqdm einops:einops \
-                apache_tvm_ffi:tvm_ffi nvidia_ml_py:pynvml; do
-      python3 -c "import ${pair#*:}" 2>/dev/null || python3 -m pip install -q --no-deps --no-index --target /tmp/site .big/fi/${pair%%:*}-*.whl
-    done
+    need .big/fi flashinfer_python:flashinfer click:click ninja:ninja tabulate:tabulate tqdm:tqdm einops:einops \
+         apache_tvm_ffi:tvm_ffi nvidia_ml_py:pynvml
     python3 -c "from dittune.engine.attention import available_backends as a; print('attention backends:', a('cuda'))" ;;
   budget-tune)  # the budget study's tune alone (SIGTERM before the limit: saved, resumed by `budget` in the next call)
     timeout "$(left 590)" python3 -m dittune tune ${DITTUNE_GPU_BUDGET_MODEL:-flux-dev} --vram-budget ${DITTUNE_GPU_BUDGET:-24GiB} \

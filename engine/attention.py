@@ -39,25 +39,16 @@ def _forced_sdpa(backend: SDPBackend) -> Callable:
     return run
 
 
-# flash-attn and SageAttention take and return [B, L, H, D] ("NHD"): the models' q, k, v are
-# [B, H, L, D] views of that storage, so the transposes around these ops are free, and so is
-# the output's reshape to [B, L, H * D]. Both read any strides with a contiguous head dim.
-def _fa(q, k, v, mask):
-    if mask is not None:
-        raise EngineError("attention backend 'fa' does not take an attention mask")
-    return torch.ops.dittune.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+# flash-attn, flashinfer and SageAttention take and return [B, L, H, D] ("NHD"): the models' q, k, v
+# are [B, H, L, D] views of that storage, so the transposes around these ops are free, and so is
+# the output's reshape to [B, L, H * D]. All read any strides with a contiguous head dim.
+def _token_major(name: str, op: Callable) -> Callable:
+    def run(q, k, v, mask):
+        if mask is not None:
+            raise EngineError(f"attention backend {name!r} does not take an attention mask")
+        return op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
-
-def _flashinfer(q, k, v, mask):
-    if mask is not None:
-        raise EngineError("attention backend 'flashinfer' does not take an attention mask")
-    return torch.ops.dittune.flashinfer_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-
-def _sage(q, k, v, mask):
-    if mask is not None:
-        raise EngineError("attention backend 'sage_attn' does not take an attention mask")
-    return torch.ops.dittune.sage_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return run
 
 
 # Third-party kernels as opaque custom ops: torch.compile keeps them as one node instead of
@@ -91,19 +82,12 @@ def _flashinfer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     return out
 
 
-@_flashinfer_attention.register_fake
-def _(q, k, v):
+def _token_major_fake(q, k, v):
     return torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, L, H, D]
 
 
-@_flash_attention.register_fake
-def _(q, k, v):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, L, H, D]
-
-
-@_sage_attention.register_fake
-def _(q, k, v):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, L, H, D]
+for _op in (_flash_attention, _sage_attention, _flashinfer_attention):
+    _op.register_fake(_token_major_fake)
 
 
 def _flash_attn_func():
@@ -135,9 +119,9 @@ def _flashinfer_prefill():
 _IMPLS: dict[str, Callable] = {
     "torch_sdpa": _sdpa,
     **{name: _forced_sdpa(b) for name, b in _FORCED.items()},
-    "fa": _fa,
-    "flashinfer": _flashinfer,
-    "sage_attn": _sage,
+    "fa": _token_major("fa", torch.ops.dittune.flash_attention),
+    "flashinfer": _token_major("flashinfer", torch.ops.dittune.flashinfer_attention),
+    "sage_attn": _token_major("sage_attn", torch.ops.dittune.sage_attention),
 }
 
 
