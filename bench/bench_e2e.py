@@ -47,7 +47,10 @@ def flops(model: str, height: int, width: int, text_tokens: int) -> float:
     return float(fc.get_total_flops())
 
 
-def run(model, height, width, tokens, dittune_argvs, device, dtype, warmup, iters, compile_diffusers, also_unpacked=False):
+def run(model, height, width, tokens, dittune_argvs, device, dtype, warmup, iters, compile_diffusers, also_unpacked=False,
+        pass_counts=None):
+    """pass_counts: DiT passes per timed dittune step, one row each (default: the step's own count);
+    diffusers' rows always run the step's count."""
     family = get_family(model)
     passes = PASSES.get(family.spec.family, 1)
     ref_cls, ref_cfg, ref_fwd, our_fwd = case(model, height, width, tokens, device, dtype)
@@ -89,21 +92,26 @@ def run(model, height, width, tokens, dittune_argvs, device, dtype, warmup, iter
             out = our_fwd(ours).float()
             compile_s = time.perf_counter() - t
 
-            def our_step():  # the passes of one step share its cache, as in Pipeline.generate
-                cache: dict = {}
-                for _ in range(passes):
-                    our_fwd(ours, cache)
+            for n in pass_counts or [passes]:
 
-            timed = our_step
-            if cfg.enable_cuda_graph:  # the whole step as one graph, as the engine captures it
-                graph, _ = capture(our_step, device)
-                timed = graph.replay
-            name = "dittune " + (shlex.join(dittune_argv) or "(defaults)") + ("" if pack else " [per-block modulation]")
-            row = timed_row(timed, config=name, compile_s=compile_s if cfg.enable_torch_compile else None)
-        rows.append({**row, "rel_diff_vs_diffusers": ((out - ref_out).norm() / ref_out.norm()).item()})
+                def our_step(n=n):  # the passes of one step share its cache, as in Pipeline.generate
+                    cache: dict = {}
+                    for _ in range(n):
+                        our_fwd(ours, cache)
+
+                timed = our_step
+                if cfg.enable_cuda_graph:  # the whole step as one graph, as the engine captures it
+                    graph, _ = capture(our_step, device)
+                    timed = graph.replay
+                name = "dittune " + (shlex.join(dittune_argv) or "(defaults)") + ("" if pack else " [per-block modulation]")
+                if n != passes:
+                    name += f" [{n} of {passes} passes]"
+                row = timed_row(timed, config=name, compile_s=compile_s if cfg.enable_torch_compile else None,
+                                passes=n)
+                rows.append({**row, "rel_diff_vs_diffusers": ((out - ref_out).norm() / ref_out.norm()).item()})
+                if cfg.enable_cuda_graph:
+                    del graph
         del ours, our_step, timed
-        if cfg.enable_cuda_graph:
-            del graph
         free(device)
     del sd
     return rows, passes
@@ -127,6 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip diffusers' compile row")
     ap.add_argument("--also-unpacked", action="store_true",
                     help="add a dittune row with per-block modulation (the engine's path before packing)")
+    ap.add_argument("--passes", type=int, nargs="+", default=None,
+                    help="DiT passes per timed dittune step, a row each (default: the step's own, 2 for Qwen-Image)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None)
@@ -142,11 +152,12 @@ def main(argv=None) -> int:
     for m in models:
         tokens = 16 if a.tiny else (512 if m.startswith("flux") else 128)
         rows, passes = run(m, size, size, tokens, [shlex.split(f) for f in a.dittune_flags or DEFAULT_ROWS], device, dtype, a.warmup, a.iters,
-                           not a.no_compile, a.also_unpacked)
-        fl = flops(m, size, size, tokens) * passes
+                           not a.no_compile, a.also_unpacked, a.passes)
+        fl_pass = flops(m, size, size, tokens)
         base = rows[0]["step_ms"]
         comp = next((r["step_ms"] for r in rows if "compile" in r["config"] and r["config"].startswith("diffusers")), None)
         for r in rows:
+            fl = fl_pass * r.get("passes", passes)
             r.update(model=m, tflop_per_step=fl / 1e12, vs_diffusers_eager=r["step_ms"] / base,
                      vs_diffusers_compile=r["step_ms"] / comp if comp else None,
                      floor_fraction=(fl / (peak * 1e12) * 1e3) / r["step_ms"] if peak else None)

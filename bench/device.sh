@@ -2,7 +2,7 @@
 # Runs on the device machine (see ../shared/device/README.md): install the project, then one named
 # stage that fits a 10-minute call. Logs and JSON go to $OUT (default ./out).
 #   bash bench/device.sh STAGE...   (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner
-#   par-gen tp-bench tp-proto tune2 pool fa4 flashinfer budget-tune budget kernels;
+#   par-gen tp-bench tp-proto tune2 pool fa4 flashinfer budget-tune budget kernels ncu micro;
 #   tune and winner need TUNE_DB=file, tune takes TUNE_ARGS such as --vram-budget 24GiB)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -80,6 +80,26 @@ stage() {
         --flags="${PROFILE_FLAGS:---attention-backend torch_cudnn_sdpa --fused-kernels --enable-torch-compile}" > "$OUT/profile_$m.log" 2>&1
       echo "profile $m rc=$?"; grep -A7 "^== " "$OUT/profile_$m.log" | grep -v "^--"
     done ;;
+  ncu)  # one compiled forward per model under Nsight Compute: each kernel's time, DRAM bytes, bandwidth
+    NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    [ -n "$NCU" ] || { echo "ncu: not found"; return; }
+    gbps=$(python3 -c "import torch, triton.testing as tt; x = torch.empty(2**29, dtype=torch.bfloat16, device='cuda'); y = torch.empty_like(x); ms = tt.do_bench(lambda: y.copy_(x), return_mode='median'); print(round(2 * x.numel() * 2 / ms / 1e6))")
+    echo "copy bandwidth: $gbps GB/s"
+    for m in ${NCU_MODELS:-z-image-turbo flux-dev qwen-image}; do
+      timeout "$(left 300)" "$NCU" --profile-from-start off --clock-control none --target-processes application-only \
+        --print-units base --csv --page raw --log-file "$OUT/ncu_$m.csv" --metrics \
+gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__cycles_elapsed.avg.per_second,\
+sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed \
+        python3 bench/profile_step.py --model "$m" --ncu \
+        --flags="${PROFILE_FLAGS:---attention-backend torch_cudnn_sdpa --fused-kernels --enable-torch-compile}" > "$OUT/ncu_$m.log" 2>&1
+      echo "ncu $m rc=$?"; tail -3 "$OUT/ncu_$m.log"
+      python3 bench/ncu_table.py "$OUT/ncu_$m.csv" --copy-gbps "$gbps" --json "$OUT/ncu_$m.json" --top 25 > "$OUT/ncu_$m.md" 2>&1
+      head -40 "$OUT/ncu_$m.md"
+    done ;;
+  micro)  # the fused kernels against their torch references at the models' shapes (GB/s of the bytes they need)
+    for k in qk_norm_rope residual modulation rmsnorm; do
+      timeout "$(left 120)" python3 -m dittune.kernels.$k >> "$OUT/micro.log" 2>&1; echo "micro $k rc=$?"
+    done; cat "$OUT/micro.log" ;;
   tune)  # resumable: carry the SQLite file back and forth; each call stops itself before the limit
     db=${TUNE_DB:?set TUNE_DB to the database file}
     timeout "$(left 580)" dittune tune flux-dev --trials 30 --timeout $(( $(left 580) - 60 )) --trial-timeout 5m \
@@ -151,7 +171,7 @@ stage() {
     [ -f /tmp/budget.db ] && export DITTUNE_GPU_BUDGET_DB=/tmp/budget.db
     timeout "$(left 590)" python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/tuner/test_budget_gpu.py > "$OUT/budget.log" 2>&1
     echo "budget rc=$?"; cp /tmp/budget.db "$OUT/" 2>/dev/null; grep -E "under|passed|failed|Error|assert" "$OUT/budget.log" | tail -12 ;;
-  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tp-proto tune2 pool fa4 flashinfer budget-tune budget kernels)"; exit 2 ;;
+  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tp-proto tune2 pool fa4 flashinfer budget-tune budget kernels ncu micro)"; exit 2 ;;
   esac
 }
 for s in "$@"; do stage "$s"; done

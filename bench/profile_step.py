@@ -5,6 +5,10 @@ copies), and can save a Chrome trace.
 
     python bench/profile_step.py --model flux-dev --flags="--attention-backend torch_cudnn_sdpa --fused-kernels"
     python bench/profile_step.py --model flux-dev-tiny --device cpu --no-diffusers   # smoke test
+
+With --ncu, no torch.profiler: one forward of dittune's model runs between cudaProfilerStart and
+cudaProfilerStop, for Nsight Compute started with --profile-from-start off (bench/ncu_table.py
+reads its CSV: each kernel's time, DRAM bytes and achieved bandwidth).
 """
 
 from __future__ import annotations
@@ -77,6 +81,17 @@ def profile_forward(fn, device, warmup: int, trace: Path | None):
     return sorted(rows, key=lambda r: -r[2]), wall
 
 
+def ncu_forward(fn, device, warmup: int) -> None:
+    """Warm up, then one forward inside the profiler-start/stop range Nsight Compute captures."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    torch.cuda.cudart().cudaProfilerStart()
+    fn()
+    torch.cuda.synchronize(device)
+    torch.cuda.cudart().cudaProfilerStop()
+
+
 def report(title: str, rows, top: int, wall: float | None, out: dict) -> None:
     total = sum(r[2] for r in rows)
     print(f"\n== {title}: kernels {total:.2f} ms" + (f", forward wall {wall:.2f} ms (gaps {wall - total:.2f} ms)" if wall else ""))
@@ -103,7 +118,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write every kernel row here")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--trace-dir", default=None, help="write Chrome traces here")
+    ap.add_argument("--ncu", action="store_true", help="one dittune forward in a cudaProfilerStart/Stop range "
+                    "for `ncu --profile-from-start off` (implies --no-diffusers)")
     a = ap.parse_args(argv)
+    if a.ncu:
+        if a.device != "cuda":
+            raise SystemExit("--ncu needs --device cuda")
+        a.no_diffusers = True
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     family = get_family(a.model)
@@ -130,6 +151,9 @@ def main(argv=None) -> int:
     del sd
     prepare_native(ours, cfg, device)
     with torch.inference_mode():
+        if a.ncu:
+            ncu_forward(lambda: our_fwd(ours), device, a.warmup)
+            return 0
         rows, wall = profile_forward(lambda: our_fwd(ours), device, a.warmup, trace_dir and trace_dir / "dittune.json")
     report(f"dittune {a.model} {shlex.join(F.config_to_argv(cfg)) or '(defaults)'}", rows, a.top, wall, out)
     if a.json:

@@ -324,8 +324,10 @@ def joint_qk_norm_rope(
 
 
 def benchmark() -> None:
-    dev, dt, h, d = "cuda", torch.bfloat16, 24, 128
-    for name, b, lt, li in [("flux 1024^2", 1, 512, 4096), ("qwen-image 1328^2 cfg", 2, 64, 6889)]:
+    dev, dt, d = "cuda", torch.bfloat16, 128
+    cases = [("flux 1024^2", 1, 24, 512, 4096), ("qwen-image 1328^2 cfg", 2, 24, 64, 6889),
+             ("z-image 1024^2", 1, 30, 128, 4096)]  # fmt: skip
+    for name, b, h, lt, li in cases:
         l = lt + li
         qkv = torch.randn(b, l, 3, h, d, device=dev, dtype=dt)  # packed projection output
         q, k = qkv[:, :, 0], qkv[:, :, 1]
@@ -337,6 +339,11 @@ def benchmark() -> None:
               reference=lambda: qk_norm_rope_reference(q, k, wq, wk, cos, sin),
               triton=lambda: launch(q, k, wq, wk, cos, sin),
               op=lambda: qk_norm_rope(q, k, wq, wk, cos, sin))  # fmt: skip
+        table = torch.stack((cos, sin), dim=-1)  # [L, D/2, 2]: Z-Image's refiners pass views of it (stride 2)
+        ci, si = table.unbind(-1)
+        bench(f"qk_norm_rope {name}, cos/sin interleaved", nbytes,
+              reference=lambda: qk_norm_rope_reference(q, k, wq, wk, ci, si),
+              triton=lambda: launch(q, k, wq, wk, ci, si))  # fmt: skip
         jt, ji = (qkv[:, :lt, 0], qkv[:, :lt, 1]), (qkv[:, lt:, 0], qkv[:, lt:, 1])
         bench(f"joint_qk_norm_rope {name}", nbytes,
               reference=lambda: joint_qk_norm_rope_reference(*jt, *ji, wq, wk, wk, wq, cos, sin),
