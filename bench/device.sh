@@ -2,7 +2,7 @@
 # Runs on the device machine (see ../shared/device/README.md): install the project, then one named
 # stage that fits a 10-minute call. Logs and JSON go to $OUT (default ./out).
 #   bash bench/device.sh STAGE...   (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner
-#   par-gen tp-bench tp-proto tune2 pool fa4 flashinfer budget-tune budget kernels ncu micro;
+#   par-gen tp-bench tp-proto tune2 pool fa4 flashinfer budget-tune budget kernels ncu micro configs kernel-tests;
 #   tune and winner need TUNE_DB=file, tune takes TUNE_ARGS such as --vram-budget 24GiB)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -96,6 +96,12 @@ sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.
       python3 bench/ncu_table.py "$OUT/ncu_$m.csv" --copy-gbps "$gbps" --json "$OUT/ncu_$m.json" --top 25 > "$OUT/ncu_$m.md" 2>&1
       head -40 "$OUT/ncu_$m.md"
     done ;;
+  configs)  # launch configurations of the fused kernels at the models' shapes (bench_fused_configs.py)
+    timeout "$(left 200)" python3 bench/bench_fused_configs.py --json "$OUT/fused_configs.json" > "$OUT/fused_configs.log" 2>&1
+    echo "configs rc=$?"; sed -n '/^model /,$p' "$OUT/fused_configs.log" ;;
+  kernel-tests)  # the kernels' GPU tests only
+    timeout "$(left 200)" python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels > "$OUT/gpu_kernel_tests.log" 2>&1
+    echo "kernel-tests rc=$?"; tail -3 "$OUT/gpu_kernel_tests.log" ;;
   micro)  # the fused kernels against their torch references at the models' shapes (GB/s of the bytes they need)
     for k in qk_norm_rope residual modulation rmsnorm; do
       timeout "$(left 120)" python3 -m dittune.kernels.$k >> "$OUT/micro.log" 2>&1; echo "micro $k rc=$?"
@@ -171,7 +177,7 @@ sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.
     [ -f /tmp/budget.db ] && export DITTUNE_GPU_BUDGET_DB=/tmp/budget.db
     timeout "$(left 590)" python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/tuner/test_budget_gpu.py > "$OUT/budget.log" 2>&1
     echo "budget rc=$?"; cp /tmp/budget.db "$OUT/" 2>/dev/null; grep -E "under|passed|failed|Error|assert" "$OUT/budget.log" | tail -12 ;;
-  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tp-proto tune2 pool fa4 flashinfer budget-tune budget kernels ncu micro)"; exit 2 ;;
+  *) echo "usage: bash bench/device.sh STAGE... (gpu-tests gpu-idle flags-a flags-b flags-c flags-e flags-i e2e profile cold tune winner par-gen tp-bench tp-proto tune2 pool fa4 flashinfer budget-tune budget kernels ncu micro configs kernel-tests)"; exit 2 ;;
   esac
 }
 for s in "$@"; do stage "$s"; done

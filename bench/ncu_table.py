@@ -51,11 +51,14 @@ def kind(name: str) -> str:
 
 
 def _unit_scale(unit: str) -> float:
-    """Factor to base units (second, byte, cycle, per second) of an Nsight Compute unit such as
-    "nsecond", "Mbyte", "cycle/nsecond", "%"."""
+    """Factor to base units (second, byte, Hz) of an Nsight Compute unit: "ns", "nsecond", "Mbyte",
+    "hz", "cycle/nsecond", "%"."""
     num, _, den = unit.strip().partition("/")
 
     def one(u: str) -> float:
+        short = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "hz": 1.0, "khz": 1e3, "mhz": 1e6, "ghz": 1e9}
+        if u.lower() in short:
+            return short[u.lower()]
         for word in ("second", "byte", "cycle"):
             if u.endswith(word) and len(u) > len(word):
                 return SCALE.get(u[: -len(word)], 1.0)

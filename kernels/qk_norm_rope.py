@@ -71,7 +71,9 @@ def joint_qk_norm_rope_reference(
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernel: program (l block, b * H + h, q or k) normalises and rotates BLOCK_M rows of D.
+# Triton kernel: program (l block, b * head group, q or k) normalises and rotates BLOCK_M rows of
+# HEADS heads. The RoPE angles of those rows are loaded once per program and serve its HEADS heads:
+# with one head per program the cos/sin loads were twice the bytes of the q/k rows themselves.
 
 
 @triton.jit
@@ -104,34 +106,36 @@ def _qk_norm_rope_kernel(
     eps,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HEADS: tl.constexpr,  # heads per program, a power of two (masked past H)
 ):
-    b = (tl.program_id(1) // H).to(tl.int64)
-    h = (tl.program_id(1) % H).to(tl.int64)
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]  # token in segment
-    cols = tl.arange(0, BLOCK_D)[None, :]
-    mask = (rows < L) & (cols < D)
+    groups = tl.cdiv(H, HEADS)
+    b = (tl.program_id(1) // groups).to(tl.int64)
+    heads = ((tl.program_id(1) % groups) * HEADS + tl.arange(0, HEADS)).to(tl.int64)[:, None, None]
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[None, :, None]  # token in segment
+    cols = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = (heads < H) & (rows < L) & (cols < D)  # [HEADS, BLOCK_M, BLOCK_D]
     # Pointers per branch (not strides) so both branches yield the same types whatever triton
     # specialises the integer arguments to.
     if tl.program_id(2) == 0:
-        x_ptrs = Q + b * stride_qb + h * stride_qh + rows * stride_ql + cols
+        x_ptrs = Q + b * stride_qb + heads * stride_qh + rows * stride_ql + cols
         w_ptrs = WQ + cols
-        o_ptrs = QO + b * stride_ob + h * stride_oh + (l_offset + rows) * stride_ol + cols
+        o_ptrs = QO + b * stride_ob + heads * stride_oh + (l_offset + rows) * stride_ol + cols
     else:
-        x_ptrs = K + b * stride_kb + h * stride_kh + rows * stride_kl + cols
+        x_ptrs = K + b * stride_kb + heads * stride_kh + rows * stride_kl + cols
         w_ptrs = WK + cols
-        o_ptrs = KO + b * stride_ob + h * stride_oh + (l_offset + rows) * stride_ol + cols
+        o_ptrs = KO + b * stride_ob + heads * stride_oh + (l_offset + rows) * stride_ol + cols
 
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_D]
-    x = x * tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # [HEADS, BLOCK_M, BLOCK_D]
+    x = x * tl.rsqrt(tl.sum(x * x, axis=2) / D + eps)[:, :, None]
     x = x * tl.load(w_ptrs, mask=cols < D, other=0.0).to(tl.float32)
-    re, im = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_D // 2, 2]))  # [BLOCK_M, BLOCK_D/2] each
+    re, im = tl.split(tl.reshape(x, [HEADS, BLOCK_M, BLOCK_D // 2, 2]))  # [HEADS, BLOCK_M, BLOCK_D/2] each
 
-    pairs = tl.arange(0, BLOCK_D // 2)[None, :]
+    pairs = tl.arange(0, BLOCK_D // 2)[None, None, :]
     pos = l_offset + rows
-    cmask = (rows < L) & (pairs < D // 2)
+    cmask = (rows < L) & (pairs < D // 2)  # [1, BLOCK_M, BLOCK_D/2]: one load for the program's heads
     cos = tl.load(COS + pos * stride_cl + pairs * stride_ci, mask=cmask, other=0.0)
     sin = tl.load(SIN + pos * stride_sl + pairs * stride_si, mask=cmask, other=0.0)
-    out = tl.reshape(tl.join(re * cos - im * sin, re * sin + im * cos), [BLOCK_M, BLOCK_D])
+    out = tl.reshape(tl.join(re * cos - im * sin, re * sin + im * cos), [HEADS, BLOCK_M, BLOCK_D])
     tl.store(o_ptrs, out.to(QO.dtype.element_ty), mask=mask)
 
 
@@ -166,10 +170,12 @@ def _check_rope(op: str, q, cos, sin, length: int) -> None:
             fail(op, f"{name} must be float32 on {q.device} (RoPE is computed in fp32), got {t.dtype} on {t.device}")
 
 
-def _config(d: int) -> tuple[int, int, int]:
-    """(BLOCK_M tokens, BLOCK_D, num_warps) per program."""
+def _config(d: int, h: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M tokens, BLOCK_D, HEADS, num_warps) per program: up to 8 heads share one load of the
+    tokens' angles, 4096 elements a program."""
     block_d = triton.next_power_of_2(d)
-    return max(1, min(64, 4096 // block_d)), block_d, 4
+    heads = min(8, triton.next_power_of_2(h))
+    return max(1, min(64, 4096 // (block_d * heads))), block_d, heads, 4
 
 
 def _outputs(q: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,14 +190,14 @@ def _launch_segment(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, l_off
     b, l, h, d = q.shape
     if q.numel() == 0:
         return
-    block_m, block_d, num_warps = _config(d)
+    block_m, block_d, heads, num_warps = _config(d, h)
     kernel = wrap_triton(_qk_norm_rope_kernel) if tracing(q) else _qk_norm_rope_kernel
-    kernel[(triton.cdiv(l, block_m), b * h, 2)](
+    kernel[(triton.cdiv(l, block_m), b * triton.cdiv(h, heads), 2)](
         q, k, q_weight, k_weight, cos, sin, q_out, k_out,
         l, h, l_offset, q_out.stride(0), q_out.stride(1), q_out.stride(2),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-        d, eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        d, eps, BLOCK_M=block_m, BLOCK_D=block_d, HEADS=heads, num_warps=num_warps,
     )  # fmt: skip
 
 

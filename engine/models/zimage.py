@@ -339,7 +339,9 @@ class ZImageTransformer(nn.Module):
         cap_len = cap_feats.shape[1] + (-cap_feats.shape[1]) % SEQ_MULTI_OF
 
         freqs = rope_freqs(self.position_ids(h, w, x_len, cap_len, x.device), cfg.axes_dims, cfg.rope_theta)
-        cos, sin = freqs.unbind(-1)  # [L, D/2] views, image positions first
+        # [L, D/2] each, image positions first; contiguous: the fused QK-norm + RoPE kernel reads a
+        # stride-2 view of the (cos, sin) table at a quarter of its bandwidth (noise refiner, H200)
+        cos, sin = (t.contiguous() for t in freqs.unbind(-1))
         c = self.t_embedder(t * cfg.t_scale).to(x.dtype)  # [B, adaln_dim]
 
         # Under sequence parallelism each rank keeps its slice of the (padded) image and caption

@@ -52,6 +52,9 @@ CASES = {
     "zimage-strided-table-fp32": dict(b=1, l=6, h=2, d=128, dtype=torch.float32, interleaved_table=True),
     "tiny-head-dim-fp32": dict(b=2, l=7, h=2, d=16, dtype=torch.float32),
     "odd-pairs-d24-fp32": dict(b=1, l=3, h=2, d=24, dtype=torch.float32),  # D not a power of 2
+    # heads share a program 8 at a time: 11 heads are a full group and a ragged one, per sample
+    "ragged-head-groups-fp32": dict(b=2, l=9, h=11, d=32, dtype=torch.float32),
+    "ragged-head-groups-joint-bf16": dict(b=2, l=6, h=11, d=32, dtype=torch.bfloat16, joint=2),
     "joint-bf16": dict(b=2, l=5, h=3, d=128, dtype=torch.bfloat16, joint=3),
     "joint-fp32": dict(b=1, l=40, h=2, d=128, dtype=torch.float32, joint=7),
 }
