@@ -97,9 +97,9 @@ def main(argv=None) -> int:
                     residual.row_config = modulation.row_config = shipped_row
                 else:
                     bm, warps = cfg
-                    residual.row_config = modulation.row_config = lambda w, bm=bm, warps=warps: (
+                    residual.row_config = modulation.row_config = lambda w, min_rows=1, bm=bm, warps=warps: (
                         bm, triton.next_power_of_2(w), warps)
-                measure(model, kernel, nbytes, fn, cfg, shipped_row(ROW_SHAPES[model][1]))
+                measure(model, kernel, nbytes, fn, cfg, shipped_row(ROW_SHAPES[model][1], 1 if kernel == "gated_residual" else 2))
     finally:
         qk_norm_rope._config, residual.row_config, modulation.row_config = shipped_qk, shipped_row, shipped_row
     if a.json:

@@ -137,7 +137,7 @@ def _launch(x, weight, shift, scale, eps: float, rms: bool) -> torch.Tensor:
     out = torch.empty((b, l, c), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_m, block_c, num_warps = row_config(c)
+    block_m, block_c, num_warps = row_config(c, min_rows=2)
     kernel = wrap_triton(_modulate_kernel) if tracing(x) else _modulate_kernel
     kernel[(triton.cdiv(l, block_m), b)](
         x,

@@ -174,7 +174,7 @@ def _launch(x, gate, y, weight=None, shift=None, scale=None, eps: float = 1e-6):
     mod_out = torch.empty_like(out) if scale is not None else None
     if out.numel() == 0:
         return out, mod_out
-    block_m, block_c, num_warps = row_config(c)
+    block_m, block_c, num_warps = row_config(c, min_rows=1 if weight is None and scale is None else 2)
     kernel = wrap_triton(_residual_kernel) if tracing(x) else _residual_kernel
     kernel[(triton.cdiv(l, block_m), b)](
         x,
