@@ -42,6 +42,22 @@ class UnknownStudy(DittuneError):
     pass
 
 
+# Student's t, two-sided 95%, by degrees of freedom
+_T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def t_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with df degrees of freedom (table to 30, then the
+    Cornish-Fisher expansion around the normal's 1.96, within 0.001 of the exact value)."""
+    if df < 1:
+        raise ValueError(f"t quantile needs at least one degree of freedom, got {df}")
+    if df <= len(_T_975):
+        return _T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
 @dataclass(frozen=True)
 class Result:
     """One measured configuration with its evidence."""
@@ -91,16 +107,21 @@ class Result:
 
     @property
     def fresh_band(self) -> float | None:
-        """± relative: where one fresh run of this command should land. The confirmation runs are
-        fresh processes each, so their spread is the run-to-run spread: two sample standard
-        deviations around their median, widened by the median's own uncertainty (x sqrt(1 +
-        1.57 / n)). None without two runs. Wider than noise_band, the median's uncertainty that
-        ties are judged by: on a quiet GPU both are under 1%; on a shared CPU whose two cores run
-        the same process 1.5-2x apart (this project's CI machine), this one says so."""
+        """± relative: where one fresh run of this command should land, a 95% prediction interval.
+        The confirmation runs are fresh processes each, so their spread is the run-to-run spread:
+        Student's t (n - 1 degrees of freedom) sample standard deviations around their median,
+        widened by the median's own uncertainty (x sqrt(1 + 1.57 / n)). With the few runs a
+        confirmation makes, t is what keeps the band honest: two standard deviations, the large-n
+        value, held a re-run of README's main job in 4 of 6 directions across three pairs of runs
+        on this project's shared CPU, t in all 6 (docs/PERFORMANCE.md). None without two runs.
+        Wider than noise_band, the median's uncertainty that ties are judged by: on a quiet GPU
+        both are small; on a shared CPU whose two cores run the same process 1.5-2x apart, this one
+        says so."""
         n = len(self.repeats)
         if n < 2:
             return None
-        return 2 * statistics.stdev(self.repeats) * math.sqrt(1 + 1.57 / n) / statistics.median(self.repeats)
+        spread = statistics.stdev(self.repeats) * math.sqrt(1 + 1.57 / n)
+        return t_975(n - 1) * spread / statistics.median(self.repeats)
 
     @property
     def band_source(self) -> str:

@@ -32,8 +32,9 @@ def test_verdicts():
 
 
 def test_fresh_run_band_is_the_runs_spread_not_the_medians():
-    """Five fresh processes of one command: the band a sixth lands in is two standard deviations
-    of theirs, widened by the median's uncertainty; the median's own band is narrower."""
+    """Five fresh processes of one command: the band a sixth lands in (95% prediction interval) is
+    Student's t(4) standard deviations of theirs, widened by the median's uncertainty; the median's
+    own band is narrower."""
     import dataclasses
     import math
     import statistics
@@ -44,9 +45,41 @@ def test_fresh_run_band_is_the_runs_spread_not_the_medians():
     fields = {f.name: None for f in dataclasses.fields(Result) if f.default is dataclasses.MISSING}
     r = Result(**{**fields, "status": "confirmed", "flags": {}}, repeats=runs)
     med, sd = statistics.median(runs), statistics.stdev(runs)
-    assert math.isclose(r.fresh_band, 2 * sd * math.sqrt(1 + 1.57 / 5) / med)
+    assert math.isclose(r.fresh_band, 2.776 * sd * math.sqrt(1 + 1.57 / 5) / med)
     assert r.fresh_band > band(list(runs))  # confirm.band: the median's standard error, for ties
     assert all(abs(x / med - 1) <= r.fresh_band for x in runs)
     assert dataclasses.replace(r, repeats=(0.05,)).fresh_band is None
     two = dataclasses.replace(r, repeats=(0.04, 0.05)).fresh_band
-    assert math.isclose(two, 2 * (0.01 / math.sqrt(2)) * math.sqrt(1 + 1.57 / 2) / 0.045)
+    assert math.isclose(two, 12.706 * (0.01 / math.sqrt(2)) * math.sqrt(1 + 1.57 / 2) / 0.045)
+
+
+def test_fresh_run_band_holds_the_main_jobs_reruns():
+    """README's main job run twice on this project's CPU, three pairs with the same answer (stored
+    confirmation runs and latencies, bench/results/mainjob_pair*.json): each run's latency lies in
+    the other's fresh-run band, which two standard deviations (the large-n value) held in only four
+    of the six directions."""
+    import dataclasses
+
+    from dittune.db.queries import Result
+
+    pairs = {  # (latency s, confirmation runs s) of run 1 and run 2
+        "B": ((0.04896, (0.0303, 0.0506, 0.0490)), (0.04728, (0.0444, 0.0502))),
+        "C": ((0.03862, (0.0317, 0.0386, 0.0398)), (0.04812, (0.0481, 0.0529, 0.0467))),
+        "D": ((0.04050, (0.0396, 0.0311, 0.0448, 0.0414)), (0.04801, (0.0464, 0.0480, 0.0509))),
+    }
+    fields = {f.name: None for f in dataclasses.fields(Result) if f.default is dataclasses.MISSING}
+    for name, runs in pairs.items():
+        for (lat, repeats), (other, _) in (runs, runs[::-1]):
+            r = Result(**{**fields, "status": "confirmed", "flags": {}}, repeats=repeats)
+            assert abs(other / lat - 1) <= r.fresh_band, (name, lat, other, r.fresh_band)
+
+
+def test_t_quantile():
+    from dittune.db.queries import t_975
+
+    assert t_975(1) == 12.706 and t_975(4) == 2.776 and t_975(30) == 2.042
+    for df, exact in ((40, 2.0211), (60, 2.0003), (120, 1.9799)):
+        assert abs(t_975(df) - exact) < 1e-3
+    assert t_975(31) < t_975(30) and t_975(10**6) > 1.959
+    with pytest.raises(ValueError):
+        t_975(0)
