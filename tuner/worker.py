@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
         model=job["model"], prompt=job.get("prompt", GenerateRequest.prompt), width=job["width"], height=job["height"],
         steps=job["steps"], guidance=job["guidance"], seed=job.get("seed", 0), output=None,
         perf_dump_path=Path(job["perf_dump_path"]), device=job.get("device"), warmup=job.get("warmup", 1),
-        max_warmup=job.get("max_warmup"),
+        max_warmup=job.get("max_warmup"), measure_s=job.get("measure_s", 0.0),
         vram_budget=job.get("vram_budget"), flags=config_from_dict(job["flags"]), model_path=job.get("model_path"),
     )
     try:

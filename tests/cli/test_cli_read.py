@@ -45,7 +45,7 @@ def test_recommend_text_and_json(filled):
     (row,) = json.loads(r.stdout)
     assert row["flags"] == FLAGS_SMALL and row["peak_vram_bytes"] == 14 * GiB and row["latency_s"] == 20.0
     assert row["command"].endswith("--dit-layerwise-offload --dit-resident-layers 20")
-    assert row["remeasure"] == row["command"] + " --warmup 1 --max-warmup 4 --perf-dump-path remeasure.json"
+    assert row["remeasure"] == row["command"] + " --warmup 1 --max-warmup 4 --measure-s 0.5 --perf-dump-path remeasure.json"
     # the evidence: a single run's band says so; the stored peak is NVML's whole footprint
     assert row["noise_band"] == 0.01 and row["noise_band_source"] == "single run (spread of its steps)"
     assert row["peak_kind"] == "nvml_process" and row["trial_id"] and row["versions"]["torch"] == "2.11.0"

@@ -32,3 +32,31 @@ def test_max_below_min_is_refused():
     with pytest.raises(EngineError, match="--max-warmup 1 must be >= --warmup 2"):
         R.generate(R.GenerateRequest(**TINY, warmup=2, max_warmup=1))
 
+
+
+def test_measured_requests_until_measure_s_and_their_median(monkeypatch):
+    """After warm-up, requests are measured until --measure-s seconds of them (at most MEASURE_CAP);
+    the dump's latency is their median, and without --measure-s one request is measured."""
+    draws = iter([0.5, 0.1, 0.3])  # no warm-up: these are the measured requests' latencies
+    monkeypatch.setattr(R, "_latency", lambda times, steps: next(draws))
+    monkeypatch.setattr(R, "MEASURE_CAP", 3)
+    d = R.generate(R.GenerateRequest(**TINY, measure_s=1e9)).dump
+    assert d["measured"] == {"requests": 3, "min_s": 1e9, "latencies_s": [0.5, 0.1, 0.3]}
+    assert d["latency_s"] == 0.3 and d["warmup_requests"] == 0
+    monkeypatch.undo()
+    one = R.generate(R.GenerateRequest(**TINY, warmup=1)).dump
+    assert one["measured"]["requests"] == 1 and one["latency_s"] == one["measured"]["latencies_s"][0]
+
+
+def test_measured_requests_stop_at_measure_s():
+    d = R.generate(R.GenerateRequest(**TINY, warmup=1, measure_s=1e-9)).dump  # the first request covers it
+    assert d["measured"]["requests"] == 1
+    d = R.generate(R.GenerateRequest(**TINY, warmup=1, measure_s=0.2)).dump  # a tiny request: a few ms
+    assert 2 <= d["measured"]["requests"] <= R.MEASURE_CAP
+    assert d["latency_s"] in d["measured"]["latencies_s"]
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan")])
+def test_negative_measure_s_is_refused(bad):
+    with pytest.raises(EngineError, match="--measure-s .* must be >= 0 seconds"):
+        R.generate(R.GenerateRequest(**TINY, measure_s=bad))
