@@ -87,6 +87,8 @@ def _evidence(r: Result) -> str:
     step = f", step median {r.step_median_s * 1e3:.1f} ms" if r.step_median_s is not None else ""
     step += f", {r.images_per_s_per_gpu:.3g} images/s per GPU ({r.num_gpus} GPU(s))"
     warm = f", {r.warmup_requests} warm-up request(s)" if r.warmup_requests is not None else ""
+    if r.measured_requests and r.measured_requests > 1:
+        warm += f", median of {r.measured_requests} measured requests"
     stale = f"; {stale_text(r)}" if r.stale else ""
     return (
         f"{r.model} {r.width}x{r.height} {r.steps} steps on {r.gpu}: {r.latency_s:.3f} s/request {band_text(r)}{step}, "
@@ -110,7 +112,7 @@ def to_dict(r: Result) -> dict:
         "noise_band": r.noise_band, "noise_band_source": r.band_source, "fresh_run_band": r.fresh_band,
         "repeats_s": list(r.repeats),
         "verdict": r.verdict or None, "peak_kind": r.peak_kind, "torch_reserved_peak_bytes": r.torch_reserved_peak_bytes,
-        "warmup_requests": r.warmup_requests, "budget_peak_bytes": r.budget_peak_bytes,
+        "warmup_requests": r.warmup_requests, "measured_requests": r.measured_requests, "budget_peak_bytes": r.budget_peak_bytes,
         "images_per_s_per_gpu": r.images_per_s_per_gpu,
     }
 

@@ -98,6 +98,7 @@ def record_from(outcome: Outcome, cfg, argv: str, number: int | None, s: Setup, 
         "peak_kind": kind, "torch_reserved_peak_bytes": d["peak_vram"].get("torch_max_reserved_bytes"),
         "nvml_peak_bytes": d["peak_vram"].get("nvml_process_peak_bytes"),
         "warmup_requests": d.get("warmup_requests"), "warmup": d.get("warmup"), "band_source": "single run",
+        "measured_requests": (d.get("measured") or {}).get("requests"),
     }
     return rec
 

@@ -81,6 +81,7 @@ def test_tune_recommend_studies_export_agree(tuned):
     else:
         assert rec["peak_kind"] in ("torch_reserved", None)
     assert rec["warmup_requests"] == 1
+    assert rec["measured_requests"] == 3 and "median of 3 measured requests" in text  # the tuner's measure_s
     # the evidence says where the band comes from, in text and JSON alike
     assert rec["noise_band_source"] in text
     if name == "frontier-tie-single-run":
