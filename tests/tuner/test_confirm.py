@@ -15,6 +15,17 @@ def test_band_is_two_standard_errors_of_the_median_and_narrows_with_repeats():
     assert band([1.0, 1.01, 0.99, 1.0, 5.0]) < 0.02
 
 
+def test_band_of_three_or_four_runs_is_not_below_their_standard_deviation():
+    """Three runs, two of them equal: the median absolute deviation is zero; the band is not."""
+    import statistics
+
+    runs = [0.034, 0.053, 0.053]  # README's main job, pair H run 2 (docs/PERFORMANCE.md): read ±0.1% before
+    assert band(runs) == pytest.approx(2 * 1.2533 * statistics.stdev(runs) / 3**0.5 / 0.053)
+    assert band(runs) > 0.25
+    # a finalist whose three runs span 0.033-0.053 s is not "separated" from one at 0.043 s
+    assert verdict({"a": [0.034, 0.033, 0.053], "b": [0.044, 0.043, 0.035]})[0] is None
+
+
 def test_verdicts():
     assert verdict({"a": [1.0, 1.001], "b": [1.2, 1.201]}) == ("separated", set())
     assert verdict({"a": [1.0, 1.001], "b": [1.0005, 1.0008]}) == ("tied within noise", {"a", "b"})
