@@ -34,7 +34,8 @@ SM_PCT, MEM_PCT = (
     "sm__throughput.avg.pct_of_peak_sustained_elapsed",
     "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed",
 )
-SCALE = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "u": 1e-6, "m": 1e-3, "n": 1e-9}
+PREFIX = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "u": 1e-6, "m": 1e-3, "n": 1e-9}  # of "Mbyte", "nsecond"
+SHORT_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "hz": 1.0, "khz": 1e3, "mhz": 1e6, "ghz": 1e9}
 
 
 def kind(name: str) -> str:
@@ -56,12 +57,11 @@ def _unit_scale(unit: str) -> float:
     num, _, den = unit.strip().partition("/")
 
     def one(u: str) -> float:
-        short = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "hz": 1.0, "khz": 1e3, "mhz": 1e6, "ghz": 1e9}
-        if u.lower() in short:
-            return short[u.lower()]
+        if u.lower() in SHORT_UNITS:
+            return SHORT_UNITS[u.lower()]
         for word in ("second", "byte", "cycle"):
             if u.endswith(word) and len(u) > len(word):
-                return SCALE.get(u[: -len(word)], 1.0)
+                return PREFIX.get(u[: -len(word)], 1.0)
         return 1.0
 
     return one(num) / (one(den) if den else 1.0)

@@ -8,9 +8,8 @@ results measured under another registry are recognised as stale.
 
 from __future__ import annotations
 
-import functools
-
 import dataclasses
+import functools
 import hashlib
 import json
 import math

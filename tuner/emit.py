@@ -29,8 +29,8 @@ def generate_command(r: Result) -> str:
 
 def remeasure_command(r: Result) -> str:
     """The same configuration measured as the tuner measures it (warm-up until two consecutive
-    requests agree, then the median of requests over MEASURE_S seconds, on the device it ran on), with a perf dump whose latency_s is the stored figure's
-    counterpart."""
+    requests agree, then the median of requests over MEASURE_S seconds, on the device it ran on),
+    with a perf dump whose latency_s is the stored figure's counterpart."""
     from dittune.engine.run import MEASURE_S, WARMUP_CAP
 
     device = ["--device", "cpu"] if r.gpu == "cpu" else []

@@ -39,7 +39,8 @@ from .options import OBJECTIVES, Setup as _Setup, TuneOptions, TuneResult, defau
 from .options import job as _job, parse_duration, resolve
 from .leases import HOST, fail_trial, heartbeat, own, single_tuner, sweep
 from .pool import GpuPool, host_bound
-from .progress import Progress as _Progress, interrupted_by_signal as _interrupted_by_signal, raise_on_sigterm as _raise_on_sigterm
+from .progress import Progress as _Progress, raise_on_sigterm as _raise_on_sigterm
+from .progress import interrupted_by_signal as _interrupted_by_signal
 from .runner import WORKER_CMD, Spares, run_trial
 from .seeds import enqueue_seeds as _enqueue_seeds, fit_budget as _fit_budget  # noqa: F401 (tests)
 from .state import State as _State, record_from as _record_from, tell as _tell, told as _told
