@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_dit import DIFFUSERS_BACKEND, Clocks, build_reference, case, free, native_from, prepare_native, timeit  # noqa: E402
+from bench_dit import (  # noqa: E402
+    DIFFUSERS_BACKEND, Clocks, build_reference, case, flop_split, free, native_from, prepare_native, timeit,
+)
 
 from dittune.engine import flags as F  # noqa: E402
 from dittune.engine.cudagraph import capture  # noqa: E402
-from dittune.engine.components import default_dtype  # noqa: E402
 from dittune.engine.models import get_family  # noqa: E402
 
 BEST = "--attention-backend torch_cudnn_sdpa --fused-kernels --enable-torch-compile --enable-cuda-graph"
@@ -37,14 +37,7 @@ PASSES = {"qwen_image": 2}  # DiT passes per denoise step
 
 def flops(model: str, height: int, width: int, text_tokens: int) -> float:
     """FLOPs of one native DiT forward, counted on the meta device (no memory, no GPU)."""
-    meta = torch.device("meta")
-    _, _, _, our_fwd = case(model, height, width, text_tokens, meta, torch.bfloat16)
-    family = get_family(model)
-    with meta, default_dtype(torch.bfloat16):
-        dit = family.transformer_cls(family.spec.dit_config)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        our_fwd(dit)
-    return float(fc.get_total_flops())
+    return flop_split(model, height, width, text_tokens)["total"]
 
 
 def run(model, height, width, tokens, dittune_argvs, device, dtype, warmup, iters, compile_diffusers, also_unpacked=False,
