@@ -81,12 +81,13 @@ stage() {
       echo "profile $m rc=$?"; grep -A7 "^== " "$OUT/profile_$m.log" | grep -v "^--"
     done ;;
   ncu)  # one compiled forward per model under Nsight Compute: each kernel's time, DRAM bytes, bandwidth
+        # (NCU_ARGS="--launch-count N": its first N kernels only, for a forward too long to replay whole)
     NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     [ -n "$NCU" ] || { echo "ncu: not found"; return; }
     gbps=$(python3 -c "import torch, triton.testing as tt; x = torch.empty(2**29, dtype=torch.bfloat16, device='cuda'); y = torch.empty_like(x); ms = tt.do_bench(lambda: y.copy_(x), return_mode='median'); print(round(2 * x.numel() * 2 / ms / 1e6))")
     echo "copy bandwidth: $gbps GB/s"
     for m in ${NCU_MODELS:-z-image-turbo flux-dev qwen-image}; do
-      timeout "$(left 300)" "$NCU" --profile-from-start off --clock-control none --target-processes application-only \
+      timeout "$(left 300)" "$NCU" --profile-from-start off --clock-control none --target-processes application-only ${NCU_ARGS:-} \
         --print-units base --csv --page raw --log-file "$OUT/ncu_$m.csv" --metrics \
 gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__cycles_elapsed.avg.per_second,\
 sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed \
