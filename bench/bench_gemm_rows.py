@@ -35,7 +35,6 @@ def products(dev, dt):
     qkv, mlp_in, proj = w(3 * D, D), w(M_HID, D), w(D, D + M_HID)
     b3, bm, bd = (torch.randn(n, device=dev, dtype=dt, generator=g) for n in (3 * D, M_HID, D))
     proj_attn, proj_mlp = proj[:, :D], proj[:, D:]  # strided views, as linear_concat uses them
-    return [
     proj_attn_c = proj_attn.contiguous()
     return [
         ("qkv", D, 3 * D, lambda x, acc: torch.addmm(b3, x, qkv.t())),
