@@ -22,36 +22,60 @@ TARGET_BAND = 0.02  # a band this narrow ends the repeats even where finalists s
 MAX_ROUNDS = 4  # re-runs per finalist at most (the search's own measurement comes on top when it ran alone)
 
 
-def band(lat: list[float]) -> float | None:
-    """± relative noise band of the median of independent runs: two standard errors of the median,
-    relative to it, so it narrows as repeats are added. The spread is estimated robustly (1.4826 x
-    the median absolute deviation) so that one disturbed run (a busy machine) does not swamp it;
-    the median's standard error is 1.2533 sigma / sqrt(n). Two runs: their difference over their
-    median (nothing robust to be had from two). Three or four runs: at least their sample standard
-    deviation, since one run is a third or a quarter of the data there, the median absolute
-    deviation cannot tell a disturbed run from the spread, and it reads zero when two runs coincide
-    (README's main job on the CPU: 0.034, 0.053, 0.053 s gave ±0.1% and "separated"). None for one run."""
+def spread(lat: list[float]) -> float | None:
+    """Relative run-to-run standard deviation of one finalist's independent runs (each its own
+    process), around their median. From five runs robust (1.4826 x the median absolute deviation),
+    so that one disturbed run (a busy machine) does not swamp it; with three or four at least their
+    sample standard deviation, since one run is a third or a quarter of the data there, the median
+    absolute deviation cannot tell a disturbed run from the spread, and it reads zero when two runs
+    coincide (README's main job on the CPU: 0.034, 0.053, 0.053 s read ±0.1% and "separated");
+    two runs: their sample standard deviation. None for one run."""
     n = len(lat)
     if n < 2:
         return None
     med = statistics.median(lat)
-    if n == 2:
-        return abs(lat[0] - lat[1]) / med
-    sigma = 1.4826 * statistics.median(abs(x - med) for x in lat)
-    if n < 5:
-        sigma = max(sigma, statistics.stdev(lat))
-    return 2 * 1.2533 * sigma / n ** 0.5 / med
+    sigma = statistics.stdev(lat)
+    if n >= 5:
+        sigma = 1.4826 * statistics.median(abs(x - med) for x in lat)
+    elif n > 2:
+        sigma = max(sigma, 1.4826 * statistics.median(abs(x - med) for x in lat))
+    return sigma / med
+
+
+def pooled_spread(runs: dict[str, list[float]]) -> float | None:
+    """The run-to-run spread of the machine, pooled over the finalists (weighted by their degrees
+    of freedom): they ran interleaved on the same machine, and with three runs each one finalist's
+    own spread is a guess (README's main job, pair H run 2: the fastest one's 0.028, 0.031, 0.033 s
+    beside another's 0.034, 0.053, 0.053 s). None without a finalist of two runs."""
+    parts = [(len(lat) - 1, spread(lat)) for lat in runs.values() if len(lat) >= 2]
+    dof = sum(d for d, _ in parts)
+    return (sum(d * s * s for d, s in parts) / dof) ** 0.5 if dof else None
+
+
+def band(lat: list[float], sigma: float | None = None) -> float | None:
+    """± relative noise band of the median of independent runs, the one ties are judged by: two
+    standard errors of the difference between it and the median of another finalist measured as
+    often, 2 x sqrt(2) x 1.2533 sigma / sqrt(n) (1.2533 sigma / sqrt(n): the median's standard
+    error), so it narrows as repeats are added. sigma: the relative run-to-run spread, pooled over
+    the finalists of a confirmation (pooled_spread); without it, these runs' own (spread). None for
+    one run."""
+    if len(lat) < 2:
+        return None
+    sigma = spread(lat) if sigma is None else sigma
+    return 2 * 2**0.5 * 1.2533 * sigma / len(lat) ** 0.5
 
 
 def verdict(runs: dict[str, list[float]]) -> tuple[str | None, set[str]]:
     """(verdict, tied), judged as db.pick judges ties: "separated" when no other finalist's median
     lies within the fastest one's noise band, "tied within noise" when some do and every band
     involved is within TARGET_BAND, None while undecided (one finalist: while its band is wider
-    than TARGET_BAND). `tied`: the fastest and the finalists within its band."""
-    bands = {a: band(lat) for a, lat in runs.items()}
-    if any(b is None for b in bands.values()):
+    than TARGET_BAND). The bands use the spread pooled over the finalists. `tied`: the fastest and
+    the finalists within its band."""
+    if any(len(lat) < 2 for lat in runs.values()):
         return None, set()
-    if any(len(runs[a]) == 2 and b > TARGET_BAND for a, b in bands.items()):
+    sigma = pooled_spread(runs)
+    bands = {a: band(lat, sigma) for a, lat in runs.items()}
+    if any(len(runs[a]) == 2 and abs(lat[0] - lat[1]) / statistics.median(lat) > TARGET_BAND for a, lat in runs.items()):
         # two runs that disagree say little about how far a third would land (on the CPU two tunes
         # "separated" finalists from 2 runs each that 5 runs then found tied): measure on
         return None, set()
@@ -121,6 +145,7 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
         if outcome is None and len(live) > 1:  # the cap: what still overlaps is tied at the band reached
             _, tied = verdict(live)
             outcome = "tied within noise" if len(tied) > 1 else "separated"
+        sigma = pooled_spread({a: v for a, v in lat.items() if a not in failed})
         for argv, first, lease in leased:
             got = runs[argv]
             if argv in failed or not got:
@@ -128,14 +153,15 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
             rec = got[-1]
             med = statistics.median(lat[argv])
             rec.latency_s = med
-            rec.step_spread = band(lat[argv])
+            rec.step_spread = band(lat[argv], sigma)
             rec.status = "confirmed"
             peaks = [p for p in (first.peak_vram_bytes, *(x.peak_vram_bytes for x in got)) if p is not None]
             rec.peak_vram_bytes = max(peaks) if peaks else None
             reserved = [x.manifest.get("evidence", {}).get("torch_reserved_peak_bytes") for x in got]
             rec.manifest["evidence"] = {
                 **rec.manifest.get("evidence", {}), "band_source": "confirmation repeats", "repeats": lat[argv],
-                "band": "2 standard errors of the median of the repeats (robust spread), relative to it",
+                "band": "2 standard errors of the difference between the median of the repeats and another "
+                        "finalist's, the run-to-run spread pooled over the finalists, relative to the median",
                 "verdict": (outcome if argv in tied or outcome == "separated" else "separated") if len(live) > 1 else "",
                 "torch_reserved_peak_bytes": max([v for v in reserved if v is not None], default=None),
             }

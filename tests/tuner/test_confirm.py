@@ -2,28 +2,57 @@
 
 import pytest
 
-from dittune.tuner.confirm import TARGET_BAND, band, verdict
+from dittune.tuner.confirm import TARGET_BAND, band, pooled_spread, spread, verdict
 
 
-def test_band_is_two_standard_errors_of_the_median_and_narrows_with_repeats():
-    assert band([1.0]) is None
-    assert band([1.0, 1.02]) == pytest.approx(0.02 / 1.01)  # two runs: their difference over the median
-    four = band([1.0, 1.02, 1.0, 1.02])
-    assert four == pytest.approx(2 * 1.2533 * 1.4826 * 0.01 / 2 / 1.01)
-    assert four < band([1.0, 1.02])  # the same spread, twice the repeats: a narrower band of the median
-    # one disturbed run (seen on a busy two-core machine: 2.579 s among 0.06-0.43 s) does not swamp it
-    assert band([1.0, 1.01, 0.99, 1.0, 5.0]) < 0.02
-
-
-def test_band_of_three_or_four_runs_is_not_below_their_standard_deviation():
-    """Three runs, two of them equal: the median absolute deviation is zero; the band is not."""
+def test_band_is_two_standard_errors_of_a_difference_of_medians_and_narrows_with_repeats():
     import statistics
 
-    runs = [0.034, 0.053, 0.053]  # README's main job, pair H run 2 (docs/PERFORMANCE.md): read ±0.1% before
-    assert band(runs) == pytest.approx(2 * 1.2533 * statistics.stdev(runs) / 3**0.5 / 0.053)
+    assert band([1.0]) is None and spread([1.0]) is None
+    two = [1.0, 1.02]
+    assert spread(two) == pytest.approx(statistics.stdev(two) / 1.01)
+    assert band(two) == pytest.approx(2 * 2**0.5 * 1.2533 * spread(two) / 2**0.5)
+    four = band([1.0, 1.02, 1.0, 1.02])
+    assert four == pytest.approx(2 * 2**0.5 * 1.2533 * 1.4826 * 0.01 / 1.01 / 2)  # 1.4826 MAD > stdev here
+    assert four < band(two)  # the same spread, twice the repeats: a narrower band of the median
+    assert band(two, sigma=0.05) == pytest.approx(2 * 2**0.5 * 1.2533 * 0.05 / 2**0.5)  # a pooled spread wins
+    # one disturbed run among five (seen on a busy two-core machine: 2.579 s among 0.06-0.43 s) does not swamp it
+    assert spread([1.0, 1.01, 0.99, 1.0, 5.0]) == pytest.approx(1.4826 * 0.01)
+    assert band([1.0, 1.01, 0.99, 1.0, 5.0]) < 0.03
+
+
+def test_spread_of_three_or_four_runs_is_not_below_their_standard_deviation():
+    """Three runs, two of them equal: the median absolute deviation is zero; the spread is not."""
+    import statistics
+
+    runs = [0.034, 0.053, 0.053]  # README's main job, pair H run 2 (docs/PERFORMANCE.md): read ±0.1% once
+    assert spread(runs) == pytest.approx(statistics.stdev(runs) / 0.053)
     assert band(runs) > 0.25
     # a finalist whose three runs span 0.033-0.053 s is not "separated" from one at 0.043 s
     assert verdict({"a": [0.034, 0.033, 0.053], "b": [0.044, 0.043, 0.035]})[0] is None
+
+
+def test_pooled_spread_is_weighted_by_degrees_of_freedom():
+    runs = {"a": [1.0, 1.02], "b": [2.0, 2.1, 2.2], "c": [3.0]}
+    want = ((1 * spread(runs["a"]) ** 2 + 2 * spread(runs["b"]) ** 2) / 3) ** 0.5
+    assert pooled_spread(runs) == pytest.approx(want)
+    assert pooled_spread({"c": [3.0]}) is None
+
+
+def test_main_job_pair_h_ties_the_compile_variants_both_times():
+    """README's main job run twice (pair H, docs/PERFORMANCE.md): the confirmation runs of its three
+    finalists. Judged by the fastest one's own spread, run 2 "separated" full-scope max-autotune
+    (0.028, 0.031, 0.033 s) from plain compile (0.044, 0.039, 0.039 s) while run 1 tied them: two
+    different commands. With the spread pooled over the finalists (the second one's 0.034 against
+    0.053 s is the same machine's noise) both runs find plain compile within the fastest one's band,
+    and the rule's fewest-flags step picks the same command from both."""
+    run1 = {"full": [0.031, 0.042, 0.027, 0.048, 0.033], "autotune": [0.038, 0.050, 0.032, 0.034, 0.049],
+            "plain": [0.054, 0.035, 0.057, 0.034, 0.035]}
+    run2 = {"full": [0.028, 0.031, 0.033], "autotune": [0.034, 0.053, 0.053], "plain": [0.044, 0.039, 0.039]}
+    for runs in (run1, run2):
+        outcome, tied = verdict(runs)
+        assert outcome is None and {"full", "plain"} <= tied  # undecided: bands above 2%, measure on
+    assert band(run2["full"]) < 0.2 < band(run2["full"], pooled_spread(run2))  # alone it would have separated
 
 
 def test_verdicts():
@@ -31,8 +60,10 @@ def test_verdicts():
     assert verdict({"a": [1.0, 1.001], "b": [1.0005, 1.0008]}) == ("tied within noise", {"a", "b"})
     # b lies within a's 10% band, which is wider than the 2% target: undecided, repeat
     assert verdict({"a": [1.0, 1.1], "b": [1.05, 1.06]})[0] is None
-    # the slower one's wide band does not make a tie: pick() judges by the fastest one's band...
+    # the slower one's spread widens the pooled band, but 20% still lies outside it...
     assert verdict({"a": [1.0, 1.001, 1.0], "b": [1.05, 1.3, 1.2]})[0] == "separated"
+    # ...and a noisy finalist keeps a tight-looking fastest one from "separating" a close one
+    assert verdict({"a": [1.0, 1.001, 1.0], "b": [1.03, 1.04, 1.03], "c": [1.5, 2.0, 1.2]})[0] is None
     # ...but two runs that disagree by more than the target say too little: measure on. (The CPU
     # main job: 0.030/0.032 against 0.042/0.052 s was called separated; 5 runs each then tied.)
     assert verdict({"a": [1.0, 1.001], "b": [1.05, 1.3]})[0] is None
