@@ -13,8 +13,9 @@ reads its CSV: each kernel's time, DRAM bytes and achieved bandwidth).
 On the GPU each profile also reports the SM clock and board power (NVML, sampled every 2 ms)
 during the profiled forward and during --clock-iters timed forwards outside the profiler, and the
 GEMM and attention throughput against their FLOPs (counted on the meta device): on Hopper as a
-share of the dense bf16 peak at the clock the forward ran at (SMs x 4096 FLOP a clock), since a
-step at the board's power limit runs below the boost clock.
+share of the dense bf16 peak at the window's median NVML clock (SMs x 4096 FLOP a clock). NVML
+samples every few ms and the window includes launch gaps, which run at a higher clock than the
+GEMMs: the share is a lower bound; Nsight Compute (--ncu) gives each kernel's own clock.
 """
 
 from __future__ import annotations
@@ -141,7 +142,9 @@ def report(title: str, rows, top: int, wall: float | None, out: dict, clocks: di
                 eff[kind] = {"tflop": flops[kind] / 1e12, "ms": ms, "tflops": tf,
                              "of_clock_peak": tf / peak if peak else None}
                 print(f"   {kind}: {flops[kind] / 1e12:.2f} TFLOP in {ms:.2f} ms = {tf:.0f} TFLOP/s"
-                      + (f", {tf / peak:.0%} of the dense bf16 peak at the profiled clock ({peak:.0f})" if peak else ""))
+                      + (f", {tf / peak:.0%} of the dense bf16 peak at the profiled window's median NVML clock ({peak:.0f};"
+                         " the window includes gaps that run faster, so the kernels' own clock is lower: ncu gives it)"
+                         if peak else ""))
     print(f"   top {top}:")
     for name, count, t in rows[:top]:
         print(f"   {t:9.2f} ms  x{count:<5} {group_of(name)[:10]:10} {name[:100]}")
