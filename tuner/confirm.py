@@ -75,7 +75,7 @@ def verdict(runs: dict[str, list[float]]) -> tuple[str | None, set[str]]:
         return None, set()
     sigma = pooled_spread(runs)
     bands = {a: band(lat, sigma) for a, lat in runs.items()}
-    if any(len(runs[a]) == 2 and abs(lat[0] - lat[1]) / statistics.median(lat) > TARGET_BAND for a, lat in runs.items()):
+    if any(len(lat) == 2 and abs(lat[0] - lat[1]) / statistics.median(lat) > TARGET_BAND for lat in runs.values()):
         # two runs that disagree say little about how far a third would land (on the CPU two tunes
         # "separated" finalists from 2 runs each that 5 runs then found tied): measure on
         return None, set()
