@@ -115,9 +115,11 @@ class Result:
         confirmation makes, t is what keeps the band honest: two standard deviations, the large-n
         value, held a re-run of README's main job in 4 of 6 directions across three pairs of runs
         on this project's shared CPU, t in all 6 (docs/PERFORMANCE.md). None without two runs.
-        Wider than noise_band, the median's uncertainty that ties are judged by: on a quiet GPU
-        both are small; on a shared CPU whose two cores run the same process 1.5-2x apart, this one
-        says so."""
+        Not the noise_band that ties are judged by (the uncertainty of a difference between two
+        medians, with the spread pooled over the finalists): this one is this command's own runs,
+        for one more run. Usually the wider; a finalist whose runs were tighter than the pool's can
+        have it narrower. On a quiet GPU both are small; on a shared CPU whose two cores run the same
+        process 1.5-2x apart, this one says so."""
         n = len(self.repeats)
         if n < 2:
             return None

@@ -92,8 +92,9 @@ def test_tune_recommend_studies_export_agree(tuned):
     elif res.winner.status == "confirmed":
         assert rec["noise_band_source"].startswith("confirmation repeats (n=")
         assert len(rec["repeats_s"]) >= 2 and rec["verdict"] in ("separated", "tied within noise")
-        # where a fresh run should land: the runs' own spread, wider than the median's band, in text and JSON
-        assert rec["fresh_run_band"] is not None and rec["fresh_run_band"] >= rec["noise_band"]
+        # where a fresh run should land: the runs' own spread (Student's t), in text and JSON; not
+        # ordered against the tie band, whose spread is pooled over the finalists (tuner/confirm.py)
+        assert rec["fresh_run_band"] is not None and rec["fresh_run_band"] >= 0
         assert f"a fresh run: ±{rec['fresh_run_band']:.1%}" in text
     else:
         assert rec["fresh_run_band"] is None and "a fresh run" not in text
