@@ -336,7 +336,7 @@ def generate(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)."),
     warmup: int = typer.Option(0, "--warmup", help="Requests to run before the measured one."),
     max_warmup: Optional[int] = typer.Option(None, "--max-warmup", help="Up to this many warm-up requests in all, more than --warmup while two consecutive requests differ by over 5% (the tuner: --warmup 1 --max-warmup 4)."),
-    measure_s: float = typer.Option(0.0, "--measure-s", help="After warm-up, measure requests until this many seconds of them (at most 15) and report their median latency (the tuner: 0.5); 0: one measured request."),
+    measure_s: float = typer.Option(0.0, "--measure-s", help="After warm-up, measure requests until this many seconds of them (at most 200) and report their median latency (the tuner: 0.5 on a GPU, 3 on the CPU); 0: one measured request."),
     vram_budget: Optional[str] = typer.Option(None, "--vram-budget", help="This process's whole VRAM footprint may not exceed this: torch's allocator is capped at it less the CUDA context and headroom (fails with OOM beyond it)."),
     **flags,
 ) -> None:

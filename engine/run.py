@@ -41,8 +41,19 @@ WARMUP_CAP = 4
 # noisy machine (the CPU tune's tiny FLUX, 35-60 ms a request on a shared two-core machine, moved
 # 20-40% between fresh processes); a GPU request of a second or more is measured once as before.
 # The tuner measures so (its worker and its re-measure command); `dittune generate` only when asked.
+# On the CPU the window is longer: the host's contention there changes within a second and between
+# seconds (a process's 15 requests of the tiny FLUX all near 0.031 s or all near 0.055 s; over 4 s
+# one process saw 0.029-0.068 s), and a 3-4 s median halved the spread between fresh processes
+# (30% -> 12% relative standard deviation, docs/PERFORMANCE.md, seventh session).
 MEASURE_S = 0.5
-MEASURE_CAP = 15
+MEASURE_S_CPU = 3.0
+MEASURE_CAP = 200
+
+
+def measure_window(device: str) -> float:
+    """The seconds of measured requests the tuner asks for on `device` ("cpu" or a GPU's)."""
+    return MEASURE_S_CPU if device == "cpu" else MEASURE_S
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -29,13 +29,14 @@ def generate_command(r: Result) -> str:
 
 def remeasure_command(r: Result) -> str:
     """The same configuration measured as the tuner measures it (warm-up until two consecutive
-    requests agree, then the median of requests over MEASURE_S seconds, on the device it ran on),
+    requests agree, then the median of requests over the tuner's window, on the device it ran on),
     with a perf dump whose latency_s is the stored figure's counterpart."""
-    from dittune.engine.run import MEASURE_S, WARMUP_CAP
+    from dittune.engine.run import WARMUP_CAP, measure_window
 
     device = ["--device", "cpu"] if r.gpu == "cpu" else []
     return shlex.join([*generate_argv(r), *device, "--warmup", "1", "--max-warmup", str(WARMUP_CAP),
-                       "--measure-s", str(MEASURE_S), "--perf-dump-path", "remeasure.json"])
+                       "--measure-s", str(measure_window("cpu" if r.gpu == "cpu" else "cuda")),
+                       "--perf-dump-path", "remeasure.json"])
 
 
 def sglang_command(r: Result) -> tuple[str, list[str]]:

@@ -14,7 +14,7 @@ from dittune import db as D
 from dittune.engine import flags as F
 from dittune.engine.budget import format_bytes, parse_budget
 from dittune.engine.checkpoint import fingerprint, resolve as resolve_model
-from dittune.engine.run import MEASURE_S, WARMUP_CAP, check_workload
+from dittune.engine.run import WARMUP_CAP, check_workload, measure_window
 
 from . import memory
 from .checks import check_machine, check_options
@@ -184,7 +184,7 @@ def job(s: Setup, cfg, seed: int = 0) -> dict[str, Any]:
     """The trial worker's job file for `cfg` (tuner/worker.py reads it)."""
     return {
         "model": s.spec.name, "width": s.width, "height": s.height, "steps": s.measure_steps, "guidance": s.guidance,
-        "warmup": s.warmup, "max_warmup": max(s.warmup, WARMUP_CAP), "measure_s": MEASURE_S, "device": s.device, "flags": F.config_to_dict(cfg), "seed": seed,
+        "warmup": s.warmup, "max_warmup": max(s.warmup, WARMUP_CAP), "measure_s": measure_window(s.device), "device": s.device, "flags": F.config_to_dict(cfg), "seed": seed,
         "vram_budget": f"{s.budget_bytes}B" if s.budget_bytes is not None else None,
         "model_path": s.checkpoint["path"] if s.checkpoint else None,
     }

@@ -60,3 +60,10 @@ def test_measured_requests_stop_at_measure_s():
 def test_negative_measure_s_is_refused(bad):
     with pytest.raises(EngineError, match="--measure-s .* must be >= 0 seconds"):
         R.generate(R.GenerateRequest(**TINY, measure_s=bad))
+
+
+def test_the_tuners_measure_window_is_longer_on_the_cpu():
+    """The CPU host's contention changes between seconds: the tuner measures there over 3 s, on a GPU 0.5 s."""
+    assert R.measure_window("cpu") == R.MEASURE_S_CPU == 3.0
+    assert R.measure_window("cuda") == R.MEASURE_S == 0.5
+    assert R.MEASURE_S_CPU / 0.03 < R.MEASURE_CAP  # a 30 ms request is not cut off by the cap
