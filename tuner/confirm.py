@@ -23,8 +23,8 @@ MAX_ROUNDS = 4  # re-runs per finalist at most (the search's own measurement com
 
 
 def spread(lat: list[float]) -> float | None:
-    """Relative run-to-run standard deviation of one finalist's independent runs (each its own
-    process), around their median. From five runs robust (1.4826 x the median absolute deviation),
+    """Run-to-run standard deviation of one finalist's independent runs (each its own process),
+    relative to their median. From five runs robust (1.4826 x the median absolute deviation),
     so that one disturbed run (a busy machine) does not swamp it; with three or four at least their
     sample standard deviation, since one run is a third or a quarter of the data there, the median
     absolute deviation cannot tell a disturbed run from the spread, and it reads zero when two runs
