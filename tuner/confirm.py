@@ -34,12 +34,11 @@ def spread(lat: list[float]) -> float | None:
     if n < 2:
         return None
     med = statistics.median(lat)
-    sigma = statistics.stdev(lat)
-    if n >= 5:
-        sigma = 1.4826 * statistics.median(abs(x - med) for x in lat)
-    elif n > 2:
-        sigma = max(sigma, 1.4826 * statistics.median(abs(x - med) for x in lat))
-    return sigma / med
+    sd = statistics.stdev(lat)
+    if n == 2:
+        return sd / med
+    robust = 1.4826 * statistics.median(abs(x - med) for x in lat)
+    return (robust if n >= 5 else max(sd, robust)) / med
 
 
 def pooled_spread(runs: dict[str, list[float]]) -> float | None:

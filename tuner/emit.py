@@ -33,9 +33,9 @@ def remeasure_command(r: Result) -> str:
     with a perf dump whose latency_s is the stored figure's counterpart."""
     from dittune.engine.run import WARMUP_CAP, measure_window
 
-    device = ["--device", "cpu"] if r.gpu == "cpu" else []
-    return shlex.join([*generate_argv(r), *device, "--warmup", "1", "--max-warmup", str(WARMUP_CAP),
-                       "--measure-s", str(measure_window("cpu" if r.gpu == "cpu" else "cuda")),
+    device = "cpu" if r.gpu == "cpu" else "cuda"
+    return shlex.join([*generate_argv(r), *(["--device", "cpu"] if device == "cpu" else []), "--warmup", "1",
+                       "--max-warmup", str(WARMUP_CAP), "--measure-s", str(measure_window(device)),
                        "--perf-dump-path", "remeasure.json"])
 
 

@@ -33,7 +33,6 @@ def test_max_below_min_is_refused():
         R.generate(R.GenerateRequest(**TINY, warmup=2, max_warmup=1))
 
 
-
 def test_measured_requests_until_measure_s_and_their_median(monkeypatch):
     """After warm-up, requests are measured until --measure-s seconds of them (at most MEASURE_CAP);
     the dump's latency is their median, and without --measure-s one request is measured."""
