@@ -76,6 +76,10 @@ class GenerateRequest:
     warmup: int = 0  # requests before the measured one (at least)
     max_warmup: int | None = None  # more, up to this many, until two consecutive requests agree (None: = warmup)
     measure_s: float = 0.0  # measured requests until this many seconds (at most MEASURE_CAP); 0: one
+    # Or, when set, asked before every measured request (with how many ran) whether to run one: the
+    # tuner's worker takes turns with other finalists' processes so (tuner/turns.py). The warm-up
+    # loop's last request is then not measured: other processes may have been loading beside it.
+    pace: Any = field(default=None, compare=False)
     vram_budget: str | None = None  # caps this process (the tuner's worker sets it)
     flags: Any = field(default_factory=EngineConfig)
 
@@ -176,6 +180,8 @@ def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
     from .pipeline import Pipeline
 
     validate(req.flags)
+    if req.pace is not None and req.flags.num_gpus > 1:
+        raise EngineError("a paced measurement (turns with other processes) runs one process, not --num-gpus ranks")
     par = context.current()
     if req.flags.num_gpus > 1 and par is None:
         return _launch(req, progress)
@@ -212,9 +218,12 @@ def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
                     done = par.broadcast(done)
                 if done:
                     break
-            measured = [requests.pop()]  # the first measured request: the warm-up loop's last
+            measured = [requests.pop()] if req.pace is None else []  # the first measured: the warm-up loop's last
             while True:
-                more = sum(m[0] for m in measured) < req.measure_s and len(measured) < MEASURE_CAP
+                if req.pace is not None:
+                    more = bool(req.pace(len(measured)))
+                else:
+                    more = sum(m[0] for m in measured) < req.measure_s and len(measured) < MEASURE_CAP
                 if par is not None:
                     more = par.broadcast(more)
                 if not more:
@@ -222,6 +231,8 @@ def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
                 t = time.perf_counter()
                 image, times = run()
                 measured.append((time.perf_counter() - t, times, _latency(times, steps)))
+        if not measured:
+            raise EngineError("no request was measured: the pace said to stop before the first")
         # The request of median latency (the lower middle of an even count) stands for them all.
         request_s, times, latency_s = sorted(measured, key=lambda m: m[2])[(len(measured) - 1) // 2]
         warm = [(secs, wt) for secs, wt, _ in requests]

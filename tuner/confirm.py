@@ -1,21 +1,27 @@
-"""The end of a study: the finalists re-measured alone and interleaved (A B C, then A B C again:
-drift in the machine hits every finalist alike), each stored with its median latency and the
-noise band between its runs; then the result read back from the database (winner, frontier,
-memory-model pairs)."""
+"""The end of a study: the finalists re-measured in rounds (A B C, then A B C again; on the CPU
+every round's finalists load side by side and measure in turns, tuner/turns.py), judged by their
+ratios within each round, so that what the machine does between rounds falls on every finalist
+alike; each stored with its latency and the noise band of those ratios; then the result read back
+from the database (winner, frontier, memory-model pairs)."""
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from contextlib import ExitStack
+from pathlib import Path
 
 from dittune import db as D
 from dittune.engine import flags as F
+
+from dittune.engine.run import measure_window
 
 from .leases import HOST, heartbeat
 from .options import Setup, TuneOptions, TuneResult, job
 from .runner import run_trial
 from .state import State, record_from
+from .turns import SLOT_S, in_turns
 
 
 TARGET_BAND = 0.02  # a band this narrow ends the repeats even where finalists still overlap: tied within noise
@@ -62,6 +68,19 @@ def band(lat: list[float], sigma: float | None = None) -> float | None:
         return None
     sigma = spread(lat) if sigma is None else sigma
     return 2 * 2**0.5 * 1.2533 * sigma / len(lat) ** 0.5
+
+
+def paired(runs: dict[str, list[float]]) -> tuple[dict[str, list[float]], list[float]]:
+    """(ratios, levels): every finalist's latency in round r divided by the round's level, the
+    geometric mean of the finalists' latencies in it (runs hold one latency per round each, in
+    order). A host that runs slower for a round slows every finalist of it alike and leaves the
+    ratios alone: on the CPU the tiny FLUX's compile variants moved 20-40% between rounds while
+    their ratios within a round held within a few percent. One finalist: its own latencies, level 1."""
+    if len(runs) < 2:
+        return {a: list(v) for a, v in runs.items()}, [1.0] * max((len(v) for v in runs.values()), default=0)
+    n = min(len(v) for v in runs.values())
+    levels = [math.exp(statistics.fmean(math.log(v[r]) for v in runs.values())) for r in range(n)]
+    return {a: [v[r] / levels[r] for r in range(n)] for a, v in runs.items()}, levels
 
 
 def verdict(runs: dict[str, list[float]]) -> tuple[str | None, set[str]]:
@@ -115,18 +134,26 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
             leased.append((argv, first, lease))
         if not leased:
             return
-        say(f"confirming the {len(leased)} fastest configurations (interleaved rounds until their noise bands "
-            f"separate them or say they are tied, at most {max(rounds, MAX_ROUNDS)})")
+        together = _in_turns(s, [F.config_from_dict(first.flags) for _, first, _ in leased])
+        rounds = max(rounds, 2) if together else rounds  # the search's run was not in turns: not a round
+        say(f"confirming the {len(leased)} fastest configurations (rounds"
+            + (" of turns side by side" if together else "")
+            + f" until their ratios separate them or say they are tied, at most {max(rounds, MAX_ROUNDS)})")
         runs: dict[str, list[D.TrialRecord]] = {argv: [] for argv, _, _ in leased}
         lat: dict[str, list[float]] = {argv: ([first.latency_s] if rounds == 1 else []) for argv, first, _ in leased}
         failed: set[str] = set()
         outcome, tied, r = None, set(), 0
         while r < max(rounds, MAX_ROUNDS):
-            for argv, first, _ in leased:
-                if argv in failed:
-                    continue
-                cfg = F.config_from_dict(first.flags)
-                out = run_trial(job(s, cfg, seed=1 + r), s.trial_timeout_s, opt.worker_cmd, {**env, **pin(cfg)})
+            todo = [(argv, first) for argv, first, _ in leased if argv not in failed]
+            cfgs = [F.config_from_dict(first.flags) for _, first in todo]
+            if together:
+                slots = max(1, round(measure_window(s.device) / SLOT_S))
+                outs = in_turns([(job(s, cfg, seed=1 + r), {**env, **pin(cfg)}) for cfg in cfgs], slots,
+                                s.trial_timeout_s, opt.worker_cmd)
+            else:
+                outs = [run_trial(job(s, cfg, seed=1 + r), s.trial_timeout_s, opt.worker_cmd, {**env, **pin(cfg)})
+                        for cfg in cfgs]
+            for (argv, _), cfg, out in zip(todo, cfgs, outs):
                 rec = record_from(out, cfg, argv, None, s, None)
                 if rec.status != "complete":
                     say(f"confirmation of {argv or '(defaults)'} failed: {rec.reason[:160]}")
@@ -138,36 +165,58 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
             live = {a: v for a, v in lat.items() if a not in failed}
             if not live:
                 break
-            outcome, tied = verdict(live)
+            outcome, tied = verdict(paired(live)[0])
             if r >= rounds and outcome is not None:
                 break
+        ratios, levels = paired(live) if live else ({}, [])
         if outcome is None and len(live) > 1:  # the cap: what still overlaps is tied at the band reached
-            _, tied = verdict(live)
+            _, tied = verdict(ratios)
             outcome = "tied within noise" if len(tied) > 1 else "separated"
-        sigma = pooled_spread({a: v for a, v in lat.items() if a not in failed})
+        sigma = pooled_spread(ratios)
+        level = statistics.median(levels) if levels else None
         for argv, first, lease in leased:
             got = runs[argv]
             if argv in failed or not got:
                 continue
             rec = got[-1]
-            med = statistics.median(lat[argv])
-            rec.latency_s = med
-            rec.step_spread = band(lat[argv], sigma)
+            rec.latency_s = statistics.median(ratios[argv]) * level  # its median ratio at the median round's level
+            rec.step_spread = band(ratios[argv], sigma)
             rec.status = "confirmed"
             peaks = [p for p in (first.peak_vram_bytes, *(x.peak_vram_bytes for x in got)) if p is not None]
             rec.peak_vram_bytes = max(peaks) if peaks else None
             reserved = [x.manifest.get("evidence", {}).get("torch_reserved_peak_bytes") for x in got]
             rec.manifest["evidence"] = {
                 **rec.manifest.get("evidence", {}), "band_source": "confirmation repeats", "repeats": lat[argv],
-                "band": "2 standard errors of the difference between the median of the repeats and another "
-                        "finalist's, the run-to-run spread pooled over the finalists, relative to the median",
+                "ratios": ratios[argv], "in_turns": together,
+                "band": "2 standard errors of the difference between the median of its ratios to each round's "
+                        "geometric mean and another finalist's, the ratios' spread pooled over the finalists",
                 "verdict": (outcome if argv in tied or outcome == "separated" else "separated") if len(live) > 1 else "",
                 "torch_reserved_peak_bytes": max([v for v in reserved if v is not None], default=None),
             }
             if D.leases.finish(db, lease, study_id, rec):  # False: its lease expired; whoever took it over records it
                 say(f"confirmed {argv or '(defaults)'}: {' then '.join(f'{x:.3f} s' for x in lat[argv])}, "
-                    f"median ±{rec.step_spread or 0:.1%}" + (f", {rec.manifest['evidence']['verdict']}"
+                    f"{rec.latency_s:.3f} s ±{rec.step_spread or 0:.1%}" + (f", {rec.manifest['evidence']['verdict']}"
                                                         if rec.manifest['evidence']['verdict'] else ""))
+
+
+def _in_turns(s: Setup, cfgs) -> bool:
+    """Finalists load side by side and measure in turns (tuner/turns.py) on the CPU, where the host's
+    load moves between seconds, when each runs as one process and host memory holds them all. On a
+    GPU they run one after another (each alone on its GPUs, its memory its own; a GPU's latency
+    repeats within 1-2% between rounds)."""
+    if s.device != "cpu" or any(int(getattr(c, "num_gpus", 1) or 1) > 1 for c in cfgs):
+        return False
+    try:
+        import torch
+
+        from dittune.engine.checks import available_host_bytes, weights_bytes
+        from dittune.engine.checkpoint import resolve
+
+        family = resolve(None, Path(s.checkpoint["path"]), None) if s.checkpoint else resolve(s.spec.name, None, None)
+        have = available_host_bytes()
+        return have is None or 2 * weights_bytes(family, torch.float32) * len(cfgs) <= have
+    except Exception:  # noqa: BLE001  (a family that cannot be sized: one after another, as on a GPU)
+        return False
 
 
 def result(db, name: str, state: State, stopped: str, s: Setup) -> TuneResult:

@@ -80,15 +80,25 @@ def main(argv: list[str]) -> int:
     from dittune.engine.flags import config_from_dict
     from dittune.engine.run import GenerateRequest, generate
 
+    pace = None
+    if job.get("turns"):  # measured in turns with other finalists (tuner/turns.py)
+        from dittune.tuner.turns import Pace
+
+        pace = Pace(job["turns"])
     req = GenerateRequest(
         model=job["model"], prompt=job.get("prompt", GenerateRequest.prompt), width=job["width"], height=job["height"],
         steps=job["steps"], guidance=job["guidance"], seed=job.get("seed", 0), output=None,
         perf_dump_path=Path(job["perf_dump_path"]), device=job.get("device"), warmup=job.get("warmup", 1),
         max_warmup=job.get("max_warmup"), measure_s=job.get("measure_s", 0.0),
         vram_budget=job.get("vram_budget"), flags=config_from_dict(job["flags"]), model_path=job.get("model_path"),
+        pace=pace,
     )
     try:
         generate(req)
+        if pace is not None:  # where each slot's requests begin: the rounds' pairing reads them
+            dump = json.loads(req.perf_dump_path.read_text())
+            dump["measured"]["slots"] = pace.slots
+            req.perf_dump_path.write_text(json.dumps(dump, indent=2))
     except BudgetExceededError as e:
         print(f"oom: {e}", file=sys.stderr)
         return EXIT_OOM
