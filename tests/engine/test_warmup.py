@@ -6,6 +6,7 @@ import pytest
 
 from dittune.engine import run as R
 from dittune.engine.errors import EngineError
+from dittune.engine.flags import config_from_argv
 
 TINY = dict(model="flux-dev-tiny", steps=2, width=64, height=64, device="cpu")
 
@@ -50,7 +51,7 @@ def test_measured_requests_until_measure_s_and_their_median(monkeypatch):
 def test_measured_requests_stop_at_measure_s():
     d = R.generate(R.GenerateRequest(**TINY, warmup=1, measure_s=1e-9)).dump  # the first request covers it
     assert d["measured"]["requests"] == 1
-    d = R.generate(R.GenerateRequest(**TINY, warmup=1, measure_s=0.2)).dump  # a tiny request: a few ms
+    d = R.generate(R.GenerateRequest(**TINY, warmup=1, measure_s=1.0)).dump  # a tiny request: a few ms (0.2 s once saw one, under load)
     assert 2 <= d["measured"]["requests"] <= R.MEASURE_CAP
     assert d["latency_s"] in d["measured"]["latencies_s"]
 
@@ -66,3 +67,28 @@ def test_the_tuners_measure_window_is_longer_on_the_cpu():
     assert R.measure_window("cpu") == R.MEASURE_S_CPU == 3.0
     assert R.measure_window("cuda") == R.MEASURE_S == 0.5
     assert R.MEASURE_S_CPU / 0.03 < R.MEASURE_CAP  # a 30 ms request is not cut off by the cap
+
+
+def test_a_pace_decides_the_measured_requests_and_the_warm_ups_last_is_not_one(monkeypatch):
+    """GenerateRequest.pace (the tuner's turns with other processes, tuner/turns.py): asked before
+    every measured request with the count so far; the warm-up loop's last request (other processes
+    may have been loading beside it) is not measured."""
+    asked = []
+
+    def pace(n):
+        asked.append(n)
+        return n < 3
+
+    draws = iter([0.9, 0.5, 0.1, 0.3, 0.2])  # one warm-up, its agreeing successor, then 3 measured
+    monkeypatch.setattr(R, "_latency", lambda times, steps: next(draws))
+    d = R.generate(R.GenerateRequest(**TINY, warmup=1, max_warmup=1, pace=pace)).dump
+    assert asked == [0, 1, 2, 3]
+    assert d["warmup_requests"] == 2 and d["measured"]["latencies_s"] == [0.1, 0.3, 0.2]
+    assert d["latency_s"] == 0.2
+
+
+def test_a_pace_that_stops_at_once_or_several_ranks_is_refused():
+    with pytest.raises(EngineError, match="no request was measured"):
+        R.generate(R.GenerateRequest(**TINY, pace=lambda n: False))
+    with pytest.raises(EngineError, match="paced measurement .* one process"):
+        R.generate(R.GenerateRequest(**TINY, pace=lambda n: True, flags=config_from_argv(["--num-gpus", "2", "--ulysses-degree", "2"])))
