@@ -14,7 +14,6 @@ from pathlib import Path
 
 from dittune import db as D
 from dittune.engine import flags as F
-
 from dittune.engine.run import measure_window
 
 from .leases import HOST, heartbeat

@@ -114,10 +114,13 @@ class _Turn:
         try:
             return _wait(self.proc, self.tmp, self.timeout_s, None, self.t0)
         finally:
-            for s in (self.file, self.conn, self.listener):
-                if s is not None:
-                    s.close()
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.close()
+
+    def close(self) -> None:
+        for s in (self.file, self.conn, self.listener):
+            if s is not None:
+                s.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def in_turns(jobs: Sequence[tuple[dict[str, Any], dict[str, str]]], slots: int, timeout_s: float,
@@ -136,7 +139,8 @@ def in_turns(jobs: Sequence[tuple[dict[str, Any], dict[str, str]]], slots: int, 
         for _ in range(slots):
             live = [t for t in live if t.turn(slot_s)]
         return [t.finish() for t in started]
-    except BaseException:
+    except BaseException:  # Ctrl-C, SIGTERM: no worker outlives the tuner
         for t in started:
             _kill_group(t.proc)
+            t.close()
         raise
