@@ -220,10 +220,8 @@ def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
                     break
             measured = [requests.pop()] if req.pace is None else []  # the first measured: the warm-up loop's last
             while True:
-                if req.pace is not None:
-                    more = bool(req.pace(len(measured)))
-                else:
-                    more = sum(m[0] for m in measured) < req.measure_s and len(measured) < MEASURE_CAP
+                more = bool(req.pace(len(measured))) if req.pace is not None else (
+                    sum(m[0] for m in measured) < req.measure_s and len(measured) < MEASURE_CAP)
                 if par is not None:
                     more = par.broadcast(more)
                 if not more:

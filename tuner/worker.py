@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     )
     try:
         generate(req)
-        if pace is not None:  # where each slot's requests begin: the rounds' pairing reads them
+        if pace is not None:  # where each slot's requests begin: the dump's record of the turns
             dump = json.loads(req.perf_dump_path.read_text())
             dump["measured"]["slots"] = pace.slots
             req.perf_dump_path.write_text(json.dumps(dump, indent=2))
