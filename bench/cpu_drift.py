@@ -9,9 +9,13 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 
-def main(secs: float, window: float, out: str, core: int = 1) -> None:
+def tiny_flux(argv: str, core: int = 1):
+    """The tiny FLUX (128x128, 8 steps) with `argv`'s flags on one core with one torch thread, warmed
+    up by four requests: a callable that runs one request and returns its latency as the tuner
+    counts it (engine.run._latency)."""
     os.sched_setaffinity(0, {core})
     import torch
 
@@ -21,17 +25,23 @@ def main(secs: float, window: float, out: str, core: int = 1) -> None:
     from dittune.engine.pipeline import Pipeline
     from dittune.engine.run import _latency
 
-    argv = "--enable-torch-compile --compile-scope full --compile-mode max-autotune-no-cudagraphs".split()
-    pipe = Pipeline(resolve("flux-dev-tiny", None, None), config_from_argv(argv), torch.device("cpu"), torch.float32,
-                    None, None)
-    run = lambda: pipe("A photo of a cat", "", 128, 128, 8, 3.5, 0, None)  # noqa: E731
+    pipe = Pipeline(resolve("flux-dev-tiny", None, None), config_from_argv(argv.split()), torch.device("cpu"),
+                    torch.float32, None, None)
+
+    def request() -> float:
+        return _latency(pipe("A photo of a cat", "", 128, 128, 8, 3.5, 0, None)[1], 8)
+
     for _ in range(4):
-        run()
+        request()
+    return request
+
+
+def main(secs: float, window: float, out: str, core: int = 1) -> None:
+    request = tiny_flux("--enable-torch-compile --compile-scope full --compile-mode max-autotune-no-cudagraphs", core)
     t0, rows = time.perf_counter(), []
     while time.perf_counter() - t0 < secs:
-        _, times = run()
-        rows.append((time.perf_counter() - t0, _latency(times, 8)))
-    Path = __import__("pathlib").Path
+        lat = request()
+        rows.append((time.perf_counter() - t0, lat))
     Path(out).write_text(json.dumps(rows))
     wins: dict[int, list[float]] = {}
     for t, lat in rows:

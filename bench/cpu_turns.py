@@ -3,34 +3,32 @@ thread each, loaded and warmed up, then measuring in turns: A B C D, ROUNDS time
 seconds. Prints each one's median, its slot medians and its ratio to plain compile per slot.
 Usage: python bench/cpu_turns.py SLOT_S ROUNDS OUT.json (docs/PERFORMANCE.md, eighth session).
 With bench/busy_host.py running beside it: the same under a stand-in for a busy shared host."""
-import multiprocessing as mp, os, sys, time, statistics, json
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cpu_drift import tiny_flux  # noqa: E402
 
 CFGS = ["", "--enable-torch-compile", "--enable-torch-compile --compile-mode max-autotune-no-cudagraphs",
         "--enable-torch-compile --compile-scope full --compile-mode max-autotune-no-cudagraphs"]
 
+
 def child(argv, q_in, q_out):
-    os.sched_setaffinity(0, {1})
-    import torch
-    torch.set_num_threads(1)
-    from dittune.engine.flags import config_from_argv
-    from dittune.engine.checkpoint import resolve
-    from dittune.engine.pipeline import Pipeline
-    from dittune.engine.run import _latency
-    fam = resolve("flux-dev-tiny", None, None)
-    pipe = Pipeline(fam, config_from_argv(argv.split()), torch.device("cpu"), torch.float32, None, None)
-    sp = fam.spec
-    run = lambda: pipe("A photo of a cat", "", 128, 128, 8, 3.5, 0, None)
-    for _ in range(4):
-        run()
+    request = tiny_flux(argv, core=1)
     q_out.put("ready")
     while True:
         msg = q_in.get()
         if msg is None:
             return
-        t0 = time.perf_counter(); lats = []
+        t0, lats = time.perf_counter(), []
         while time.perf_counter() - t0 < msg:
-            _, times = run(); lats.append(_latency(times, 8))
+            lats.append(request())
         q_out.put(lats)
+
 
 if __name__ == "__main__":
     mp.set_start_method("spawn")

@@ -108,13 +108,14 @@ def verdict(runs: dict[str, list[float]]) -> tuple[str | None, set[str]]:
 
 def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, say, rounds: int = 1,
             pin=lambda cfg: {}) -> None:
-    """Finalists re-run in interleaved rounds until the fastest one's noise band separates it from
-    the others, or the bands (all within TARGET_BAND) say they are tied, or MAX_ROUNDS. rounds=1:
-    the search's measurement (a trial run alone) counts as the first run. rounds>1 (the search ran
-    trials side by side, so its measurements may carry a neighbour's load): at least that many
-    re-runs, the search's measurement left out. The stored latency is the median of the runs, its
-    band `band()` of them. `pin(cfg)`: the environment that puts a finalist on its GPUs (nothing
-    else runs then)."""
+    """Finalists re-run in rounds (in turns on the CPU, `_in_turns`) until the fastest one's noise
+    band separates it from the others, or the bands (all within TARGET_BAND) say they are tied, or
+    MAX_ROUNDS; judged on their ratios within the rounds (`paired`). rounds=1: the search's
+    measurement (a trial run alone) counts as the first round. rounds>1 (the search ran trials side
+    by side, so its measurements may carry a neighbour's load), or turns: at least that many
+    re-runs (two in turns), the search's measurement left out. The stored latency is the median
+    ratio at the rounds' median level, its band `band()` of the ratios. `pin(cfg)`: the environment
+    that puts a finalist on its GPUs (nothing else runs then)."""
     fits = [(argv, r) for argv, r in state.tried.items() if r.status == "complete"
             and (s.budget_bytes is None or (r.peak_vram_bytes or 0) <= s.budget_bytes)]
     finalists = sorted(fits, key=lambda x: x[1].latency_s)[: opt.confirm]
@@ -133,7 +134,8 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
             leased.append((argv, first, lease))
         if not leased:
             return
-        together = _in_turns(s, [F.config_from_dict(first.flags) for _, first, _ in leased])
+        cfg_of = {argv: F.config_from_dict(first.flags) for argv, first, _ in leased}
+        together = _in_turns(s, list(cfg_of.values()))
         rounds = max(rounds, 2) if together else rounds  # the search's run was not in turns: not a round
         say(f"confirming the {len(leased)} fastest configurations (rounds"
             + (" of turns side by side" if together else "")
@@ -143,8 +145,8 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
         failed: set[str] = set()
         outcome, tied, r = None, set(), 0
         while r < max(rounds, MAX_ROUNDS):
-            todo = [(argv, first) for argv, first, _ in leased if argv not in failed]
-            cfgs = [F.config_from_dict(first.flags) for _, first in todo]
+            todo = [argv for argv, _, _ in leased if argv not in failed]
+            cfgs = [cfg_of[argv] for argv in todo]
             if together:
                 slots = max(1, round(measure_window(s.device) / SLOT_S))
                 outs = in_turns([(job(s, cfg, seed=1 + r), {**env, **pin(cfg)}) for cfg in cfgs], slots,
@@ -152,7 +154,7 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
             else:
                 outs = [run_trial(job(s, cfg, seed=1 + r), s.trial_timeout_s, opt.worker_cmd, {**env, **pin(cfg)})
                         for cfg in cfgs]
-            for (argv, _), cfg, out in zip(todo, cfgs, outs):
+            for argv, cfg, out in zip(todo, cfgs, outs):
                 rec = record_from(out, cfg, argv, None, s, None)
                 if rec.status != "complete":
                     say(f"confirmation of {argv or '(defaults)'} failed: {rec.reason[:160]}")
@@ -162,12 +164,12 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
                 lat[argv].append(rec.latency_s)
             r += 1
             live = {a: v for a, v in lat.items() if a not in failed}
+            ratios, levels = paired(live)
             if not live:
                 break
-            outcome, tied = verdict(paired(live)[0])
+            outcome, tied = verdict(ratios)
             if r >= rounds and outcome is not None:
                 break
-        ratios, levels = paired(live) if live else ({}, [])
         if outcome is None and len(live) > 1:  # the cap: what still overlaps is tied at the band reached
             _, tied = verdict(ratios)
             outcome = "tied within noise" if len(tied) > 1 else "separated"

@@ -88,17 +88,16 @@ def main(argv: list[str]) -> int:
     req = GenerateRequest(
         model=job["model"], prompt=job.get("prompt", GenerateRequest.prompt), width=job["width"], height=job["height"],
         steps=job["steps"], guidance=job["guidance"], seed=job.get("seed", 0), output=None,
-        perf_dump_path=Path(job["perf_dump_path"]), device=job.get("device"), warmup=job.get("warmup", 1),
+        perf_dump_path=None if pace is not None else Path(job["perf_dump_path"]), device=job.get("device"), warmup=job.get("warmup", 1),
         max_warmup=job.get("max_warmup"), measure_s=job.get("measure_s", 0.0),
         vram_budget=job.get("vram_budget"), flags=config_from_dict(job["flags"]), model_path=job.get("model_path"),
         pace=pace,
     )
     try:
-        generate(req)
-        if pace is not None:  # where each slot's requests begin: the dump's record of the turns
-            dump = json.loads(req.perf_dump_path.read_text())
-            dump["measured"]["slots"] = pace.slots
-            req.perf_dump_path.write_text(json.dumps(dump, indent=2))
+        res = generate(req)
+        if pace is not None:  # with where each slot's requests begin: the dump's record of the turns
+            res.dump["measured"]["slots"] = pace.slots
+            Path(job["perf_dump_path"]).write_text(json.dumps(res.dump, indent=2))
     except BudgetExceededError as e:
         print(f"oom: {e}", file=sys.stderr)
         return EXIT_OOM
