@@ -91,7 +91,8 @@ class Result:
     torch_reserved_peak_bytes: int | None = None
     repeats: tuple[float, ...] = ()  # confirmation: the latency of every repeat
     warmup_requests: int | None = None
-    measured_requests: int | None = None  # the latency is the median of this many requests (None: stored before)
+    measured_requests: int | None = None  # the latency is one of this many requests (None: stored before)
+    latency_stat: str = "median"  # which of them: "median", or "fastest" (the CPU's, engine.perf.latency_stat)
     verdict: str = ""  # confirmation: "separated" | "tied within noise" | "" (one finalist, or none)
     legacy_peak: bool = False  # stored before the whole-footprint peak: see LEGACY_PEAK_ALLOWANCE
 
@@ -213,7 +214,8 @@ def _result(t: Trial, stale: tuple[str, ...], ev: dict[str, Any] | None = None) 
         stale_reasons=stale, peak_kind=kind,
         torch_reserved_peak_bytes=ev.get("torch_reserved_peak_bytes", t.peak_vram_bytes if kind == "torch_reserved" else None),
         repeats=tuple(ev.get("repeats") or ()), warmup_requests=ev.get("warmup_requests"),
-        measured_requests=ev.get("measured_requests"), verdict=ev.get("verdict") or "",
+        measured_requests=ev.get("measured_requests"), latency_stat=ev.get("latency_stat") or "median",
+        verdict=ev.get("verdict") or "",
         legacy_peak=not ev and t.peak_vram_bytes is not None,
     )
 

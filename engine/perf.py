@@ -132,6 +132,32 @@ def binding_peak(peak_vram: dict[str, Any]) -> tuple[int | None, str | None]:
     return (int(reserved), "torch_reserved") if reserved is not None else (None, None)
 
 
+def latency_stat(device: str) -> str:
+    """Which of a run's measured requests its stored latency is: "median" on a GPU, whose requests
+    repeat within 1-2%; "fastest" on the CPU. A shared CPU host's load only ever adds time, and it
+    moves over minutes: the tiny FLUX in one process for 8 minutes, the median request per 30 s
+    24.5-41.3 ms, the fastest 22.7-25.9 ms (docs/PERFORMANCE.md, ninth session). The fastest of
+    requests spread over a confirmation's rounds is the configuration's cost on this host when
+    nothing interferes, the figure that a run minutes later reproduces."""
+    return "fastest" if device == "cpu" else "median"
+
+
+def run_latency(dump: dict[str, Any], steps: int, device: str) -> float:
+    """A run's stored latency for a workload of `steps` steps from its perf dump, whose requests ran
+    len(steps_s) steps (the tuner's measure steps): a request's stages, loop overhead and `steps` x
+    its step median; of the median request or, on the CPU, of the fastest one at `steps`
+    (latency_stat). A dump without per-request step medians (written before them): the median."""
+    st = dump["stages"]
+    median = st["encode_s"] + st["prepare_s"] + st["denoise_s"] - sum(dump["steps_s"]) + steps * dump["step_median_s"] \
+        + st["decode_s"]
+    m = dump.get("measured") or {}
+    lats, meds = m.get("latencies_s"), m.get("step_medians_s")
+    if latency_stat(device) == "median" or not lats or not meds or len(lats) != len(meds):
+        return median
+    k = len(dump["steps_s"])  # the steps each measured request ran
+    return min(lat + (steps - k) * med for lat, med in zip(lats, meds))
+
+
 def _nvml_process_bytes(device: torch.device) -> int | None:
     index = gpu_mod.nvml_index(device)
     return None if index is None else gpu_mod.process_used_bytes(index)

@@ -37,14 +37,11 @@ PERF_DUMP_SCHEMA = 1
 WARMUP_AGREE = 0.05
 WARMUP_CAP = 4
 # After warm-up, the measured requests: more of them until MEASURE_S seconds are measured (at most
-# MEASURE_CAP), the latency their median. One request of a fast workload is a single draw of a
-# noisy machine (the CPU tune's tiny FLUX, 35-60 ms a request on a shared two-core machine, moved
-# 20-40% between fresh processes); a GPU request of a second or more is measured once as before.
-# The tuner measures so (its worker and its re-measure command); `dittune generate` only when asked.
-# On the CPU the window is longer: the host's contention there changes within a second and between
-# seconds (a process's 15 requests of the tiny FLUX all near 0.031 s or all near 0.055 s; over 4 s
-# one process saw 0.029-0.068 s), and a 3-4 s median halved the spread between fresh processes
-# (30% -> 12% relative standard deviation, docs/PERFORMANCE.md, seventh session).
+# MEASURE_CAP), the latency their median (the tuner stores perf.latency_stat's). One request of a
+# fast workload is a single draw of a noisy machine; a GPU request of a second or more is measured
+# once as before. The tuner measures so (worker, re-measure command); `dittune generate` when asked.
+# On the CPU the window is longer: a 3-4 s median halved the spread between fresh processes of the
+# tiny FLUX (30% -> 12% relative standard deviation, docs/PERFORMANCE.md, seventh session).
 MEASURE_S = 0.5
 MEASURE_S_CPU = 3.0
 MEASURE_CAP = 200
@@ -96,7 +93,8 @@ class GenerateResult:
         nv = d["peak_vram"].get("nvml_process_peak_bytes")
         parts = [
             f"{d['model']} {d['workload']['width']}x{d['workload']['height']}, {d['workload']['steps']} steps:",
-            f"request {d['request_s']:.3f} s" + (f" (median of {n} measured)" if (n := d["measured"]["requests"]) > 1 else ""),
+            f"request {d['request_s']:.3f} s" + (f" (median of {n} measured, fastest {d['measured']['fastest_s']:.3f} s)"
+                                                 if (n := d["measured"]["requests"]) > 1 else ""),
             f"step median {med * 1e3:.1f} ms" if med is not None else "",
             f"peak VRAM {nv / 2**30:.2f} GiB (NVML, whole process)" if nv else "",
             f"torch reserved peak {mem / 2**30:.2f} GiB" if mem else "",
@@ -262,7 +260,9 @@ def generate(req: GenerateRequest, progress: bool = False) -> GenerateResult:
         "warmup_requests": len(warm),
         "warmup": {"min": req.warmup, "max": cap, "agree": WARMUP_AGREE, "settled": len(requests) >= 1 and _agree(
             requests[-1][2], measured[0][2]), "latencies_s": [x[2] for x in requests + measured[:1]]},
-        "measured": {"requests": len(measured), "min_s": req.measure_s, "latencies_s": [m[2] for m in measured]},
+        "measured": {"requests": len(measured), "min_s": req.measure_s, "latencies_s": [m[2] for m in measured],
+                     "fastest_s": min(m[2] for m in measured),
+                     "step_medians_s": [summarize_steps(m[1].steps)["step_median_s"] for m in measured]},
         "stages": dict(st),
         "steps_s": times.steps,
         **stats,

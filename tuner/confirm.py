@@ -25,6 +25,13 @@ from .turns import SLOT_S, in_turns
 
 TARGET_BAND = 0.02  # a band this narrow ends the repeats even where finalists still overlap: tied within noise
 MAX_ROUNDS = 4  # re-runs per finalist at most (the search's own measurement comes on top when it ran alone)
+# Rounds in turns (the CPU) at least: each finalist's fastest request then comes from requests
+# spread over about a minute, and its three rounds give the fresh-run band two degrees of freedom
+# (Student's t 4.30, not 12.7 with two). Replayed on the tiny FLUX's 8-minute trace of one process
+# (bench/cpu_drift_replay.py), runs 1-5 minutes apart reproduced within each other's band both ways in
+# 90-97% of offsets with three rounds' fastest requests, at a median band of ±18-22%; with two
+# rounds' medians (the eighth session's rule), 77-89% at a median band of ±131-288%.
+TURNS_ROUNDS = 3
 
 
 def spread(lat: list[float]) -> float | None:
@@ -113,7 +120,7 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
     MAX_ROUNDS; judged on their ratios within the rounds (`paired`). rounds=1: the search's
     measurement (a trial run alone) counts as the first round. rounds>1 (the search ran trials side
     by side, so its measurements may carry a neighbour's load), or turns: at least that many
-    re-runs (two in turns), the search's measurement left out. The stored latency is the median
+    re-runs (TURNS_ROUNDS in turns), the search's measurement left out. The stored latency is the median
     ratio at the rounds' median level, its band `band()` of the ratios. `pin(cfg)`: the environment
     that puts a finalist on its GPUs (nothing else runs then)."""
     fits = [(argv, r) for argv, r in state.tried.items() if r.status == "complete"
@@ -136,7 +143,7 @@ def confirm(db, study_id: int, s: Setup, state: State, opt: TuneOptions, env, sa
             return
         cfg_of = {argv: F.config_from_dict(first.flags) for argv, first, _ in leased}
         together = _in_turns(s, list(cfg_of.values()))
-        rounds = max(rounds, 2) if together else rounds  # the search's run was not in turns: not a round
+        rounds = max(rounds, TURNS_ROUNDS) if together else rounds  # the search's run was not in turns: not a round
         say(f"confirming the {len(leased)} fastest configurations (rounds"
             + (" of turns side by side" if together else "")
             + f" until their ratios separate them or say they are tied, at most {max(rounds, MAX_ROUNDS)})")

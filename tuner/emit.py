@@ -29,8 +29,8 @@ def generate_command(r: Result) -> str:
 
 def remeasure_command(r: Result) -> str:
     """The same configuration measured as the tuner measures it (warm-up until two consecutive
-    requests agree, then the median of requests over the tuner's window, on the device it ran on),
-    with a perf dump whose latency_s is the stored figure's counterpart."""
+    requests agree, then requests over the tuner's window, on the device it ran on), with a perf
+    dump whose latency_s (median) or measured.fastest_s (the CPU's) is the stored figure's counterpart."""
     from dittune.engine.run import WARMUP_CAP, measure_window
 
     device = "cpu" if r.gpu == "cpu" else "cuda"
@@ -89,7 +89,7 @@ def _evidence(r: Result) -> str:
     step += f", {r.images_per_s_per_gpu:.3g} images/s per GPU ({r.num_gpus} GPU(s))"
     warm = f", {r.warmup_requests} warm-up request(s)" if r.warmup_requests is not None else ""
     if r.measured_requests and r.measured_requests > 1:
-        warm += f", median of {r.measured_requests} measured requests"
+        warm += f", {r.latency_stat} of {r.measured_requests} measured requests"
     stale = f"; {stale_text(r)}" if r.stale else ""
     return (
         f"{r.model} {r.width}x{r.height} {r.steps} steps on {r.gpu}: {r.latency_s:.3f} s/request {band_text(r)}{step}, "
@@ -113,7 +113,8 @@ def to_dict(r: Result) -> dict:
         "noise_band": r.noise_band, "noise_band_source": r.band_source, "fresh_run_band": r.fresh_band,
         "repeats_s": list(r.repeats),
         "verdict": r.verdict or None, "peak_kind": r.peak_kind, "torch_reserved_peak_bytes": r.torch_reserved_peak_bytes,
-        "warmup_requests": r.warmup_requests, "measured_requests": r.measured_requests, "budget_peak_bytes": r.budget_peak_bytes,
+        "warmup_requests": r.warmup_requests, "measured_requests": r.measured_requests, "latency_stat": r.latency_stat,
+        "budget_peak_bytes": r.budget_peak_bytes,
         "images_per_s_per_gpu": r.images_per_s_per_gpu,
     }
 
@@ -161,5 +162,5 @@ def render(results: Iterable[Result], fmt: str) -> str:
 
 
 def render_text(r: Result) -> str:
-    return (f"{_evidence(r)}\n  {generate_command(r)}\n  re-measure (compare its perf dump's latency_s): "
-            f"{remeasure_command(r)}")
+    field = "measured.fastest_s" if r.latency_stat == "fastest" else "latency_s"
+    return f"{_evidence(r)}\n  {generate_command(r)}\n  re-measure (compare its perf dump's {field}): {remeasure_command(r)}"

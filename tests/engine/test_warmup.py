@@ -41,7 +41,9 @@ def test_measured_requests_until_measure_s_and_their_median(monkeypatch):
     monkeypatch.setattr(R, "_latency", lambda times, steps: next(draws))
     monkeypatch.setattr(R, "MEASURE_CAP", 3)
     d = R.generate(R.GenerateRequest(**TINY, measure_s=1e9)).dump
-    assert d["measured"] == {"requests": 3, "min_s": 1e9, "latencies_s": [0.5, 0.1, 0.3]}
+    m = d["measured"]
+    assert (m["requests"], m["min_s"], m["latencies_s"], m["fastest_s"]) == (3, 1e9, [0.5, 0.1, 0.3], 0.1)
+    assert len(m["step_medians_s"]) == 3 and all(x > 0 for x in m["step_medians_s"])  # each request's own
     assert d["latency_s"] == 0.3 and d["warmup_requests"] == 0
     monkeypatch.undo()
     one = R.generate(R.GenerateRequest(**TINY, warmup=1)).dump
@@ -92,3 +94,20 @@ def test_a_pace_that_stops_at_once_or_several_ranks_is_refused():
         R.generate(R.GenerateRequest(**TINY, pace=lambda n: False))
     with pytest.raises(EngineError, match="paced measurement .* one process"):
         R.generate(R.GenerateRequest(**TINY, pace=lambda n: True, flags=config_from_argv(["--num-gpus", "2", "--ulysses-degree", "2"])))
+
+
+def test_stored_latency_is_the_median_request_on_a_gpu_and_the_fastest_on_the_cpu():
+    """perf.run_latency: the tuner's figure for the workload's steps, from requests that ran fewer
+    (the tuner's measure steps): the median request's on a GPU; on the CPU the request fastest at
+    the workload's steps, each with its own step median (not the fastest at the steps it ran)."""
+    from dittune.engine.perf import latency_stat, run_latency
+
+    dump = {"stages": {"encode_s": 0.1, "prepare_s": 0.0, "denoise_s": 0.9, "decode_s": 0.1}, "steps_s": [0.2] * 4,
+            "step_median_s": 0.2, "measured": {"latencies_s": [1.0, 1.1, 1.2], "step_medians_s": [0.2, 0.1, 0.25]}}
+    assert latency_stat("cpu") == "fastest" and latency_stat("cuda") == "median"
+    assert run_latency(dump, 8, "cuda") == pytest.approx(0.1 + 0.1 + 8 * 0.2 + 0.1)  # the median request's
+    assert run_latency(dump, 8, "cpu") == pytest.approx(1.1 + 4 * 0.1)  # 1.8, 1.5, 2.2 at eight steps
+    assert run_latency(dump, 4, "cpu") == pytest.approx(1.0)  # at the steps they ran
+    older = {**dump, "measured": {"requests": 3, "latencies_s": [1.0, 1.1, 1.2]}}  # no per-request step medians
+    assert run_latency(older, 8, "cpu") == run_latency(dump, 8, "cuda")
+

@@ -81,6 +81,7 @@ def main() -> int:
 
         step *= 1 + random.Random(os.urandom(8)).uniform(-noise, noise)
     spread = float(os.environ.get("FAKE_ENGINE_SPREAD", "0")) or 2 * noise  # the steps' spread one run reports
+    n = 3 if job.get("measure_s") else 1
     dump = {
         "stages": {"encode_s": latency - 0.1 - 28 * ((latency - 0.3) / 28), "prepare_s": 0.0, "denoise_s": k * step,
                    "decode_s": 0.1},
@@ -88,7 +89,9 @@ def main() -> int:
         "peak_vram": {"torch_max_reserved_bytes": peak, **({"nvml_process_peak_bytes": whole} if outside else {})},
         "cold_start": {"total_s": 20.0}, "warmup_requests": 1,
         # the tuner asks for the median of requests over measure_s seconds: say three were measured
-        "measured": {"requests": 3 if job.get("measure_s") else 1, "min_s": job.get("measure_s", 0.0)},
+        # (the engine's _latency of each at k steps, and their step medians: a fake's requests repeat exactly)
+        "measured": {"requests": n, "min_s": job.get("measure_s", 0.0), "latencies_s": [0.3 + k * step] * n,
+                     "fastest_s": 0.3 + k * step, "step_medians_s": [step] * n},
         "manifest": {"fake": True, "flags": job["flags"], "device": job["device"],
                      # where the tuner put it, and when: for the GPU-pool tests
                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "ran": [start, time.time()],

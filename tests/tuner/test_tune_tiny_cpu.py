@@ -35,6 +35,8 @@ def test_recommend_and_export_read_the_study(tuned, tmp_path):
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
     assert row["gpu"] == "cpu" and row["latency_s"] > 0 and row["status"] == "confirmed"
+    # on the CPU: each round's fastest request, and at least three rounds (in turns)
+    assert row["latency_stat"] == "fastest" and len(row["repeats_s"]) >= 3
     assert row["command"].startswith("dittune generate --model flux-dev-tiny")
     out = tmp_path / "best.sh"
     e = subprocess.run([sys.executable, "-m", "dittune", "export", "--db", url, "--format", "sh", "-o", str(out)],
