@@ -17,7 +17,7 @@ from pathlib import Path
 from dittune.db.queries import t_975
 
 STATS = {"median": lambda v: v[(len(v) - 1) // 2], "fastest": lambda v: v[0]}
-SCHEMES = [(6, 1.5, 2, 30), (6, 1.5, 3, 30), (8, 1.5, 3, 35), (6, 1.5, 4, 30)]  # slots, every s, rounds, sep s
+SCHEMES = [(6, 1.5, 2, 30), (6, 1.5, 3, 30), (8, 1.5, 3, 35), (6, 1.5, 4, 30), (6, 1.5, 2, 70), (6, 1.5, 3, 70)]  # slots, every s, rounds, sep s
 
 
 def fresh_band(rep: list[float]) -> float:
