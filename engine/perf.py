@@ -142,20 +142,21 @@ def latency_stat(device: str) -> str:
     return "fastest" if device == "cpu" else "median"
 
 
-def run_latency(dump: dict[str, Any], steps: int, device: str) -> float:
-    """A run's stored latency for a workload of `steps` steps from its perf dump, whose requests ran
-    len(steps_s) steps (the tuner's measure steps): a request's stages, loop overhead and `steps` x
-    its step median; of the median request or, on the CPU, of the fastest one at `steps`
-    (latency_stat). A dump without per-request step medians (written before them): the median."""
+def run_latency(dump: dict[str, Any], steps: int, device: str) -> tuple[float, str]:
+    """(seconds, which request) of a run's stored latency for a workload of `steps` steps, from its
+    perf dump, whose requests ran len(steps_s) steps (the tuner's measure steps): a request's stages,
+    loop overhead and `steps` x its step median; of the median request or, on the CPU, of the fastest
+    one at `steps` (latency_stat). A dump without per-request step medians (written before them):
+    the median, and it says so."""
     st = dump["stages"]
     median = st["encode_s"] + st["prepare_s"] + st["denoise_s"] - sum(dump["steps_s"]) + steps * dump["step_median_s"] \
         + st["decode_s"]
     m = dump.get("measured") or {}
     lats, meds = m.get("latencies_s"), m.get("step_medians_s")
     if latency_stat(device) == "median" or not lats or not meds or len(lats) != len(meds):
-        return median
+        return median, "median"
     k = len(dump["steps_s"])  # the steps each measured request ran
-    return min(lat + (steps - k) * med for lat, med in zip(lats, meds))
+    return min(lat + (steps - k) * med for lat, med in zip(lats, meds)), "fastest"
 
 
 def _nvml_process_bytes(device: torch.device) -> int | None:

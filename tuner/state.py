@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from dittune import db as D
 from dittune.engine import flags as F
-from dittune.engine.perf import binding_peak, latency_stat, run_latency
+from dittune.engine.perf import binding_peak, run_latency
 
 from .options import Setup
 from .runner import Outcome
@@ -89,7 +89,7 @@ def record_from(outcome: Outcome, cfg, argv: str, number: int | None, s: Setup, 
     rec.step_median_s = d["step_median_s"]
     rec.step_spread = d["step_spread"]
     # Full-request latency of the workload's steps: the median request's, on the CPU the fastest one's.
-    rec.latency_s = run_latency(d, s.steps, s.device)
+    rec.latency_s, stat = run_latency(d, s.steps, s.device)
     # The budget binds the whole footprint (NVML's process peak); torch's reserved peak stays beside it.
     rec.peak_vram_bytes, kind = binding_peak(d["peak_vram"])
     rec.cold_start_s = d["cold_start"]["total_s"]
@@ -97,7 +97,7 @@ def record_from(outcome: Outcome, cfg, argv: str, number: int | None, s: Setup, 
         "peak_kind": kind, "torch_reserved_peak_bytes": d["peak_vram"].get("torch_max_reserved_bytes"),
         "nvml_peak_bytes": d["peak_vram"].get("nvml_process_peak_bytes"),
         "warmup_requests": d.get("warmup_requests"), "warmup": d.get("warmup"), "band_source": "single run",
-        "measured_requests": (d.get("measured") or {}).get("requests"), "latency_stat": latency_stat(s.device),
+        "measured_requests": (d.get("measured") or {}).get("requests"), "latency_stat": stat,
     }
     return rec
 

@@ -105,9 +105,9 @@ def test_stored_latency_is_the_median_request_on_a_gpu_and_the_fastest_on_the_cp
     dump = {"stages": {"encode_s": 0.1, "prepare_s": 0.0, "denoise_s": 0.9, "decode_s": 0.1}, "steps_s": [0.2] * 4,
             "step_median_s": 0.2, "measured": {"latencies_s": [1.0, 1.1, 1.2], "step_medians_s": [0.2, 0.1, 0.25]}}
     assert latency_stat("cpu") == "fastest" and latency_stat("cuda") == "median"
-    assert run_latency(dump, 8, "cuda") == pytest.approx(0.1 + 0.1 + 8 * 0.2 + 0.1)  # the median request's
-    assert run_latency(dump, 8, "cpu") == pytest.approx(1.1 + 4 * 0.1)  # 1.8, 1.5, 2.2 at eight steps
-    assert run_latency(dump, 4, "cpu") == pytest.approx(1.0)  # at the steps they ran
+    assert run_latency(dump, 8, "cuda") == (pytest.approx(0.1 + 0.1 + 8 * 0.2 + 0.1), "median")  # the median request's
+    assert run_latency(dump, 8, "cpu") == (pytest.approx(1.1 + 4 * 0.1), "fastest")  # 1.8, 1.5, 2.2 at eight steps
+    assert run_latency(dump, 4, "cpu") == (pytest.approx(1.0), "fastest")  # at the steps they ran
     older = {**dump, "measured": {"requests": 3, "latencies_s": [1.0, 1.1, 1.2]}}  # no per-request step medians
-    assert run_latency(older, 8, "cpu") == run_latency(dump, 8, "cuda")
+    assert run_latency(older, 8, "cpu") == run_latency(dump, 8, "cuda")  # the median, and it says so
 
