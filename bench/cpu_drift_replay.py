@@ -2,27 +2,21 @@
 8 minutes): a finalist's round is SLOTS slots of 0.5 s, one every EVERY s (three finalists in
 turns: 1.5 s), rounds SEP s apart (the next round's loads between them); its figure per round is
 the median or the fastest of its requests there; the run's latency the median over ROUNDS rounds,
-its fresh-run band db.Result.fresh_band's (Student's t over the rounds). Two runs GAP s apart
+its fresh-run band db.queries.fresh_band's (Student's t over the rounds). Two runs GAP s apart
 (README's main job twice: about 300 s): how often each one's latency lies within the other's band,
 the bands' median and the runs' ratio, over every offset the trace allows (docs/PERFORMANCE.md,
 ninth session). Usage: python bench/cpu_drift_replay.py TRACE.json [OUT.json]"""
 
 import bisect
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
 
-from dittune.db.queries import t_975
+from dittune.db.queries import fresh_band
 
 STATS = {"median": lambda v: v[(len(v) - 1) // 2], "fastest": lambda v: v[0]}
 SCHEMES = [(6, 1.5, 2, 30), (6, 1.5, 3, 30), (8, 1.5, 3, 35), (6, 1.5, 4, 30), (6, 1.5, 2, 70), (6, 1.5, 3, 70)]  # slots, every s, rounds, sep s
-
-
-def fresh_band(rep: list[float]) -> float:
-    n = len(rep)
-    return t_975(n - 1) * statistics.stdev(rep) * math.sqrt(1 + 1.57 / n) / statistics.median(rep)
 
 
 def main(trace: str, out: str | None = None) -> None:

@@ -59,6 +59,16 @@ def t_975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
+def fresh_band(repeats) -> float | None:
+    """± relative 95% prediction interval of one more fresh run from these runs' latencies
+    (Result.fresh_band says why this form). None without two runs."""
+    n = len(repeats)
+    if n < 2:
+        return None
+    spread = statistics.stdev(repeats) * math.sqrt(1 + 1.57 / n)
+    return t_975(n - 1) * spread / statistics.median(repeats)
+
+
 @dataclass(frozen=True)
 class Result:
     """One measured configuration with its evidence."""
@@ -122,11 +132,7 @@ class Result:
         for one more run. Usually the wider; a finalist whose runs were tighter than the pool's can
         have it narrower. On a quiet GPU both are small; on a shared CPU whose two cores run the same
         process 1.5-2x apart, this one says so."""
-        n = len(self.repeats)
-        if n < 2:
-            return None
-        spread = statistics.stdev(self.repeats) * math.sqrt(1 + 1.57 / n)
-        return t_975(n - 1) * spread / statistics.median(self.repeats)
+        return fresh_band(self.repeats)
 
     @property
     def band_source(self) -> str:
